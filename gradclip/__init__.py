@@ -1,0 +1,23 @@
+"""gradclip: fused, sync-free gradient clipping for PyTorch.
+
+Drop-in functions (``clip_grad_norm_``, ``get_total_norm``, ``clip_grads_with_norm_``,
+``clip_grad_value_``) with torch's signatures, and ``ClippedOptimizer``, which wraps any
+``torch.optim`` optimizer and fuses the AMP unscale into the clip. Backends: ``cuda``
+(C++/CUDA extension), ``triton`` and ``torch`` (the reference); see
+:func:`available_backends`.
+"""
+
+from .backends import BackendStatus, BackendUnavailableError, available_backends
+from .functional import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "BackendUnavailableError",
+    "available_backends",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]

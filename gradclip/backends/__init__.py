@@ -1,0 +1,215 @@
+"""The one place that chooses a backend.
+
+``backend="auto"`` (the default everywhere) reads ``GRADCLIP_BACKEND`` and, if that is
+unset or ``auto`` too, picks per device the fastest backend that runs there:
+``cuda`` then ``triton`` then ``torch`` on CUDA devices, ``torch`` elsewhere. A backend
+that ``auto`` tried and could not load (a failed build, say) is skipped with a warning.
+A backend named explicitly, by argument or environment, must run or raise
+:class:`BackendUnavailableError` saying why.
+
+Above this module nothing knows which backend runs: callers use :func:`norm_stats`,
+:func:`scale_` and :func:`clip_grads_`, which also split the tensors by device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from .base import (
+    COEF,
+    FOUND_INF,
+    NORM,
+    SUPPORTED_DTYPES,
+    Backend,
+    BackendStatus,
+    BackendUnavailableError,
+    clip_coefficient,
+)
+from .reference import ReferenceBackend
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "GRADCLIP_BACKEND"
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+_MODULES = {"cuda": ("gradclip.backends.cuda", "CudaBackend"),
+            "triton": ("gradclip.backends.triton", "TritonBackend")}
+
+_instances: dict[str, Backend] = {"torch": ReferenceBackend()}
+_import_errors: dict[str, str] = {}
+_auto_choice: dict[torch.device, Backend] = {}
+
+
+class _MissingBackend(Backend):
+    """Stands in for a backend whose module cannot be imported here."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self._reason = name, reason
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(False, self._reason)
+
+    def supports(self, device: torch.device) -> bool:
+        return False
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object called ``name`` (one of :data:`BACKENDS`), created on first use."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not a backend; choose one of 'auto', "
+                         + ", ".join(repr(b) for b in BACKENDS))
+    if name not in _instances:
+        module_name, class_name = _MODULES[name]
+        try:
+            _instances[name] = getattr(importlib.import_module(module_name), class_name)()
+        except ImportError as error:
+            _instances[name] = _MissingBackend(name, f"cannot import {module_name}: {error}")
+    return _instances[name]
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Per backend, whether it can run here and, if not, why. Builds nothing."""
+    return {name: get_backend(name).status() for name in BACKENDS}
+
+
+def requested_backend(backend: str = "auto") -> str:
+    """The backend name in force: the argument, else ``$GRADCLIP_BACKEND``, else ``auto``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={backend!r} is not a backend; set it to 'auto', "
+                             + ", ".join(repr(b) for b in BACKENDS) + " or unset it")
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a backend; choose one of 'auto', "
+                         + ", ".join(repr(b) for b in BACKENDS))
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend that will run tensors of ``device`` for the request ``backend``."""
+    name = requested_backend(backend)
+    if name == "auto":
+        chosen = _auto_choice.get(device)
+        if chosen is None:
+            chosen = _auto_choice[device] = _choose_automatically(device)
+        return chosen
+    chosen = get_backend(name)
+    status = chosen.status()
+    if not status.available:
+        raise BackendUnavailableError(f"backend={name!r} cannot run here: {status.reason}. "
+                                      "Use backend='auto' to fall back to what can run.")
+    if not chosen.supports(device):
+        raise BackendUnavailableError(f"backend={name!r} does not run tensors on {device}; "
+                                      "use backend='torch' or 'auto' for them.")
+    _load(chosen)
+    return chosen
+
+
+def _choose_automatically(device: torch.device) -> Backend:
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        candidate = get_backend(name)
+        if not (candidate.status().available and candidate.supports(device)):
+            continue
+        try:
+            _load(candidate)
+        except BackendUnavailableError as error:
+            warnings.warn(f"gradclip: backend {name!r} could not be loaded, falling back: {error}",
+                          RuntimeWarning, stacklevel=4)
+            continue
+        return candidate
+    return _instances["torch"]
+
+
+def _load(backend: Backend) -> None:
+    load = getattr(backend, "load", None)
+    if load is not None:
+        load()
+
+
+def _group_by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+def _check_tensors(tensors: list[Tensor], what: str) -> None:
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what} must be tensors, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise RuntimeError(f"{what} with layout {t.layout} are not supported; gradclip clips "
+                               "dense (strided) tensors only. Densify them with .to_dense() first.")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{what} of dtype {t.dtype} are not supported; gradclip clips "
+                            "float16, bfloat16, float32 and float64 tensors.")
+
+
+def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
+               inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """``stats`` (see :mod:`gradclip.backends.base`) over tensors on any devices.
+
+    With several devices the result lives on the first tensor's device.
+    """
+    _check_tensors(tensors, "tensors")
+    groups = _group_by_device(tensors)
+    if len(groups) == 1:
+        (device, group), = groups.items()
+        return resolve(backend, device).norm_stats(group, norm_type, max_norm, inv_scale)
+    first = tensors[0].device
+    parts = [resolve(backend, device).norm_stats(group, norm_type, math.inf, inv_scale).to(first)
+             for device, group in groups.items()]
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    parts = torch.stack(parts).to(dtype)
+    norm = torch.linalg.vector_norm(parts[:, NORM], norm_type)
+    norm = torch.where(parts[:, NORM].isnan().any(), math.nan, norm)
+    inv = None if inv_scale is None else inv_scale.to(device=first, dtype=dtype).reshape(())
+    return torch.stack([norm, clip_coefficient(norm, max_norm, inv), parts[:, FOUND_INF].amax()])
+
+
+def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None,
+           backend: str = "auto") -> None:
+    """Multiply ``tensors`` by ``scale`` on the device unless it is 1 or ``found_inf`` is set."""
+    _check_tensors(tensors, "tensors")
+    for device, group in _group_by_device(tensors).items():
+        skip = None if found_inf is None else found_inf.to(device)
+        resolve(backend, device).scale_(group, scale.to(device), skip)
+
+
+def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
+                inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Norm and rescale (see ``Backend.clip_grads_``); returns ``stats``."""
+    _check_tensors(grads, "gradients")
+    groups = _group_by_device(grads)
+    if len(groups) == 1:
+        (device, group), = groups.items()
+        return resolve(backend, device).clip_grads_(group, norm_type, max_norm, inv_scale)
+    stats = norm_stats(grads, norm_type, max_norm, inv_scale, backend)
+    skip = stats[FOUND_INF:] if inv_scale is not None else None
+    scale_(grads, stats[COEF:FOUND_INF], skip, backend)
+    return stats
+
+
+def clamp_(tensors: list[Tensor], clip_value: float, backend: str = "auto") -> None:
+    """Clamp ``tensors`` in place to ``[-clip_value, clip_value]``."""
+    _check_tensors(tensors, "gradients")
+    for device, group in _group_by_device(tensors).items():
+        resolve(backend, device).clamp_(group, clip_value)
+
+
+def clip_parameters_(params: list, norm_type: float, max_norm: float,
+                     inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor | None:
+    """The backend's fast path over ``params`` (``stats``), or ``None``: use :func:`clip_grads_`."""
+    if not params or not isinstance(params[0], Tensor):
+        return None
+    return resolve(backend, params[0].device).clip_parameters_(params, norm_type, max_norm, inv_scale)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "available_backends",
+           "clamp_", "clip_grads_", "clip_parameters_", "get_backend", "norm_stats", "requested_backend", "resolve", "scale_"]

@@ -1,0 +1,148 @@
+"""The op contract every backend implements.
+
+A backend works on the tensors of one device, of any mix of float16, bfloat16, float32
+and float64, and provides two ops:
+
+``norm_stats(tensors, norm_type, max_norm, inv_scale) -> stats``
+    Reads every tensor once and returns ``stats``, a 1-d tensor of 3 elements on the
+    tensors' device: float64 if any input is float64, float32 otherwise.
+
+    - ``stats[NORM]``: the p-norm of all elements of all tensors seen as one vector, of
+      ``x * inv_scale`` when ``inv_scale`` is given (the norm of the unscaled gradients
+      under AMP). Accumulated in float32 (float64 for float64 inputs) whatever the
+      input dtype. ``norm_type`` is a float > 0 or ``inf``. NaN if any element is NaN.
+    - ``stats[COEF]``: the factor to multiply the tensors by,
+      ``inv_scale * min(1, max_norm * (1 / (norm + 1e-6)))``, computed as torch does
+      (a NaN norm gives a NaN factor, as ``torch.clamp`` keeps NaN). ``max_norm=inf``
+      gives 1 for every finite norm.
+    - ``stats[FOUND_INF]``: 1.0 if any input element is inf or NaN, else 0.0 (the
+      ``found_inf`` of ``torch.amp.GradScaler``, tested on the scaled values).
+
+``scale_(tensors, scale, found_inf) -> None``
+    Multiplies every tensor in place by the one-element device tensor ``scale``, unless
+    ``scale`` is exactly 1 or ``found_inf`` (optional, one element) is nonzero: then no
+    tensor is touched. Fused backends decide this on the device, so that the common
+    no-clip step costs no memory traffic and no host synchronisation.
+
+``clamp_(tensors, clip_value) -> None``
+    Clamps every tensor in place to ``[-clip_value, clip_value]``. The base class does it
+    with torch's foreach ops; a backend may override it with a one-pass kernel.
+
+Neither op synchronises with the host. ``clip_grads_`` composes the two. A backend may
+also offer ``clip_parameters_``, which takes the parameters themselves and finds their
+``.grad`` without a Python loop (the per-tensor Python work dominates eager calls with
+thousands of tensors); it returns ``None`` for any input it does not take, and the
+caller then goes the general way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NORM, COEF, FOUND_INF = 0, 1, 2
+EPS = 1e-6
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and if not, why (and what to do about it)."""
+
+    available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return ("available: " if self.available else "unavailable: ") + self.reason
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+class Backend:
+    """Base class of the backends; see the module docstring for the contract."""
+
+    name: str = "?"
+
+    def status(self) -> BackendStatus:
+        """Whether this backend can run here (cheap: never builds or compiles)."""
+        raise NotImplementedError
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend runs tensors of ``device`` (given ``status()`` is available)."""
+        raise NotImplementedError
+
+    def norm_stats(
+        self,
+        tensors: list[Tensor],
+        norm_type: float,
+        max_norm: float,
+        inv_scale: Tensor | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def scale_(self, tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None) -> None:
+        raise NotImplementedError
+
+    def clip_grads_(
+        self,
+        grads: list[Tensor],
+        norm_type: float,
+        max_norm: float,
+        inv_scale: Tensor | None = None,
+    ) -> Tensor:
+        """Norm, then rescale by ``stats[COEF]``; returns ``stats``.
+
+        With ``inv_scale`` (AMP) the rescale is skipped when an inf/NaN was found: the
+        optimizer step is skipped then, and the gradients are left as they were.
+        Without it, a non-finite norm rescales by NaN, exactly as torch does.
+        """
+        stats = self.norm_stats(grads, norm_type, max_norm, inv_scale)
+        skip = stats[FOUND_INF:] if inv_scale is not None else None
+        self.scale_(grads, stats[COEF:FOUND_INF], skip)
+        return stats
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        """Clamp in place to ``[-clip_value, clip_value]`` (two foreach passes, as torch)."""
+        for group in group_by_dtype(tensors).values():
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
+
+
+    def clip_parameters_(
+        self,
+        params: list[Tensor],
+        norm_type: float,
+        max_norm: float,
+        inv_scale: Tensor | None = None,
+    ) -> Tensor | None:
+        """``clip_grads_`` over the ``.grad`` of ``params``, or ``None`` if not offered."""
+        return None
+
+
+def group_by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
+    """The tensors split by dtype, each group in input order (foreach ops take one dtype)."""
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
+def stats_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """float64 if any tensor is float64, else float32: the dtype of ``norm_stats``."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def clip_coefficient(norm: Tensor, max_norm: float, inv_scale: Tensor | None = None) -> Tensor:
+    """``inv_scale * min(1, max_norm / (norm + 1e-6))`` with torch's rounding and NaN rules.
+
+    torch evaluates ``max_norm / t`` as ``t.reciprocal() * max_norm``; doing the same keeps
+    the coefficient bit-identical to ``torch.nn.utils.clip_grad_norm_`` for float32 norms.
+    """
+    coef = torch.clamp(torch.reciprocal(norm + EPS) * max_norm, max=1.0)
+    if inv_scale is not None:
+        coef = coef * inv_scale.to(coef.dtype)
+    return coef
