@@ -16,15 +16,16 @@ from torch import Tensor
 from .base import Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
 
 
-
-
-def _per_tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
-    """Norms of each tensor, float32 for 16-bit and float32 inputs, float64 for float64."""
-    norms: list[Tensor] = []
-    for dtype, group in group_by_dtype(tensors).items():
-        accumulate = None if dtype in (torch.float32, torch.float64) else torch.float32
-        norms.extend(torch._foreach_norm(group, norm_type, dtype=accumulate))
-    return norms
+def _per_tensor_norms(tensors: list[Tensor], norm_type: float, dtype: torch.dtype) -> Tensor:
+    """Norms of each non-empty tensor, reduced in float32 (float64 for float64 inputs),
+    as one ``dtype`` vector. Empty tensors add nothing to any norm, and torch's inf norm
+    refuses them; the leading zero keeps the vector non-empty."""
+    norms: list[Tensor] = [torch.zeros((), dtype=dtype, device=tensors[0].device)]
+    nonempty = [t for t in tensors if t.numel() > 0]
+    for dtype_in, group in group_by_dtype(nonempty).items():
+        accumulate = None if dtype_in in (torch.float32, torch.float64) else torch.float32
+        norms.extend(n.to(dtype) for n in torch._foreach_norm(group, norm_type, dtype=accumulate))
+    return torch.stack(norms)
 
 
 def _nan_and_inf_flags(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -32,8 +33,8 @@ def _nan_and_inf_flags(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tenso
 
     A norm alone cannot tell: finite values can overflow a sum of squares to inf.
     """
-    sums = torch.stack([n.to(dtype) for n in _per_tensor_norms(tensors, 1.0)]).sum()
-    maxima = torch.stack([n.to(dtype) for n in _per_tensor_norms(tensors, math.inf)]).amax()
+    sums = _per_tensor_norms(tensors, 1.0, dtype).sum()
+    maxima = _per_tensor_norms(tensors, math.inf, dtype).amax()
     return sums.isnan(), maxima.isinf()
 
 
@@ -51,8 +52,7 @@ class ReferenceBackend(Backend):
         device = tensors[0].device
         if inv_scale is not None:
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
-        per_tensor = torch.stack([n.to(dtype) for n in _per_tensor_norms(tensors, norm_type)])
-        norm = torch.linalg.vector_norm(per_tensor, norm_type)
+        norm = torch.linalg.vector_norm(_per_tensor_norms(tensors, norm_type, dtype), norm_type)
         has_nan, has_inf = _nan_and_inf_flags(tensors, dtype)
         # Not every max reduction propagates NaN; the contract says it must.
         norm = torch.where(has_nan, math.nan, norm)

@@ -1,0 +1,245 @@
+"""The op contract (gradclip/backends/base.py), checked for every backend that runs here
+against the float64 oracle in reference.py. Sizes stay small on the CPU (the Triton
+interpreter runs there); the GPU run adds sizes past one chunk and thousands of tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_CUDA, on_device, random_tensors
+from reference import (
+    assert_close_or_both_nan,
+    expected_stats,
+    norm_rtol,
+    storage_rtol,
+)
+
+from gradclip.backends import get_backend, resolve
+from gradclip.backends.base import COEF, FOUND_INF, NORM
+
+NORM_TYPES = [2.0, 1.0, math.inf, 3.5]
+DTYPE_MIXES = {
+    "fp32": [torch.float32],
+    "bf16": [torch.bfloat16],
+    "fp16": [torch.float16],
+    "fp64": [torch.float64],
+    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+    "mixed16-32": [torch.bfloat16, torch.float32, torch.float16],
+}
+SMALL_SHAPES = [(), (0,), (1,), (7,), (33, 5), (0, 3), (129,), (2, 3, 4)]
+LARGE_SHAPES = [(1 << 16,), (65537,), (3, 100_003), (1 << 20,), (257, 4099)]
+
+
+def _backend(name: str, device: str):
+    return resolve(name, on_device(device))
+
+
+def _shapes(device: str) -> list[tuple[int, ...]]:
+    return SMALL_SHAPES + (LARGE_SHAPES if device == "cuda" else [])
+
+
+def _tensors(gen, device, mix, shapes=None, scale=1.0):
+    shapes = shapes or _shapes(device)
+    dtypes = [mix[i % len(mix)] for i in range(len(shapes))]
+    return random_tensors(gen, shapes, dtypes, on_device(device), scale)
+
+
+def _check_stats(stats, tensors, norm_type, max_norm, inv_scale=None):
+    norm, coef, found = expected_stats(tensors, norm_type, max_norm, inv_scale)
+    assert stats.shape == (3,)
+    wants64 = any(t.dtype == torch.float64 for t in tensors)
+    assert stats.dtype == (torch.float64 if wants64 else torch.float32)
+    assert stats.device == tensors[0].device
+    got = stats.cpu().tolist()
+    rtol = norm_rtol(tensors)
+    assert_close_or_both_nan(got[NORM], norm, rtol, "norm")
+    assert_close_or_both_nan(got[COEF], coef, 2 * rtol, "coef")
+    assert got[FOUND_INF] == found, f"found_inf: got {got[FOUND_INF]}, expected {found}"
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("mix", list(DTYPE_MIXES))
+def test_norm_stats_match_float64_reference(backend_device, gen, mix, norm_type):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES[mix])
+    stats = _backend(name, device).norm_stats(tensors, norm_type, 1.0)
+    _check_stats(stats, tensors, norm_type, 1.0)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6, math.inf])
+def test_coefficient_follows_max_norm(backend_device, gen, max_norm):
+    name, device = backend_device
+    tensors = _tensors(gen, device, [torch.float32])
+    stats = _backend(name, device).norm_stats(tensors, 2.0, max_norm)
+    _check_stats(stats, tensors, 2.0, max_norm)
+    if max_norm == math.inf:
+        assert stats[COEF].item() == 1.0
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_inv_scale_gives_norm_of_unscaled_values(backend_device, gen, norm_type):
+    name, device = backend_device
+    inv_scale = 2.0 ** -16
+    tensors = _tensors(gen, device, [torch.float32, torch.float16], scale=2.0 ** 10)
+    scale_tensor = torch.tensor([inv_scale], device=on_device(device))
+    stats = _backend(name, device).norm_stats(tensors, norm_type, 1.0, scale_tensor)
+    _check_stats(stats, tensors, norm_type, 1.0, inv_scale)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_nonfinite_element_sets_found_inf(backend_device, gen, bad, where, norm_type):
+    name, device = backend_device
+    tensors = _tensors(gen, device, [torch.float32, torch.bfloat16])
+    victim = tensors[0] if where == "first" else tensors[-1]
+    victim.view(-1)[-1] = bad
+    stats = _backend(name, device).norm_stats(tensors, norm_type, 1.0)
+    _check_stats(stats, tensors, norm_type, 1.0)
+    assert stats[FOUND_INF].item() == 1.0
+    if math.isnan(bad):
+        assert math.isnan(stats[NORM].item()) and math.isnan(stats[COEF].item())
+
+
+def test_overflowing_sum_is_not_a_nonfinite_element(backend_device):
+    name, device = backend_device
+    big = torch.full((64,), 3e38, dtype=torch.float32, device=on_device(device))
+    stats = _backend(name, device).norm_stats([big], 2.0, 1.0)
+    assert stats[NORM].item() == math.inf, "a float32 sum of squares of 3e38 overflows"
+    assert stats[FOUND_INF].item() == 0.0, "but no element is inf or NaN"
+
+
+def test_many_tensors_in_one_call(backend_device, gen):
+    name, device = backend_device
+    count = 5000 if device == "cuda" else 300
+    shapes = [(int(n),) for n in torch.randint(0, 70, (count,), generator=gen)]
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed16-32"], shapes)
+    stats = _backend(name, device).norm_stats(tensors, 2.0, 1.0)
+    _check_stats(stats, tensors, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("position", ["first", "middle", "last", "only"])
+def test_empty_tensors_anywhere(backend_device, gen, position):
+    name, device = backend_device
+    tensors = _tensors(gen, device, [torch.float32], [(5,), (130,), (9,)])
+    empty = torch.empty(0, device=on_device(device))
+    index = {"first": 0, "middle": 2, "last": 3, "only": 0}[position]
+    tensors = [empty] if position == "only" else tensors[:index] + [empty] + tensors[index:]
+    stats = _backend(name, device).norm_stats(tensors, 2.0, 1.0)
+    _check_stats(stats, tensors, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_misaligned_views(backend_device, gen, dtype, offset):
+    name, device = backend_device
+    n = 1000 if device == "cpu" else 100_003
+    base = random_tensors(gen, [(n + offset,)], dtype, on_device(device))[0]
+    view = base[offset:]
+    backend = _backend(name, device)
+    stats = backend.norm_stats([view], 2.0, 1.0)
+    _check_stats(stats, [view], 2.0, 1.0)
+    before = base.clone()
+    backend.scale_([view], torch.tensor([0.5], device=base.device))
+    assert torch.equal(base[:offset], before[:offset]), "wrote outside the view"
+    torch.testing.assert_close(view, before[offset:] * 0.5, rtol=storage_rtol(dtype), atol=0)
+
+
+def test_results_are_bitwise_deterministic(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed16-32"])
+    backend = _backend(name, device)
+    first = backend.norm_stats(tensors, 2.0, 1.0)
+    for _ in range(5):
+        assert torch.equal(backend.norm_stats(tensors, 2.0, 1.0), first)
+
+
+def test_agrees_with_reference_backend(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
+    ours = _backend(name, device).norm_stats(tensors, 2.0, 1.0)
+    reference = get_backend("torch").norm_stats(tensors, 2.0, 1.0)
+    torch.testing.assert_close(ours, reference, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("mix", ["mixed", "bf16"])
+def test_scale_multiplies_every_tensor(backend_device, gen, mix):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES[mix])
+    before = [t.clone() for t in tensors]
+    factor = torch.tensor([0.37], device=tensors[0].device)
+    _backend(name, device).scale_(tensors, factor)
+    for t, b in zip(tensors, before):
+        expected = (b.double() * factor.item()).to(t.dtype)
+        torch.testing.assert_close(t, expected, rtol=storage_rtol(t.dtype), atol=0)
+
+
+def test_scale_by_one_leaves_tensors_bitwise_untouched(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
+    tensors[3].view(-1)[0] = math.nan
+    before = [t.clone() for t in tensors]
+    _backend(name, device).scale_(tensors, torch.ones(1, device=tensors[0].device))
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.nan_to_num(), b.nan_to_num()) and torch.equal(t.isnan(), b.isnan())
+
+
+def test_scale_skips_when_found_inf_is_set(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, [torch.float32, torch.bfloat16])
+    before = [t.clone() for t in tensors]
+    dev = tensors[0].device
+    backend = _backend(name, device)
+    backend.scale_(tensors, torch.tensor([0.25], device=dev), torch.ones(1, device=dev))
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    backend.scale_(tensors, torch.tensor([0.25], device=dev), torch.zeros(1, device=dev))
+    assert all(torch.equal(t, (b.double() * 0.25).to(b.dtype)) for t, b in zip(tensors, before))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "amp"])
+def test_clip_grads_rescales_by_the_coefficient(backend_device, gen, amp):
+    name, device = backend_device
+    tensors = _tensors(gen, device, [torch.float32], scale=3.0)
+    before = [t.clone() for t in tensors]
+    dev = tensors[0].device
+    inv_scale = 0.5 if amp else None
+    stats = _backend(name, device).clip_grads_(
+        tensors, 2.0, 1.0, None if inv_scale is None else torch.tensor([inv_scale], device=dev))
+    _check_stats(stats, before, 2.0, 1.0, inv_scale)
+    coef = stats[COEF].item()
+    assert coef < 1.0
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t, b * coef, rtol=1e-6, atol=0)
+
+
+def test_clip_grads_with_amp_leaves_nonfinite_grads_alone(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, [torch.float32], scale=3.0)
+    tensors[-1].view(-1)[0] = math.inf
+    before = [t.clone() for t in tensors]
+    dev = tensors[0].device
+    stats = _backend(name, device).clip_grads_(tensors, 2.0, 1.0, torch.tensor([0.5], device=dev))
+    assert stats[FOUND_INF].item() == 1.0
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
+def test_clamp_bounds_every_tensor(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"], scale=2.0)
+    before = [t.clone() for t in tensors]
+    _backend(name, device).clamp_(tensors, 0.5)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b.clamp(-0.5, 0.5))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_sizes_past_one_chunk_and_odd_tails(backend_device, gen):
+    name, device = backend_device
+    if device != "cuda":
+        pytest.skip("large sizes run on the GPU only")
+    shapes = [(n,) for n in (16383, 16384, 16385, 65535, 65536, 65537, 1 << 22, 5_000_011)]
+    for mix in ("fp32", "bf16", "mixed"):
+        tensors = _tensors(gen, device, DTYPE_MIXES[mix], shapes)
+        _check_stats(_backend(name, device).norm_stats(tensors, 2.0, 1.0), tensors, 2.0, 1.0)

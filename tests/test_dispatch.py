@@ -1,0 +1,120 @@
+"""Backend selection: one dispatch point, the environment variable, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import gradclip
+from gradclip import backends as dispatch
+from gradclip.backends.base import Backend, BackendStatus, BackendUnavailableError
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch):
+    """Each test starts with no remembered auto choice and no GRADCLIP_BACKEND."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_auto_choice", {})
+
+
+def test_available_backends_explains_every_backend():
+    statuses = gradclip.available_backends()
+    assert list(statuses) == ["cuda", "triton", "torch"]
+    for name, status in statuses.items():
+        assert isinstance(status, BackendStatus)
+        assert len(status.reason) > 10, f"{name}: say why, not just yes or no"
+    assert statuses["torch"].available
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the reasons given without a GPU")
+def test_without_gpu_the_cuda_backend_says_why():
+    status = gradclip.available_backends()["cuda"]
+    assert not status.available
+    assert "CUDA" in status.reason or "cuda" in status.reason
+
+
+def test_backends_command_prints_each_backend():
+    out = subprocess.run([sys.executable, "-m", "gradclip", "backends"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in ("cuda", "triton", "torch"):
+        assert any(line.startswith(name) for line in out.splitlines()), out
+
+
+def test_auto_on_cpu_tensors_picks_the_reference():
+    assert dispatch.resolve("auto", torch.device("cpu")).name == "torch"
+
+
+def test_environment_variable_chooses_for_auto(monkeypatch):
+    calls = []
+    reference = dispatch.get_backend("torch")
+    monkeypatch.setattr(reference, "norm_stats",
+                        lambda *args, **kwargs: calls.append(1) or torch.zeros(3))
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    gradclip.get_total_norm([torch.randn(4)])
+    assert calls == [1]
+    assert dispatch.requested_backend("auto") == "torch"
+
+
+def test_explicit_argument_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    assert dispatch.requested_backend("torch") == "torch"
+
+
+def test_unknown_backend_in_environment_is_a_value_error(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "apex")
+    with pytest.raises(ValueError, match="GRADCLIP_BACKEND='apex'"):
+        gradclip.get_total_norm([torch.randn(4)])
+
+
+def test_backend_must_be_a_string():
+    with pytest.raises(TypeError, match="backend must be a string"):
+        gradclip.get_total_norm([torch.randn(4)], backend=None)
+
+
+class _Broken(Backend):
+    """Claims to be available, then fails to load, as a failed compile would."""
+
+    name = "cuda"
+
+    def status(self):
+        return BackendStatus(True, "pretends to be there")
+
+    def supports(self, device):
+        return True
+
+    def load(self):
+        raise BackendUnavailableError("nvcc exited with status 1")
+
+
+def test_auto_falls_back_with_a_warning_when_a_backend_fails_to_load(monkeypatch):
+    monkeypatch.setitem(dispatch._instances, "cuda", _Broken())
+    monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ("cuda", "torch"))
+    with pytest.warns(RuntimeWarning, match="nvcc exited"):
+        chosen = dispatch.resolve("auto", torch.device("cpu"))
+    assert chosen.name == "torch"
+
+
+def test_explicit_backend_that_fails_to_load_raises(monkeypatch):
+    monkeypatch.setitem(dispatch._instances, "cuda", _Broken())
+    with pytest.raises(BackendUnavailableError, match="nvcc exited"):
+        gradclip.get_total_norm([torch.randn(4)], backend="cuda")
+
+
+def test_explicit_backend_that_cannot_run_raises_with_the_reason(monkeypatch):
+    missing = dispatch._MissingBackend("triton", "triton is not installed")
+    monkeypatch.setitem(dispatch._instances, "triton", missing)
+    with pytest.raises(BackendUnavailableError, match="triton is not installed"):
+        gradclip.clip_grad_norm_([torch.nn.Parameter(torch.randn(3))], 1.0, backend="triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(BackendUnavailableError, match="triton is not installed"):
+        gradclip.get_total_norm([torch.randn(4)])
+
+
+def test_auto_choice_is_remembered_per_device():
+    first = dispatch.resolve("auto", torch.device("cpu"))
+    assert dispatch._auto_choice[torch.device("cpu")] is first
+    assert dispatch.resolve("auto", torch.device("cpu")) is first
