@@ -132,23 +132,28 @@ def _load(backend: Backend) -> None:
         load()
 
 
-def _group_by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
-    groups: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return groups
+def _split_by_device(tensors: list[Tensor], what: str) -> dict[torch.device, list[Tensor]]:
+    """The tensors by device, each device's tensors grouped by dtype; unsupported ones raise.
 
-
-def _check_tensors(tensors: list[Tensor], what: str) -> None:
-    for t in tensors:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what} must be tensors, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise RuntimeError(f"{what} with layout {t.layout} are not supported; gradclip clips "
-                               "dense (strided) tensors only. Densify them with .to_dense() first.")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{what} of dtype {t.dtype} are not supported; gradclip clips "
+    torch's C++ grouping (the one torch's own clipping uses) keeps this cheap for thousands
+    of tensors.
+    """
+    if not all(isinstance(t, Tensor) for t in tensors):
+        bad = next(t for t in tensors if not isinstance(t, Tensor))
+        raise TypeError(f"{what} must be tensors, got {type(bad).__name__}")
+    groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for (device, dtype), ([group], _) in groups.items():
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{what} of dtype {dtype} are not supported; gradclip clips "
                             "float16, bfloat16, float32 and float64 tensors.")
+        by_device.setdefault(device, []).extend(group)
+    strided = torch.strided
+    if not all(t.layout is strided for t in tensors):
+        layout = next(t.layout for t in tensors if t.layout is not strided)
+        raise RuntimeError(f"{what} with layout {layout} are not supported; gradclip clips "
+                           "dense (strided) tensors only. Densify them with .to_dense() first.")
+    return by_device
 
 
 def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
@@ -157,8 +162,7 @@ def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
 
     With several devices the result lives on the first tensor's device.
     """
-    _check_tensors(tensors, "tensors")
-    groups = _group_by_device(tensors)
+    groups = _split_by_device(tensors, "tensors")
     if len(groups) == 1:
         (device, group), = groups.items()
         return resolve(backend, device).norm_stats(group, norm_type, max_norm, inv_scale)
@@ -176,8 +180,7 @@ def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
 def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None,
            backend: str = "auto") -> None:
     """Multiply ``tensors`` by ``scale`` on the device unless it is 1 or ``found_inf`` is set."""
-    _check_tensors(tensors, "tensors")
-    for device, group in _group_by_device(tensors).items():
+    for device, group in _split_by_device(tensors, "tensors").items():
         skip = None if found_inf is None else found_inf.to(device)
         resolve(backend, device).scale_(group, scale.to(device), skip)
 
@@ -185,8 +188,7 @@ def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None
 def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
                 inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Norm and rescale (see ``Backend.clip_grads_``); returns ``stats``."""
-    _check_tensors(grads, "gradients")
-    groups = _group_by_device(grads)
+    groups = _split_by_device(grads, "gradients")
     if len(groups) == 1:
         (device, group), = groups.items()
         return resolve(backend, device).clip_grads_(group, norm_type, max_norm, inv_scale)
@@ -198,8 +200,7 @@ def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
 
 def clamp_(tensors: list[Tensor], clip_value: float, backend: str = "auto") -> None:
     """Clamp ``tensors`` in place to ``[-clip_value, clip_value]``."""
-    _check_tensors(tensors, "gradients")
-    for device, group in _group_by_device(tensors).items():
+    for device, group in _split_by_device(tensors, "gradients").items():
         resolve(backend, device).clamp_(group, clip_value)
 
 
