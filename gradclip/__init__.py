@@ -9,12 +9,16 @@ Drop-in functions (``clip_grad_norm_``, ``get_total_norm``, ``clip_grads_with_no
 
 from .backends import BackendStatus, BackendUnavailableError, available_backends
 from .functional import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .optimizer import ClippedOptimizer
+from .amp import GradScaler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
     "BackendUnavailableError",
+    "ClippedOptimizer",
+    "GradScaler",
     "available_backends",
     "clip_grad_norm_",
     "clip_grad_value_",

@@ -1,0 +1,454 @@
+"""``ClippedOptimizer``: any ``torch.optim`` optimizer, with global-norm clipping in ``step()``.
+
+What one ``step()`` moves over the gradient bytes B (fused backends; the ``torch``
+backend adds the extra passes described in :mod:`gradclip.backends.reference`):
+
+=====================================================  ==========================================
+path                                                   passes
+=====================================================  ==========================================
+no scaler                                              read (+ read/write only when clipping)
+``gradclip.GradScaler``, any inner optimizer           read (norm of the unscaled grads and the
+                                                       inf flag) + read/write (``inv_scale*coef``)
+``gradclip.GradScaler``, inner built with              read; the factor goes to the fused step as
+``fused=True``                                         its ``grad_scale`` (no write pass of ours)
+``torch.amp.GradScaler``, inner ``fused=True``         torch's inf check (read/write) + read
+``torch.amp.GradScaler``, other inner optimizers       torch's unscale (read/write) + read
+                                                       (+ read/write only when clipping)
+=====================================================  ==========================================
+
+A ``torch.amp.GradScaler`` asks ``optimizer._step_supports_amp_scaling`` whether the
+optimizer unscales by itself. The wrapper answers as its inner optimizer would: ``True``
+for torch's ``fused=True`` optimizers, whose ``grad_scale`` can take the clip factor too,
+``False`` otherwise, so that torch unscales and skips inf/NaN steps exactly as without
+the wrapper (and the wrapper, seeing unscaled gradients, only clips).
+``gradclip.GradScaler`` instead hands the wrapper the scale, lets it find inf/NaN in the
+same read as the norm, and records the flag for ``update()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends as dispatch
+from .backends.base import COEF, EPS, FOUND_INF, NORM
+from .functional import check_max_norm, check_norm_type
+
+_STATE_KEY = "gradclip"
+_COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps")
+_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+               "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+               "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+
+class ScalerRequest:
+    """What :class:`gradclip.GradScaler` hands :meth:`ClippedOptimizer.step` for one step.
+
+    ``scale``: the scaler's scale tensor, or ``None`` when ``unscale_`` already ran.
+    ``found_inf``: the inf/NaN flag when already known (after ``unscale_``), else ``None``.
+    ``found_inf_out``: set by the wrapper: the flag the scaler records for ``update()``.
+    """
+
+    __slots__ = ("scale", "found_inf", "found_inf_out")
+
+    def __init__(self, scale: Tensor | None, found_inf: Tensor | None):
+        self.scale, self.found_inf, self.found_inf_out = scale, found_inf, None
+
+
+# The attribute through which gradclip.GradScaler passes a ScalerRequest to step().
+SCALER_REQUEST_ATTR = "_gradclip_scaler_request"
+
+
+def _check_positive_max_norm(max_norm) -> float:
+    value = check_max_norm(max_norm)
+    if value == 0:
+        raise ValueError("max_norm must be > 0, got 0; a max_norm of 0 would zero every gradient. "
+                         "Use a positive threshold such as 1.0, or float('inf') to only measure the norm")
+    return value
+
+
+def _reciprocal_of_scale(scale: Tensor) -> Tensor:
+    # As torch.amp.GradScaler.unscale_ does (float64 where the device has it), so that
+    # the unscaled gradients are bit-identical to torch's.
+    if scale.device.type == "mps":
+        return scale.reciprocal()
+    return scale.double().reciprocal().float()
+
+
+def _takes_folded_scale(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step()`` divides the grads by ``optimizer.grad_scale`` and skips
+    on ``optimizer.found_inf`` (torch's ``fused=True`` optimizers), so that the clip
+    factor can ride along instead of being written into the gradients."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    # The older contract passes the scaler itself as a keyword: nothing to fold into.
+    return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+
+
+class ClippedOptimizer(Optimizer):
+    r"""Wraps an optimizer so that ``step()`` first clips the global gradient norm.
+
+    ``step()`` computes the norm of all gradients of all parameter groups together, as
+    :func:`torch.nn.utils.clip_grad_norm_` does, scales them by
+    ``min(1, max_norm / (norm + 1e-6))``, then steps the inner optimizer. Nothing leaves
+    the device: the norm, the clip factor and the counters stay tensors, so a step costs
+    no host synchronisation (except under AMP with a non-fused inner optimizer, where
+    skipping an inf/NaN step needs the flag on the host, as in torch).
+
+    The wrapper is an :class:`torch.optim.Optimizer`: ``param_groups``, ``state`` and
+    ``defaults`` are the inner optimizer's own objects, so LR schedulers, ``zero_grad``,
+    ``add_param_group`` and the step hooks work on it as on the inner optimizer.
+
+    AMP: drop the ``scaler.unscale_`` and ``clip_grad_norm_`` lines and keep
+    ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``. With
+    ``torch.amp.GradScaler`` the gradients are unscaled before the norm, inf/NaN steps
+    are skipped and the scale backs off exactly as without the wrapper. With
+    :class:`gradclip.GradScaler` (a drop-in subclass) the unscale, the inf check and the
+    norm share one read of the gradients; with an inner optimizer built with
+    ``fused=True`` the unscale and clip factor is handed to its fused step, and the wrapper
+    writes nothing. Calling ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to look
+    at the gradients, say) works too: nothing is unscaled or clipped twice.
+
+    Closures: the gradients are clipped after each evaluation of the closure, so
+    :class:`torch.optim.LBFGS`, which evaluates it several times per step, sees a clipped
+    gradient at every evaluation; ``last_norm`` is then the norm of the last evaluation,
+    and a step counts as clipped (or non-finite) if any of its evaluations was.
+
+    Args:
+        optimizer (torch.optim.Optimizer): the optimizer to wrap.
+        max_norm (float): the largest global norm allowed, > 0; ``float('inf')`` only
+            measures the norm (``last_norm``) and never scales the gradients. Default: 1.0
+        norm_type (float): order of the norm, > 0; ``inf`` for the max norm. Default: 2.0
+        error_if_nonfinite (bool): without a grad scaler, raise ``RuntimeError`` before
+            touching the gradients when their norm is NaN or inf (costs a host
+            synchronisation per step). Under AMP inf/NaN steps are expected: they are
+            skipped and counted, never raised. Default: False
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. Default: ``"auto"``
+
+    Attributes:
+        optimizer: the wrapped optimizer.
+        last_norm (Tensor or None): the pre-clip norm of the unscaled gradients at the last
+            step, a 0-d tensor on the gradients' device (``None`` before the first step).
+
+    Example::
+
+        >>> opt = gradclip.ClippedOptimizer(torch.optim.AdamW(model.parameters()), max_norm=1.0)
+        >>> loss = model(x).sum()
+        >>> loss.backward()
+        >>> opt.step()          # clips, then steps
+        >>> opt.zero_grad()
+        >>> opt.stats()         # one host synchronisation
+        {'steps': 1, 'clipped_steps': 1, 'nonfinite_steps': 0}
+    """
+
+    def __init__(self, optimizer: Optimizer, max_norm: float = 1.0, norm_type: float = 2.0, *,
+                 error_if_nonfinite: bool = False, backend: str = "auto"):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                            "build the optimizer first, e.g. "
+                            "ClippedOptimizer(torch.optim.AdamW(model.parameters()), max_norm=1.0)")
+        if isinstance(optimizer, ClippedOptimizer):
+            raise TypeError("optimizer is already a ClippedOptimizer; set its max_norm or "
+                            "norm_type instead of wrapping it twice")
+        dispatch.requested_backend(backend)
+        self.optimizer = optimizer
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.backend = backend
+        self.last_norm: Tensor | None = None
+        self._folds_scale = _takes_folded_scale(optimizer)
+        self._counters = torch.zeros(len(_COUNTER_NAMES), dtype=torch.int64,
+                                     device=self._first_param_device())
+        self._pending_flags: Tensor | None = None
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        # Optimizer.__init__ is not called (it would build param_groups of our own): this
+        # is the part of it that makes the step hooks and the profiler label work.
+        self._patch_step_function()
+
+    # -- the inner optimizer's objects, shared -------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch.amp.GradScaler reads this: see the module docstring.
+        return self._folds_scale
+
+    # -- settings ------------------------------------------------------------------------
+
+    @property
+    def max_norm(self) -> float:
+        return self._max_norm
+
+    @max_norm.setter
+    def max_norm(self, value: float) -> None:
+        self._max_norm = _check_positive_max_norm(value)
+
+    @property
+    def norm_type(self) -> float:
+        return self._norm_type
+
+    @norm_type.setter
+    def norm_type(self, value: float) -> None:
+        self._norm_type = check_norm_type(value)
+
+    # -- the optimizer interface ---------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Clip the gradients of all parameter groups by their global norm, then step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss; its
+                gradients are clipped after every evaluation.
+
+        Returns:
+            What the inner optimizer's ``step`` returns (the loss, with a closure).
+        """
+        request = self._scaler_request()
+        if closure is not None:
+            if request is not None:
+                raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+            return self._step_with_closure(closure)
+        grads = self._grads()
+        if request is None:
+            with torch.no_grad():
+                self._clip(grads)
+            result = self.optimizer.step()
+        else:
+            result = self._scaled_step(grads, request)
+        self._count_step()
+        return result
+
+    def stats(self) -> dict[str, int]:
+        """The counters as ints, read with one host synchronisation.
+
+        ``steps``: calls of ``step()``; ``clipped_steps``: steps whose gradients were
+        scaled down (norm above ``max_norm``); ``nonfinite_steps``: steps whose norm was
+        inf or NaN (under AMP, the steps the scaler skipped). With ``torch.amp.GradScaler``
+        and a non-fused inner optimizer, torch skips inf/NaN steps without calling
+        ``step()``; those are not counted (``gradclip.GradScaler`` counts them).
+        """
+        return dict(zip(_COUNTER_NAMES, self._counters.tolist()))
+
+    @property
+    def counters(self) -> Tensor:
+        """``[steps, clipped_steps, nonfinite_steps]``, an int64 device tensor (no sync)."""
+        return self._counters
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, plus the wrapper's settings and counters
+        under the key ``"gradclip"`` (a plain optimizer's ``load_state_dict`` ignores it)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = self.optimizer.state_dict()
+        state_dict[_STATE_KEY] = {
+            "max_norm": self._max_norm,
+            "norm_type": self._norm_type,
+            "error_if_nonfinite": self.error_if_nonfinite,
+            "counters": self._counters.clone(),
+            "last_norm": None if self.last_norm is None else self.last_norm.clone(),
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (or a plain optimizer's state dict, which
+        leaves the wrapper's settings and counters as they are)."""
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        own = state_dict.pop(_STATE_KEY, None)
+        self.optimizer.load_state_dict(state_dict)
+        if own is not None:
+            self.max_norm = own["max_norm"]
+            self.norm_type = own["norm_type"]
+            self.error_if_nonfinite = bool(own["error_if_nonfinite"])
+            self._counters.copy_(torch.as_tensor(own["counters"], dtype=torch.int64))
+            last = own.get("last_norm")
+            self.last_norm = None if last is None else last.to(self._counters.device).clone()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("optimizer", "_max_norm", "_norm_type", "error_if_nonfinite", "backend",
+                "last_norm", "_folds_scale", "_counters", "_pending_flags")
+        return {key: self.__dict__[key] for key in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name in _HOOK_DICTS:
+            self.__dict__.setdefault(name, OrderedDict())
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        inner = "\n    ".join(repr(self.optimizer).splitlines())
+        return (f"{type(self).__name__}(max_norm={self._max_norm}, norm_type={self._norm_type}, "
+                f"optimizer=\n    {inner}\n)")
+
+    # -- the work ------------------------------------------------------------------------
+
+    def _first_param_device(self) -> torch.device:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _scaler_request(self) -> ScalerRequest | None:
+        """The AMP information for this step, from gradclip.GradScaler or torch's protocol."""
+        request = self.__dict__.get(SCALER_REQUEST_ATTR)
+        if request is not None:
+            return request
+        if "found_inf" in self.__dict__:
+            # torch.amp.GradScaler, because _step_supports_amp_scaling is True: grad_scale is
+            # the scale (None once unscale_ ran), found_inf the flag of its own inf check.
+            return ScalerRequest(self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
+        return None
+
+    def _clip(self, grads: list[Tensor]) -> None:
+        """Clip gradients that are not scaled (no AMP, or after the scaler unscaled them)."""
+        if not grads:
+            return
+        norm_type, max_norm, backend = self._norm_type, self._max_norm, self.backend
+        if math.isinf(max_norm):
+            stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
+        elif self.error_if_nonfinite:
+            stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
+            if not torch.isfinite(stats[NORM]).item():
+                raise RuntimeError(
+                    f"The total norm of order {norm_type} of the gradients is non-finite, so "
+                    "it cannot be clipped; the gradients and parameters were left untouched. "
+                    "To scale them by the non-finite norm anyway, as torch does, build the "
+                    "ClippedOptimizer with error_if_nonfinite=False")
+            dispatch.scale_(grads, stats[COEF:FOUND_INF], None, backend)
+        else:
+            params = [p for group in self.param_groups for p in group["params"]]
+            stats = dispatch.clip_parameters_(params, norm_type, max_norm, None, backend)
+            if stats is None:
+                stats = dispatch.clip_grads_(grads, norm_type, max_norm, None, backend)
+        self._record(stats[NORM])
+
+    def _scaled_step(self, grads: list[Tensor], request: ScalerRequest):
+        """One AMP step: unscale (unless done), clip, and skip the step on inf/NaN."""
+        scale = request.scale
+        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
+        if not grads:
+            if request.found_inf_out is None and scale is not None:
+                request.found_inf_out = torch.zeros((), dtype=torch.float32, device=scale.device)
+            return self.optimizer.step()
+        norm_type, max_norm, backend = self._norm_type, self._max_norm, self.backend
+        with torch.no_grad():
+            if self._folds_scale:
+                # One read: the norm of the unscaled grads and the inf flag. The fused step
+                # divides the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips
+                # the update where found_inf is set: nothing for us to write.
+                stats = dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
+                found_inf = self._found_inf(request, stats)
+                self.optimizer.grad_scale = torch.reciprocal(stats[COEF]).float()
+                self.optimizer.found_inf = found_inf
+            else:
+                if inv_scale is not None and any(g.dtype == torch.float16 for g in grads):
+                    raise ValueError("Attempting to unscale FP16 gradients.")
+                if inv_scale is not None:
+                    stats = dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
+                else:
+                    stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
+                    if not math.isinf(max_norm):
+                        dispatch.scale_(grads, stats[COEF:FOUND_INF], request.found_inf, backend)
+                found_inf = self._found_inf(request, stats)
+            self._record(stats[NORM])
+        if self._folds_scale:
+            try:
+                return self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        # A non-fused optimizer cannot skip on a device flag: read it, as torch does.
+        if found_inf.item():
+            return None
+        return self.optimizer.step()
+
+    @staticmethod
+    def _found_inf(request: ScalerRequest, stats: Tensor) -> Tensor:
+        if request.found_inf is not None:
+            return request.found_inf.float()
+        found_inf = stats[FOUND_INF]
+        if found_inf.dtype != torch.float32:
+            found_inf = found_inf.float()
+        request.found_inf_out = found_inf
+        return found_inf
+
+    def _step_with_closure(self, closure: Callable[[], Any]):
+        def clipped_closure():
+            loss = closure()
+            with torch.no_grad():
+                self._clip(self._grads())
+            return loss
+
+        result = self.optimizer.step(clipped_closure)
+        self._count_step()
+        return result
+
+    def _record(self, norm: Tensor) -> None:
+        """Keep the norm; note on the device whether it clipped and whether it was finite."""
+        self.last_norm = norm
+        finite = torch.isfinite(norm)
+        clipped = finite & (torch.reciprocal(norm + EPS) * self._max_norm < 1)
+        flags = torch.stack((clipped, ~finite))
+        pending = self._pending_flags
+        self._pending_flags = flags if pending is None else pending | flags.to(pending.device)
+
+    def _count_step(self) -> None:
+        flags, self._pending_flags = self._pending_flags, None
+        if flags is None:
+            self._counters[0] += 1
+            return
+        if self._counters.device != flags.device:
+            self._counters = self._counters.to(flags.device)
+        self._counters += torch.cat((flags.new_ones(1), flags))
+
+
+__all__ = ["ClippedOptimizer"]
