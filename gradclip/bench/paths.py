@@ -1,0 +1,304 @@
+"""What each backend runs in each mode, over the buffers of one workload.
+
+Modes (the data is set up so each one does what its name says):
+
+- ``norm``: the global norm alone (torch: ``torch._foreach_norm``, as in PERFORMANCE.md).
+- ``no-clip``: ``clip_grad_norm_`` with gradients of norm 0.5 and ``max_norm`` 1: nothing to
+  clip, the common case.
+- ``clip``: the same with gradients of norm 4: every call scales.
+- ``amp``: AMP unscale then clip, on gradients scaled by the loss scale (2**16; unscaled norm
+  0.5). torch: ``_amp_foreach_non_finite_check_and_unscale_`` (what ``GradScaler.unscale_``
+  runs) then ``clip_grad_norm_``; gradclip: ``clip_grads_`` with ``inv_scale`` (one fused path).
+- ``amp-adamw``: a whole AMP optimizer step with ``AdamW(fused=True)``, eager. torch:
+  ``scaler.unscale_``, ``clip_grad_norm_``, ``scaler.step``, ``scaler.update``; gradclip:
+  ``ClippedOptimizer`` (and ``gradclip.GradScaler`` when it exists), ``scaler.step``,
+  ``scaler.update``.
+- ``adamw``: torch's fused AdamW step alone (the reference the ``amp-adamw`` rows add to).
+
+AMP modes run on float32 gradients only (AMP keeps float32 master gradients).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import gradclip
+from gradclip import backends as dispatch
+
+from .workloads import Workload, fill_grads_, make_grads
+
+MAX_NORM = 1.0
+LOSS_SCALE = 2.0 ** 16
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str
+    title: str
+    grad_norm: float        # norm of the (unscaled) gradients the mode is timed on
+    amp: bool               # gradients multiplied by LOSS_SCALE; fp32 only
+    mutates: bool           # the call changes the gradients: restore them before each sample
+    methods: tuple[str, ...]
+    floor_passes: tuple[int, int]   # (reads, read/writes) of the gradient bytes the ideal path needs
+
+
+MODES: dict[str, Mode] = {m.key: m for m in (
+    Mode("norm", "norm only", 0.5, False, False, ("graph", "eager"), (1, 0)),
+    Mode("no-clip", "clip, none needed", 0.5, False, False, ("graph", "eager"), (1, 0)),
+    Mode("clip", "clip, norm above max", 4.0, False, True, ("graph", "eager"), (1, 1)),
+    Mode("amp", "AMP unscale+clip", 0.5, True, True, ("graph", "eager"), (1, 1)),
+    # The ideal AMP step: one read for the norm, then the fused AdamW step (it reads the
+    # gradients and reads and writes parameters and both moments).
+    Mode("amp-adamw", "AMP+clip+AdamW step", 0.5, True, True, ("eager",), (2, 3)),
+    Mode("adamw", "AdamW(fused) step alone", 0.5, False, False, ("eager",), (1, 3)),
+)}
+
+# Passes each kind of path makes over the gradient bytes, by the pass model of
+# PERFORMANCE.md: (reads, read/writes). "fused" is gradclip's cuda and triton backends.
+_PASSES = {
+    "torch": {"norm": (1, 0), "no-clip": (1, 1), "clip": (1, 1), "amp": (1, 2),
+              "amp-adamw": (2, 5), "adamw": (1, 3)},
+    "fused": {"norm": (1, 0), "no-clip": (1, 0), "clip": (1, 1), "amp": (1, 1),
+              "amp-adamw": (2, 3)},
+    # gradclip's reference backend: two extra reads for the inf/NaN flags; always multiplies.
+    # Its wrapper step has no pass count here (GB/s left blank).
+    "reference": {"norm": (3, 0), "no-clip": (3, 1), "clip": (3, 1), "amp": (3, 1),
+                  "amp-adamw": None},
+    # apex / TransformerEngine as Megatron uses them: the host reads the factor and skips the
+    # scale kernel when it is 1.
+    "multi-tensor": {"norm": (1, 0), "no-clip": (1, 0), "clip": (1, 1), "amp": (1, 1)},
+}
+
+
+class Unsupported(Exception):
+    """This backend has no path for this mode (or cannot run it here); the message says why."""
+
+
+class Buffers:
+    """The gradients of one workload and dtype on one device, and parameters holding them.
+
+    Parameters are views into one buffer whose values nothing reads (clipping reads
+    ``.grad`` only); paths that step an optimizer build their own (:meth:`fresh_params`).
+    """
+
+    def __init__(self, workload: Workload, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.workload, self.dtype, self.device, self.seed = workload, dtype, device, seed
+        self.flat, self.grads = make_grads(workload, dtype, device)
+        self._saved: torch.Tensor | None = None
+        self._params_flat, views = make_grads(workload, dtype, device)
+        self.params = views
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        self.max_norm = MAX_NORM
+        self.inv_scale = torch.full((), 1.0 / LOSS_SCALE, dtype=torch.float32, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.mode: Mode | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.workload.nbytes(self.dtype)
+
+    def load(self, mode: Mode) -> None:
+        """Fill the gradients with the data ``mode`` is timed on (same seed every time)."""
+        scale = LOSS_SCALE if mode.amp else 1.0
+        fill_grads_(self.flat, self.grads, mode.grad_norm * scale, self.seed)
+        if mode.mutates:
+            if self._saved is None:
+                self._saved = torch.empty_like(self.flat)
+            self._saved.copy_(self.flat)
+        self.mode = mode
+
+    def reset(self) -> Callable[[], None] | None:
+        """Restores the gradients of the loaded mode, for modes whose calls change them."""
+        if not self.mode.mutates:
+            return None
+        saved, flat = self._saved, self.flat
+        return lambda: flat.copy_(saved)
+
+    def fresh_params(self) -> list[torch.nn.Parameter]:
+        """Separate parameters (small random values) whose ``.grad`` are the gradients."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        params = []
+        for g in self.grads:
+            p = torch.nn.Parameter(torch.empty_like(g).normal_(0.0, 0.02, generator=generator))
+            p.grad = g
+            params.append(p)
+        return params
+
+
+def _scaler(device: torch.device, cls=None):
+    cls = cls or torch.amp.GradScaler
+    # A fixed scale: growth would change the data's scale over thousands of samples.
+    scaler = cls(device.type, init_scale=LOSS_SCALE, growth_interval=2 ** 30)
+    scaler.scale(torch.ones((), device=device))  # creates the scale tensor, as a loss would
+    return scaler
+
+
+def _torch_path(b: Buffers, mode: str) -> Callable[[], object]:
+    clip = torch.nn.utils.clip_grad_norm_
+    if mode == "norm":
+        return lambda: torch._foreach_norm(b.grads)
+    if mode in ("no-clip", "clip"):
+        return lambda: clip(b.params, b.max_norm, foreach=True)
+    if mode == "amp":
+        def unscale_and_clip():
+            torch._amp_foreach_non_finite_check_and_unscale_(b.grads, b.found_inf, b.inv_scale)
+            clip(b.params, b.max_norm, foreach=True)
+        return unscale_and_clip
+    params = b.fresh_params()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if mode == "adamw":
+        return optimizer.step
+    scaler = _scaler(b.device)
+
+    def amp_step():
+        scaler.unscale_(optimizer)
+        clip(params, b.max_norm, foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+    return amp_step
+
+
+def _gradclip_path(name: str) -> Callable[[Buffers, str], Callable[[], object]]:
+    def path(b: Buffers, mode: str) -> Callable[[], object]:
+        if mode == "norm":
+            return lambda: gradclip.get_total_norm(b.grads, backend=name)
+        if mode in ("no-clip", "clip"):
+            return lambda: gradclip.clip_grad_norm_(b.params, b.max_norm, backend=name)
+        if mode == "amp":
+            return lambda: dispatch.clip_grads_(b.grads, 2.0, b.max_norm, b.inv_scale, backend=name)
+        if mode == "amp-adamw":
+            wrapper = getattr(gradclip, "ClippedOptimizer", None)
+            if wrapper is None:
+                raise Unsupported("gradclip.ClippedOptimizer is not in this checkout")
+            params = b.fresh_params()
+            optimizer = wrapper(torch.optim.AdamW(params, lr=1e-4, fused=True), b.max_norm,
+                                backend=name)
+            scaler = _scaler(b.device, getattr(gradclip, "GradScaler", None))
+
+            def amp_step():
+                scaler.step(optimizer)
+                scaler.update()
+            return amp_step
+        raise Unsupported(f"{mode} is measured for torch only")
+    return path
+
+
+def _multi_tensor_path(load: Callable[[], tuple]) -> Callable[[Buffers, str], Callable[[], object]]:
+    """apex's or TransformerEngine's l2norm and scale kernels, as Megatron-LM uses them."""
+
+    def path(b: Buffers, mode: str) -> Callable[[], object]:
+        applier, l2norm, scale, unscale_l2norm = load()
+        noop = torch.zeros(1, dtype=torch.int32, device=b.device)
+        if mode == "norm":
+            return lambda: applier(l2norm, noop, [b.grads], False)
+        if mode in ("no-clip", "clip"):
+            def clip():
+                norm, _ = applier(l2norm, noop, [b.grads], False)
+                coef = b.max_norm / (norm.item() + 1e-6)  # the host sync these libraries need
+                if coef < 1.0:
+                    applier(scale, noop, [b.grads, b.grads], coef)
+            return clip
+        if mode == "amp":
+            def unscale_and_clip():
+                norm, _ = applier(unscale_l2norm, noop, [b.grads], b.inv_scale, False)
+                coef = min(1.0, b.max_norm / (norm.item() + 1e-6)) * b.inv_scale.item()
+                applier(scale, noop, [b.grads, b.grads], coef)
+            return unscale_and_clip
+        raise Unsupported(f"{mode}: no fused optimizer path is benchmarked for this library")
+    return path
+
+
+def _load_apex():
+    import amp_C
+    from apex.multi_tensor_apply import multi_tensor_applier
+    return (multi_tensor_applier, amp_C.multi_tensor_l2norm, amp_C.multi_tensor_scale,
+            amp_C.multi_tensor_unscale_l2norm)
+
+
+def _load_te():
+    from transformer_engine.pytorch import optimizers as te
+    return (te.multi_tensor_applier, te.multi_tensor_l2norm, te.multi_tensor_scale,
+            te.multi_tensor_unscale_l2norm)
+
+
+@dataclass
+class Backend:
+    """A benchmarked implementation: torch, a gradclip backend, apex or TransformerEngine."""
+
+    name: str
+    kind: str                # key of _PASSES
+    build: Callable[[Buffers, str], Callable[[], object]] | None
+    skipped: str | None = None   # why it cannot run here
+    note: str = ""
+
+    def passes(self, mode: str) -> tuple[int, int] | None:
+        return _PASSES[self.kind][mode]
+
+    def graph_ok(self, mode: str) -> bool:
+        # The multi-tensor libraries take the clip factor as a host float: a sync per call.
+        return self.kind != "multi-tensor" or mode == "norm"
+
+    def path(self, b: Buffers, mode: str) -> Callable[[], object]:
+        if mode not in _PASSES[self.kind]:
+            raise Unsupported(f"{mode} is measured for torch only")
+        return self.build(b, mode)
+
+
+BACKEND_NAMES = ("torch", "cuda", "triton", "reference", "apex", "te")
+
+
+def select_backends(names: list[str], device: torch.device) -> list[Backend]:
+    """The requested backends, each either ready (loaded, built) or skipped with its reason."""
+    chosen = []
+    for name in names:
+        if name == "torch":
+            chosen.append(Backend("torch", "torch", _torch_path, note=f"torch.nn.utils, {torch.__version__}"))
+        elif name in ("cuda", "triton", "reference"):
+            chosen.append(_gradclip_backend(name, device))
+        elif name in ("apex", "te"):
+            chosen.append(_library_backend(name, device))
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
+    return chosen
+
+
+def _gradclip_backend(name: str, device: torch.device) -> Backend:
+    real = "torch" if name == "reference" else name
+    kind = "reference" if name == "reference" else "fused"
+    status = gradclip.available_backends()[real]
+    if not status.available:
+        return Backend(name, kind, None, skipped=status.reason)
+    if device.type == "cpu" and real != "torch":
+        return Backend(name, kind, None, skipped="CPU run: the fused backends are timed on CUDA only")
+    started = time.perf_counter()
+    try:
+        dispatch.resolve(real, device)
+    except Exception as error:  # a failed build or load must not stop the other rows
+        return Backend(name, kind, None, skipped=f"cannot load: {error}")
+    note = f"gradclip backend {real!r}, loaded in {time.perf_counter() - started:.1f} s"
+    return Backend(name, kind, _gradclip_path(real), note=note)
+
+
+def _library_backend(name: str, device: torch.device) -> Backend:
+    loader = _load_apex if name == "apex" else _load_te
+    if device.type != "cuda":
+        return Backend(name, "multi-tensor", None, skipped="CUDA only")
+    try:
+        loader()
+    except Exception as error:
+        return Backend(name, "multi-tensor", None, skipped=f"not importable: {error}")
+    return Backend(name, "multi-tensor", _multi_tensor_path(loader),
+                   note="multi_tensor_l2norm + multi_tensor_scale (host reads the factor)")
+
+
+def release() -> None:
+    """Free what a path held (optimizer state, graphs) before the next one allocates."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
