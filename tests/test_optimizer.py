@@ -138,7 +138,7 @@ def inject_inf(params):
 
 
 def run_reference(params, opt, batches, *, max_norm=MAX_NORM, scaler=None, scheduler=None,
-                  inf_steps=(), autocast_dtype=None):
+                  inf_steps=(), autocast_dtype=None, after_step=None):
     """torch's loop: backward, [unscale_], clip_grad_norm_, step, [update]. Returns the
     per-step clip norms and scales."""
     norms, scales = [], []
@@ -159,6 +159,8 @@ def run_reference(params, opt, batches, *, max_norm=MAX_NORM, scaler=None, sched
             opt.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step(i)
     return norms, scales
 
 
