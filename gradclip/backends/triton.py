@@ -1,0 +1,462 @@
+"""The ``triton`` backend: the fused ops as Triton kernels, with no build step.
+
+A clip is two launches whatever the mix of dtypes: ``norm_kernel`` reads every gradient
+once and finalises ``stats`` (norm, coefficient, found_inf) on the device, then
+``scale_kernel`` rescales in place, or returns before touching memory when the
+coefficient is exactly 1. Nothing synchronises with the host.
+
+Both kernels read a chunk table (layout in :mod:`gradclip.backends.triton_kernels`) built
+with a few torch ops on the host, copied to the device once and cached: a later call
+with the same list (same data pointers, sizes, dtypes, device) reuses it and costs only
+the key, a few attribute reads per tensor. The table depends on nothing else, so a hit
+is always valid, whichever tensors now live at those addresses.
+
+CUDA graphs: a table first needed during capture is built from a host buffer kept
+alive for the life of the process, allocated outside the graph's memory pool, and its
+host-to-device copy is captured, so every replay rewrites it; it is copied again before
+its first use outside the graph. Tables a graph uses are never evicted.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors when
+``TRITON_INTERPRET=1`` is set before triton is imported: slow, for tests.
+
+Tensors that are not dense (gaps or overlaps in memory, rare for gradients) go to the
+reference backend, the whole call with them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import operator
+import os
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .base import COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError, stats_dtype
+from .reference import ReferenceBackend
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_ELEMENT_SIZES = torch.tensor([4, 2, 2, 8], dtype=torch.int64)
+_NORM_2, _NORM_1, _NORM_INF, _NORM_P = 0, 1, 2, 3
+_MAX_CACHED_TABLES = 8
+_CONFIG_ENV = "GRADCLIP_TRITON_CONFIG"
+
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_is_contiguous = Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Launch parameters. Block sizes are powers of two; chunks a power of two in between.
+
+    ``programs`` fixes the grid (the interpreter); otherwise a grid is
+    ``programs_per_sm * SMs``, capped at the number of chunks. Chunks are sized to give
+    each norm program about ``chunks_per_program`` of them (balance against per-chunk
+    overhead), within ``[max(block, scale_block), max_chunk]`` elements.
+    ``GRADCLIP_TRITON_CONFIG="block=8192,num_warps=8"`` overrides fields of the default.
+    """
+
+    block: int = 4096
+    num_warps: int = 8
+    programs_per_sm: int = 4
+    scale_block: int = 4096
+    scale_num_warps: int = 8
+    scale_programs_per_sm: int = 4
+    chunks_per_program: int = 16
+    max_chunk: int = 1 << 16
+    programs: int = 0
+
+    def __post_init__(self):
+        for name in ("block", "scale_block", "max_chunk"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, got {value}")
+
+
+INTERPRETER_CONFIG = TritonConfig(block=32, num_warps=1, scale_block=32, scale_num_warps=1,
+                                  chunks_per_program=2, max_chunk=64, programs=3)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _config_from_env(base: TritonConfig) -> TritonConfig:
+    text = os.environ.get(_CONFIG_ENV, "").strip()
+    if not text:
+        return base
+    fields = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in TritonConfig.__dataclass_fields__ or not value.strip().isdigit():
+            raise ValueError(f"{_CONFIG_ENV}={text!r}: {item!r} is not NAME=INTEGER with NAME one of "
+                             + ", ".join(TritonConfig.__dataclass_fields__))
+        fields[name] = int(value)
+    return replace(base, **fields)
+
+
+def _float_bits(value: float) -> int:
+    """The IEEE float64 bits of ``value``: triton passes Python floats as float32."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(n, 1).bit_length() - 1
+
+
+def _is_dense(t: Tensor) -> bool:
+    """No gaps, no overlaps: the elements fill ``numel`` consecutive slots from data_ptr."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class _Table:
+    """One gradient list's chunk table: host source, device copy, and grid sizes."""
+
+    host: Tensor                 # int64 CPU: counter, bases, packed (never mutated)
+    dev: Tensor                  # int64 device: the same, then the norm partial slots
+    partials: Tensor             # view of dev: 2 * norm_programs slots of the stats dtype
+    n_chunks: int
+    dtypes: int                  # bit (1 << code) per dtype present
+    acc_dtype: torch.dtype
+    norm_programs: int
+    scale_programs: int
+    uploaded: bool = False       # dev holds the table outside any graph
+    held: bool = False           # used in a graph capture: never freed
+
+
+@dataclass
+class _State:
+    """Tables cached per backend configuration (the ops of torch.library share one)."""
+
+    config: TritonConfig | None
+    tables: OrderedDict = field(default_factory=OrderedDict)
+    held: list = field(default_factory=list)
+    sms: dict = field(default_factory=dict)
+    side_streams: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    hits: int = 0
+    misses: int = 0
+
+
+_kernels = None
+
+
+def _load_kernels():
+    global _kernels
+    if _kernels is None:
+        from . import triton_kernels
+        _kernels = triton_kernels
+    return _kernels
+
+
+class TritonBackend(Backend):
+    """The fused ops in Triton; see the module docstring.
+
+    Args:
+        config (TritonConfig, optional): launch parameters; by default
+            :data:`INTERPRETER_CONFIG` on the CPU and ``TritonConfig()`` (overridden by
+            ``$GRADCLIP_TRITON_CONFIG``) on a GPU. A backend with its own config keeps
+            its own table cache and runs eagerly; under ``torch.compile`` the registered
+            ops run with the default one.
+    """
+
+    name = "triton"
+
+    def __init__(self, config: TritonConfig | None = None):
+        self._state = _State(config) if config is not None else _SHARED
+        self._fallback = ReferenceBackend()
+
+    # -- availability -------------------------------------------------------------------
+
+    def status(self) -> BackendStatus:
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(False, "triton is not installed (pip install triton; Linux with "
+                                        "an NVIDIA or AMD GPU)")
+        version = _triton_version()
+        if _interpreting():
+            return BackendStatus(True, f"triton {version} interpreter on CPU tensors "
+                                       "(TRITON_INTERPRET=1), slow: for tests")
+        if torch.cuda.is_available():
+            return BackendStatus(True, f"triton {version} on {torch.cuda.get_device_name()}")
+        return BackendStatus(False, f"triton {version} is installed but there is no CUDA GPU; "
+                                    "set TRITON_INTERPRET=1 before importing triton to run its "
+                                    "kernels on the CPU (slowly, for tests)")
+
+    def supports(self, device: torch.device) -> bool:
+        # The interpreter reads the table's raw addresses on the host: CPU tensors only.
+        return device.type == ("cpu" if _interpreting() else "cuda")
+
+    def load(self) -> None:
+        """Import (and so check) the kernels; raises BackendUnavailableError if triton fails."""
+        try:
+            _load_kernels()
+        except Exception as error:  # any failure inside triton's import means unusable
+            raise BackendUnavailableError(f"triton backend: importing triton failed: {error}") from error
+
+    # -- the ops ------------------------------------------------------------------------
+
+    def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.norm_stats(tensors, float(norm_type), float(max_norm),
+                                                        inv_scale)
+        table = self._table(tensors)
+        if table is None:
+            return self._fallback.norm_stats(tensors, norm_type, max_norm, inv_scale)
+        return self._norm(table, tensors[0].device, norm_type, max_norm, inv_scale)
+
+    def scale_(self, tensors, scale, found_inf=None):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.scale_(tensors, scale, found_inf)
+        table = self._table(tensors)
+        if table is None:
+            return self._fallback.scale_(tensors, scale, found_inf)
+        device = tensors[0].device
+        scale = _one_element(scale, device, "scale")
+        found = None if found_inf is None else _one_element(found_inf, device, "found_inf")
+        self._scale(table, device, scale, 0, found, 0)
+
+    def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.clip_grads_(grads, float(norm_type), float(max_norm),
+                                                         inv_scale)
+        table = self._table(grads)
+        if table is None:
+            return self._fallback.clip_grads_(grads, norm_type, max_norm, inv_scale)
+        device = grads[0].device
+        stats = self._norm(table, device, norm_type, max_norm, inv_scale)
+        self._scale(table, device, stats, COEF, stats if inv_scale is not None else None, FOUND_INF)
+        return stats
+
+    # -- launches -----------------------------------------------------------------------
+
+    def _norm(self, table: _Table, device, norm_type, max_norm, inv_scale) -> Tensor:
+        kernels = _load_kernels()
+        import triton.language as tl
+
+        norm_type = float(norm_type)
+        if norm_type == 2.0:
+            kind = _NORM_2
+        elif norm_type == 1.0:
+            kind = _NORM_1
+        elif math.isinf(norm_type):
+            kind = _NORM_INF
+        else:
+            kind = _NORM_P
+        stats = torch.empty(3, dtype=table.acc_dtype, device=device)
+        if inv_scale is not None:
+            inv_scale = _one_element(inv_scale, device, "inv_scale")
+        config = self._config(device)
+        grid = table.norm_programs
+        with _on_device(device):
+            kernels.norm_kernel[(grid,)](
+                table.dev, table.n_chunks, table.partials, stats,
+                stats if inv_scale is None else inv_scale,
+                _float_bits(float(max_norm)), _float_bits(norm_type) if kind == _NORM_P else 0,
+                ACC=tl.float64 if table.acc_dtype == torch.float64 else tl.float32,
+                NORM_KIND=kind, HAS_SCALE=inv_scale is not None, DTYPES=table.dtypes,
+                BLOCK=config.block, FIN_BLOCK=triton_next_pow2(grid), num_warps=config.num_warps)
+        return stats
+
+    def _scale(self, table: _Table, device, scale: Tensor, scale_at: int,
+               found: Tensor | None, found_at: int) -> None:
+        kernels = _load_kernels()
+        config = self._config(device)
+        with _on_device(device):
+            kernels.scale_kernel[(table.scale_programs,)](
+                table.dev, table.n_chunks, scale, scale if found is None else found,
+                SCALE_AT=scale_at, FOUND_AT=found_at, HAS_FOUND=found is not None,
+                DTYPES=table.dtypes, BLOCK=config.scale_block, EXACT_BF16=device.type == "cpu",
+                num_warps=config.scale_num_warps)
+
+    # -- the chunk table and its cache ----------------------------------------------------
+
+    def _config(self, device: torch.device) -> TritonConfig:
+        state = self._state
+        if state.config is None:
+            state.config = (INTERPRETER_CONFIG if device.type == "cpu"
+                            else _config_from_env(TritonConfig()))
+        return state.config
+
+    def _table(self, tensors: list[Tensor]) -> _Table | None:
+        """The cached table of ``tensors``, built on a miss; None if one is not dense."""
+        if not tensors:
+            raise ValueError("the triton backend needs at least one tensor")
+        if not all(map(_is_contiguous, tensors)):
+            if not all(_is_dense(t) for t in tensors):
+                return None
+        device = tensors[0].device
+        ptrs = tuple(map(_data_ptr, tensors))
+        numels = tuple(map(_numel, tensors))
+        dtypes = tuple(map(_dtype_of, tensors))
+        key = (device, ptrs, numels, dtypes)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        state = self._state
+        with state.lock:
+            table = state.tables.get(key)
+            if table is None:
+                state.misses += 1
+                table = self._build(device, ptrs, numels, dtypes, capturing)
+                state.tables[key] = table
+                while len(state.tables) > _MAX_CACHED_TABLES:
+                    _, old = state.tables.popitem(last=False)
+                    if old.held:
+                        state.held.append(old)
+            else:
+                state.hits += 1
+                state.tables.move_to_end(key)
+            if not table.uploaded:
+                # Built during a capture: only replays of that graph write it. Copy it now
+                # (again captured if still capturing: another graph needs its own copy).
+                table.dev[:table.host.numel()].copy_(table.host, non_blocking=True)
+                table.uploaded = not capturing
+            if capturing:
+                table.held = True
+        return table
+
+    def _build(self, device, ptrs, numels, dtypes, capturing) -> _Table:
+        config = self._config(device)
+        codes = torch.tensor([_CODES[d] for d in dtypes], dtype=torch.int64)
+        numel = torch.tensor(numels, dtype=torch.int64)
+        total = int(numel.sum())
+        norm_target = self._grid_target(device, config.programs_per_sm)
+        chunk = _pow2_floor(total // max(norm_target * config.chunks_per_program, 1))
+        chunk = min(max(chunk, config.block, config.scale_block), config.max_chunk)
+        chunk = max(chunk, config.block, config.scale_block)
+        per_tensor = (numel + chunk - 1) // chunk
+        owner = torch.repeat_interleave(torch.arange(len(numels)), per_tensor)
+        n_chunks = owner.numel()
+        first = torch.cumsum(per_tensor, 0) - per_tensor
+        start = (torch.arange(n_chunks) - first[owner]) * chunk
+        base = torch.tensor(ptrs, dtype=torch.int64)[owner] + start * _ELEMENT_SIZES[codes[owner]]
+        length = torch.clamp(numel[owner] - start, max=chunk)
+        host = torch.zeros(3 + 2 * n_chunks, dtype=torch.int64)
+        host[1:1 + n_chunks] = base
+        host[2 + n_chunks:2 + 2 * n_chunks] = length * 8 + codes[owner]
+
+        acc_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        norm_programs = max(1, min(norm_target, n_chunks))
+        scale_programs = max(1, min(self._grid_target(device, config.scale_programs_per_sm),
+                                    n_chunks))
+        with self._allocation_stream(device, capturing):
+            dev = torch.empty(host.numel() + 2 * norm_programs, dtype=torch.int64, device=device)
+        partials = dev[host.numel():].view(acc_dtype)[:2 * norm_programs]
+        mask = 0
+        for d in set(dtypes):
+            mask |= 1 << _CODES[d]
+        return _Table(host, dev, partials, n_chunks, mask, acc_dtype, norm_programs, scale_programs)
+
+    def _grid_target(self, device, per_sm: int) -> int:
+        config = self._state.config
+        if config.programs:
+            return config.programs
+        sms = self._state.sms.get(device)
+        if sms is None:
+            sms = self._state.sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return sms * per_sm
+
+    def _allocation_stream(self, device, capturing):
+        """A stream outside the capture: tables outlive a graph, its pool must not own them."""
+        if not capturing:
+            return _NullContext()
+        stream = self._state.side_streams.get(device)
+        if stream is None:
+            stream = self._state.side_streams[device] = torch.cuda.Stream(device)
+        return torch.cuda.stream(stream)
+
+    def cache_info(self) -> dict:
+        """Table cache counters (for tests and benchmarks): hits, misses, entries, held."""
+        state = self._state
+        return {"hits": state.hits, "misses": state.misses, "entries": len(state.tables),
+                "held": sum(t.held for t in state.tables.values()) + len(state.held)}
+
+    def clear_cache(self) -> None:
+        """Forget the cached tables (those a CUDA graph uses stay alive)."""
+        state = self._state
+        with state.lock:
+            state.held.extend(t for t in state.tables.values() if t.held)
+            state.tables.clear()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return _NullContext()
+
+
+def _one_element(t: Tensor, device: torch.device, name: str) -> Tensor:
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
+    return t if t.device == device else t.to(device)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _triton_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("triton")
+    except Exception:
+        return "(unknown version)"
+
+
+_SHARED = _State(None)
+_OPS_BACKEND = TritonBackend()
+
+
+# -- torch.library registration: lets torch.compile(fullgraph=True) trace through a clip ----
+
+@torch.library.custom_op("gradclip_triton::norm_stats", mutates_args=())
+def _norm_stats_op(tensors: list[Tensor], norm_type: float, max_norm: float,
+                   inv_scale: Tensor | None) -> Tensor:
+    return _OPS_BACKEND.norm_stats(tensors, norm_type, max_norm, inv_scale)
+
+
+@_norm_stats_op.register_fake
+def _norm_stats_fake(tensors, norm_type, max_norm, inv_scale):
+    return tensors[0].new_empty(3, dtype=stats_dtype(tensors))
+
+
+@torch.library.custom_op("gradclip_triton::scale_", mutates_args=("tensors",))
+def _scale_op(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> None:
+    _OPS_BACKEND.scale_(tensors, scale, found_inf)
+
+
+@_scale_op.register_fake
+def _scale_fake(tensors, scale, found_inf):
+    return None
+
+
+@torch.library.custom_op("gradclip_triton::clip_grads_", mutates_args=("grads",))
+def _clip_grads_op(grads: list[Tensor], norm_type: float, max_norm: float,
+                   inv_scale: Tensor | None) -> Tensor:
+    return _OPS_BACKEND.clip_grads_(grads, norm_type, max_norm, inv_scale)
+
+
+@_clip_grads_op.register_fake
+def _clip_grads_fake(grads, norm_type, max_norm, inv_scale):
+    return grads[0].new_empty(3, dtype=stats_dtype(grads))
