@@ -40,9 +40,14 @@ INF_STEPS = {3, 7}
 SCALERS = {"torch": torch.amp.GradScaler, "gradclip": gradclip.GradScaler}
 
 
+def init_scale(device: str) -> float:
+    # float16 gradients on a GPU overflow at torch's default 2**16 with these losses.
+    return 2.0 ** 10 if device == "cuda" else 2.0 ** 16
+
+
 def make_scaler(kind: str, device: str):
     # A short growth interval so that the runs grow the scale as well as back it off.
-    return SCALERS[kind](device, init_scale=2.0 ** 16, growth_interval=3)
+    return SCALERS[kind](device, init_scale=init_scale(device), growth_interval=3)
 
 
 def autocast_dtype_for(device: str):
@@ -73,8 +78,7 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
     batches = make_batches(gen, device=device)
     ref_opt = ALL_OPTIMIZERS[name](groups_of(theirs))
     opt = gradclip.ClippedOptimizer(ALL_OPTIMIZERS[name](groups_of(ours)), MAX_NORM, backend=backend)
-    ref_scaler, scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 16, growth_interval=3), \
-        make_scaler(scaler_kind, device)
+    ref_scaler, scaler = make_scaler("torch", device), make_scaler(scaler_kind, device)
     ref_steps, steps = [], []
 
     ref_norms, ref_scales = run_reference(
@@ -85,17 +89,20 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
         autocast_dtype=autocast, manual_unscale=manual_unscale, after_step=snapshots(ours, steps))
 
     assert scales == ref_scales, "the scale must back off and grow exactly as torch's"
-    pairs = list(zip([2.0 ** 16] + ref_scales, ref_scales))
+    pairs = list(zip([init_scale(device)] + ref_scales, ref_scales))
     assert any(b > a for a, b in pairs) and any(b < a for a, b in pairs), \
         "the run must both grow and back off the scale"
     assert_params_close_all(ours, theirs, device)
-    finite = [i for i in range(N_STEPS) if i not in INF_STEPS]
+    # The injected steps, and any that overflowed by themselves (float16 on a GPU).
+    skipped = {i for i in range(N_STEPS) if not math.isfinite(ref_norms[i])}
+    assert INF_STEPS <= skipped
+    finite = [i for i in range(N_STEPS) if i not in skipped]
     for i in finite:
         assert norms[i] == pytest.approx(ref_norms[i], rel=2e-5), f"last_norm at step {i}"
         for g, h in zip(steps[i][1], ref_steps[i][1]):
             torch.testing.assert_close(g, h, **tolerance(device),
                                        msg=lambda m: f"grads after step {i} must be unscaled and clipped: {m}")
-    for i in INF_STEPS:
+    for i in skipped - {0}:
         for p, q in zip(steps[i][0], steps[i - 1][0]):
             assert torch.equal(p, q), f"the inf step {i} must leave the parameters untouched"
         if wrapper_sees_skipped_steps(opt, scaler_kind):
@@ -104,7 +111,7 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
     n_steps, clipped, _ = expected_counts([ref_norms[i] for i in finite])
     if wrapper_sees_skipped_steps(opt, scaler_kind):
         assert opt.stats() == {"steps": N_STEPS, "clipped_steps": clipped,
-                               "nonfinite_steps": len(INF_STEPS)}
+                               "nonfinite_steps": len(skipped)}
     else:
         assert opt.stats() == {"steps": n_steps, "clipped_steps": clipped, "nonfinite_steps": 0}
     assert 0 < clipped < n_steps
@@ -370,5 +377,5 @@ def test_fused_path_with_gradclip_scaler_never_syncs(gen, name):
             scaler.update()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert opt.stats()["nonfinite_steps"] == 1
+    assert opt.stats()["nonfinite_steps"] >= 1
 
