@@ -1,0 +1,69 @@
+// How the kernels split a TensorTable among blocks and threads. Host and device share this
+// code, so tests on a machine without a GPU can replay the split (simulate_visits).
+#pragma once
+
+#include "kernels.h"
+
+namespace gradclip {
+
+// Chunks [*begin, *end) of block `block` out of `grid`: contiguous, sizes differ by at most 1.
+GRADCLIP_HOST_DEVICE inline void block_chunk_range(int64_t num_chunks, int64_t grid, int64_t block,
+                                                   int64_t* begin, int64_t* end) {
+  *begin = num_chunks * block / grid;
+  *end = num_chunks * (block + 1) / grid;
+}
+
+GRADCLIP_HOST_DEVICE inline int64_t chunk_begin(const TensorTable& table, int i) {
+  return i == 0 ? 0 : table.chunk_end[i - 1];
+}
+
+// The first tensor whose chunks end after `chunk` (binary search; skips zero-size tensors).
+GRADCLIP_HOST_DEVICE inline int first_tensor_after(const TensorTable& table, int64_t chunk) {
+  int lo = 0, hi = table.num_tensors;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (table.chunk_end[mid] > chunk) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// Elements [*first, *last) of tensor i that chunks [c0, c1) cover; false when none.
+GRADCLIP_HOST_DEVICE inline bool element_range(const TensorTable& table, int i, int64_t c0, int64_t c1,
+                                               int64_t* first, int64_t* last) {
+  const int64_t begin = chunk_begin(table, i);
+  const int64_t end = table.chunk_end[i];
+  const int64_t lo = (c0 > begin ? c0 : begin) - begin;
+  const int64_t hi = (c1 < end ? c1 : end) - begin;
+  const int64_t per_chunk = kChunkBytes / dtype_size(table.dtype[i]);
+  *first = lo * per_chunk;
+  *last = hi * per_chunk < table.numel[i] ? hi * per_chunk : table.numel[i];
+  return *first < *last;
+}
+
+// A run of n elements at `address`, split as: `head` scalar elements up to the first
+// 16-byte boundary, `vectors` aligned 16-byte vectors, then `tail` scalar elements.
+struct SpanPlan {
+  int64_t head;
+  int64_t vectors;
+  int64_t tail;
+};
+
+GRADCLIP_HOST_DEVICE inline SpanPlan plan_span(uintptr_t address, int elem_size, int64_t n) {
+  SpanPlan plan;
+  if (address % elem_size != 0) {
+    plan.head = n;  // never for torch tensors; all scalar, still correct
+  } else {
+    plan.head = static_cast<int64_t>((16 - address % 16) % 16) / elem_size;
+    if (plan.head > n) plan.head = n;
+  }
+  const int64_t per_vector = 16 / elem_size;
+  plan.vectors = (n - plan.head) / per_vector;
+  plan.tail = n - plan.head - plan.vectors * per_vector;
+  return plan;
+}
+
+}  // namespace gradclip

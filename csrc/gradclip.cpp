@@ -1,0 +1,337 @@
+// The torch side of the CUDA backend: op schemas (declared once, here), their CUDA
+// implementations and the host-side packing of tensor lists into kernel tables.
+// Only light ATen/c10 headers: this unit, python.cpp and kernels.cu compile in parallel.
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "kernels.h"
+#include "ops.h"
+
+namespace gradclip {
+namespace {
+
+std::optional<DType> dtype_code(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return kHalf;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat;
+    case at::kDouble: return kDouble;
+    default: return std::nullopt;
+  }
+}
+
+// What to do with a tensor that is not dense (a strided view such as x[:, ::2]).
+enum class Strided {
+  kCopy,      // read a contiguous copy (norm: reading is all it does)
+  kSetAside,  // leave it to ATen (pointwise ops must write the tensor itself)
+};
+
+// Tables are 32 KB each: a call takes the thread's spare set and gives it back when done,
+// instead of allocating per call.
+std::vector<TensorTable>& spare_tables() {
+  thread_local std::vector<TensorTable> spare;
+  return spare;
+}
+
+// The tables of one call: tensors split into launches of kMaxTensorsPerLaunch at most.
+// Zero-size tensors are left out (they have no chunks); an apex bug dropped the pending
+// launch when one came last, so the packing does not depend on what comes last.
+struct Packed {
+  std::vector<TensorTable> tables;
+  int num_tables = 0;
+  bool any_double = false;
+  std::vector<at::Tensor> copies;   // Strided::kCopy: contiguous copies, alive until launched
+  std::vector<at::Tensor> strided;  // Strided::kSetAside: for ATen
+
+  Packed() { tables.swap(spare_tables()); }
+  Packed(Packed&&) = default;
+  Packed& operator=(Packed&&) = delete;
+  ~Packed() {
+    if (tables.capacity() > spare_tables().capacity()) tables.swap(spare_tables());
+  }
+};
+
+TensorTable& next_table(Packed& packed) {
+  if (static_cast<int>(packed.tables.size()) <= packed.num_tables) {
+    packed.tables.resize(packed.num_tables + 1);
+  }
+  TensorTable& table = packed.tables[packed.num_tables++];
+  table.num_chunks = 0;
+  table.num_tensors = 0;
+  table.block_offset = 0;
+  return table;
+}
+
+void append(Packed& packed, TensorTable*& table, void* ptr, int64_t numel, DType dtype) {
+  if (table == nullptr || table->num_tensors == kMaxTensorsPerLaunch) table = &next_table(packed);
+  const int64_t bytes = numel * dtype_size(dtype);
+  const int i = table->num_tensors++;
+  table->num_chunks += (bytes + kChunkBytes - 1) / kChunkBytes;
+  table->chunk_end[i] = table->num_chunks;
+  table->ptr[i] = ptr;
+  table->numel[i] = numel;
+  table->dtype[i] = dtype;
+}
+
+// Checks every tensor (defined, strided layout, float dtype, on `device` when given) and
+// packs the dense ones; `op` names the caller in error messages.
+Packed pack(at::TensorList tensors, const char* op, std::optional<at::Device> device,
+            Strided strided) {
+  Packed packed;
+  TensorTable* table = nullptr;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const at::Tensor& t = tensors[k];
+    TORCH_CHECK(t.defined(), op, ": tensors[", k, "] is None; pass only defined tensors");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", k, "] has layout ", t.layout(),
+                "; only dense (strided) tensors are supported, densify it with .to_dense()");
+    const auto dtype = dtype_code(t.scalar_type());
+    TORCH_CHECK(dtype.has_value(), op, ": tensors[", k, "] has dtype ", t.scalar_type(),
+                "; supported are float16, bfloat16, float32 and float64");
+    TORCH_CHECK(!device.has_value() || t.device() == *device, op, ": tensors[", k, "] is on ",
+                t.device(), " but tensors[0] is on ", *device,
+                "; pass the tensors of one CUDA device per call");
+    packed.any_double |= *dtype == kDouble;
+    const int64_t numel = t.numel();
+    if (numel == 0) continue;
+    const at::Tensor* source = &t;
+    if (!t.is_non_overlapping_and_dense()) {
+      // Dense tensors, permuted or not, are read as their storage span; others are not.
+      if (strided == Strided::kSetAside) {
+        packed.strided.push_back(t);
+        continue;
+      }
+      packed.copies.push_back(t.contiguous());
+      source = &packed.copies.back();
+    }
+    void* ptr = source->data_ptr();
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % dtype_size(*dtype) == 0, op, ": tensors[", k,
+                "] is not aligned to its element size; pass a tensor made by torch, or .clone() it");
+    append(packed, table, ptr, numel, *dtype);
+  }
+  return packed;
+}
+
+at::Device check_device(at::TensorList tensors, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": tensors is empty; pass at least one tensor");
+  const at::Tensor& first = tensors[0];
+  TORCH_CHECK(first.defined(), op, ": tensors[0] is None; pass only defined tensors");
+  TORCH_CHECK(first.is_cuda(), op, ": tensors[0] is on ", first.device(),
+              "; the cuda backend runs CUDA tensors only, use backend='torch' for others");
+  return first.device();
+}
+
+// A one-element device tensor for the kernels: float32 or float64 (others are converted).
+at::Tensor device_scalar(const at::Tensor& t, const char* op, const char* name, at::Device device) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must have one element, got ", t.numel());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the tensors are on ",
+              device, "; move it with .to(", device, ") (a device scalar avoids a host sync)");
+  if (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) return t;
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), true), op,
+              ": ", name, " has dtype ", t.scalar_type(), "; pass a float32 tensor");
+  return t.to(at::kFloat);
+}
+
+NormKind norm_kind(double p) {
+  if (std::isinf(p)) return NormKind::kInf;
+  if (p == 2.0) return NormKind::kL2;
+  if (p == 1.0) return NormKind::kL1;
+  return NormKind::kP;
+}
+
+cudaStream_t current_stream(at::Device device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+// Launches the norm over the packed tables; returns stats [norm, coef, found_inf].
+at::Tensor run_norm(Packed& packed, const at::Tensor& like, double norm_type, double max_norm,
+                    const std::optional<at::Tensor>& inv_scale) {
+  const at::Device device = like.device();
+  TORCH_CHECK(norm_type > 0, "gradclip::norm_stats: norm_type must be > 0 or inf, got ", norm_type);
+  TORCH_CHECK(!std::isnan(max_norm), "gradclip::norm_stats: max_norm is NaN; pass a number >= 0");
+  std::optional<at::Tensor> inv;
+  if (inv_scale.has_value() && inv_scale->defined()) {
+    inv = device_scalar(*inv_scale, "gradclip::norm_stats", "inv_scale", device);
+  }
+  if (packed.num_tables == 0) next_table(packed);  // only zero-size tensors: one empty block
+  const NormKind kind = norm_kind(norm_type);
+  const int limit = std::max(1, norm_grid_limit(device.index(), kind));
+  auto& tables = packed.tables;
+  int total_blocks = 0;
+  std::vector<int> grids(packed.num_tables);
+  for (int l = 0; l < packed.num_tables; ++l) {
+    grids[l] = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tables[l].num_chunks, limit)));
+    tables[l].block_offset = total_blocks;
+    total_blocks += grids[l];
+  }
+  const auto stats_type = packed.any_double ? at::kDouble : at::kFloat;
+  at::Tensor stats = like.new_empty({3}, at::TensorOptions().dtype(stats_type).device(device));
+  at::Tensor workspace = like.new_empty({static_cast<int64_t>(norm_workspace_bytes(total_blocks))},
+                                        at::TensorOptions().dtype(at::kByte).device(device));
+  const cudaStream_t stream = current_stream(device);
+  C10_CUDA_CHECK(reset_norm_workspace(workspace.data_ptr(), stream));
+  NormParams params{};
+  params.p = norm_type;
+  params.max_norm = max_norm;
+  params.inv_scale = inv.has_value() ? inv->data_ptr() : nullptr;
+  params.inv_scale_dtype = inv.has_value() && inv->scalar_type() == at::kDouble ? kDouble : kFloat;
+  params.stats = stats.data_ptr();
+  params.stats_dtype = packed.any_double ? kDouble : kFloat;
+  params.counter = static_cast<unsigned int*>(workspace.data_ptr());
+  params.slots = reinterpret_cast<Partial*>(static_cast<char*>(workspace.data_ptr()) + 16);
+  params.total_blocks = total_blocks;
+  for (int l = 0; l < packed.num_tables; ++l) {
+    C10_CUDA_CHECK(launch_norm(kind, tables[l], params, grids[l], stream));
+  }
+  return stats;
+}
+
+void run_pointwise(Packed& packed, at::Device device, Pointwise op, const PointwiseParams& params) {
+  const int limit = std::max(1, pointwise_grid_limit(device.index(), op));
+  const cudaStream_t stream = current_stream(device);
+  auto& tables = packed.tables;
+  for (int l = 0; l < packed.num_tables; ++l) {
+    const int grid = static_cast<int>(std::min<int64_t>(tables[l].num_chunks, limit));
+    if (grid > 0) C10_CUDA_CHECK(launch_pointwise(op, tables[l], params, grid, stream));
+  }
+}
+
+// Non-dense tensors take ATen's mul_, with the skip rules applied to the factor on the
+// device: no host sync, but the tensor is written (multiplied by 1) when nothing changes.
+void scale_strided(const std::vector<at::Tensor>& strided, const at::Tensor& scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  if (strided.empty()) return;
+  at::Tensor factor = scale.reshape({});
+  if (found_inf.has_value()) {
+    factor = factor.new_ones({}).where(found_inf->reshape({}).ne(0), factor);
+  }
+  for (const at::Tensor& t : strided) t.mul_(factor);
+}
+
+PointwiseParams scale_params(const at::Tensor& scale, const std::optional<at::Tensor>& found_inf) {
+  PointwiseParams params{};
+  params.scale = scale.data_ptr();
+  params.scale_dtype = scale.scalar_type() == at::kDouble ? kDouble : kFloat;
+  params.found_inf = found_inf.has_value() ? found_inf->data_ptr() : nullptr;
+  params.found_inf_dtype = found_inf.has_value() && found_inf->scalar_type() == at::kDouble ? kDouble : kFloat;
+  return params;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// The ops
+
+at::Tensor norm_stats_cuda(at::TensorList tensors, double norm_type, double max_norm,
+                           const std::optional<at::Tensor>& inv_scale) {
+  const at::Device device = check_device(tensors, "gradclip::norm_stats");
+  const c10::cuda::CUDAGuard guard(device);
+  Packed packed = pack(tensors, "gradclip::norm_stats", device, Strided::kCopy);
+  return run_norm(packed, tensors[0], norm_type, max_norm, inv_scale);
+}
+
+void scale_cuda(at::TensorList tensors, const at::Tensor& scale,
+                const std::optional<at::Tensor>& found_inf) {
+  if (tensors.empty()) return;
+  const at::Device device = check_device(tensors, "gradclip::scale_");
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor s = device_scalar(scale, "gradclip::scale_", "scale", device);
+  std::optional<at::Tensor> skip;
+  if (found_inf.has_value() && found_inf->defined()) {
+    skip = device_scalar(*found_inf, "gradclip::scale_", "found_inf", device);
+  }
+  Packed packed = pack(tensors, "gradclip::scale_", device, Strided::kSetAside);
+  run_pointwise(packed, device, Pointwise::kScale, scale_params(s, skip));
+  scale_strided(packed.strided, s, skip);
+}
+
+void clamp_cuda(at::TensorList tensors, double clip_value) {
+  if (tensors.empty()) return;
+  TORCH_CHECK(clip_value >= 0, "gradclip::clamp_: clip_value must be >= 0, got ", clip_value);
+  const at::Device device = check_device(tensors, "gradclip::clamp_");
+  const c10::cuda::CUDAGuard guard(device);
+  Packed packed = pack(tensors, "gradclip::clamp_", device, Strided::kSetAside);
+  PointwiseParams params{};
+  params.clip_value = clip_value;
+  run_pointwise(packed, device, Pointwise::kClamp, params);
+  for (const at::Tensor& t : packed.strided) t.clamp_(-clip_value, clip_value);
+}
+
+// Norm then rescale with the tables packed once. With inv_scale (AMP) the rescale is
+// skipped on the device when an inf/NaN was found.
+at::Tensor clip_grads_cuda(at::TensorList grads, double norm_type, double max_norm,
+                           const std::optional<at::Tensor>& inv_scale) {
+  const char* op = "gradclip clip_grads_";
+  const at::Device device = check_device(grads, op);
+  const c10::cuda::CUDAGuard guard(device);
+  Packed packed = pack(grads, op, device, Strided::kSetAside);
+  at::Tensor stats;
+  if (packed.strided.empty()) {
+    stats = run_norm(packed, grads[0], norm_type, max_norm, inv_scale);
+  } else {
+    Packed reading = pack(grads, op, device, Strided::kCopy);  // rare: non-dense grads
+    stats = run_norm(reading, grads[0], norm_type, max_norm, inv_scale);
+  }
+  const bool amp = inv_scale.has_value() && inv_scale->defined();
+  const at::Tensor coef = stats.narrow(0, 1, 1);
+  const std::optional<at::Tensor> skip =
+      amp ? std::optional<at::Tensor>(stats.narrow(0, 2, 1)) : std::nullopt;
+  run_pointwise(packed, device, Pointwise::kScale, scale_params(coef, skip));
+  scale_strided(packed.strided, coef, skip);
+  return stats;
+}
+
+// For tests without a GPU: only the tensors' addresses and sizes are used.
+SplitReplay simulate_split(at::TensorList tensors, int64_t grid) {
+  TORCH_CHECK(grid > 0, "simulate_split: grid must be > 0, got ", grid);
+  Packed packed = pack(tensors, "simulate_split", std::nullopt, Strided::kCopy);
+  TORCH_CHECK(packed.copies.empty(), "simulate_split: pass dense tensors");
+  std::vector<std::vector<uint8_t>> visits(tensors.size());
+  std::vector<uint8_t*> rows;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    visits[k].assign(static_cast<size_t>(tensors[k].numel()), 0);
+    if (!visits[k].empty()) rows.push_back(visits[k].data());
+  }
+  SplitReplay replay;
+  replay.launches = packed.num_tables;
+  size_t row = 0;
+  for (int l = 0; l < packed.num_tables; ++l) {
+    const TensorTable& table = packed.tables[l];
+    const int g = static_cast<int>(std::min<int64_t>(grid, table.num_chunks));
+    replay.ok &= simulate_visits(table, g, kBlockThreads, rows.data() + row);
+    row += table.num_tensors;
+  }
+  for (const auto& row_visits : visits) {
+    uint8_t lo = 1, hi = 1;
+    if (!row_visits.empty()) {
+      lo = *std::min_element(row_visits.begin(), row_visits.end());
+      hi = *std::max_element(row_visits.begin(), row_visits.end());
+    }
+    replay.min_visits.push_back(lo);
+    replay.max_visits.push_back(hi);
+  }
+  return replay;
+}
+
+}  // namespace gradclip
+
+TORCH_LIBRARY(gradclip, m) {
+  m.set_python_module("gradclip.backends.cuda");
+  m.def("norm_stats(Tensor[] tensors, float norm_type, float max_norm, Tensor? inv_scale) -> Tensor");
+  m.def("scale_(Tensor(a!)[] tensors, Tensor scale, Tensor? found_inf) -> ()");
+  m.def("clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
+  m.impl("norm_stats", &gradclip::norm_stats_cuda);
+  m.impl("scale_", &gradclip::scale_cuda);
+  m.impl("clamp_", &gradclip::clamp_cuda);
+}

@@ -1,0 +1,551 @@
+// The multi-tensor kernels and their launchers. CUDA and std only (no torch headers):
+// this file is the slow one to compile, so it stays small.
+//
+// Every kernel walks a TensorTable the same way (device_helpers.cuh): a block takes a
+// contiguous run of 64 KiB chunks, finds its first tensor by binary search and walks on;
+// within a tensor, threads read 16-byte vectors, with scalar heads and tails where a
+// tensor (a view with a storage offset) does not start on a 16-byte boundary.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "device_helpers.cuh"
+#include "kernels.h"
+
+namespace gradclip {
+namespace {
+
+// 16-byte vectors each thread keeps in flight.
+constexpr int kUnroll = 4;
+constexpr int kWarps = kBlockThreads / 32;
+constexpr unsigned long long kInfBits = 0x7ff0000000000000ull;  // +inf as a double
+constexpr unsigned long long kNanBits = 0x7ff8000000000000ull;
+
+// How each dtype loads, stores, unpacks and packs; 16/32-bit types compute in float.
+template <int D>
+struct Traits;
+
+template <>
+struct Traits<kFloat> {
+  using Compute = float;
+  static constexpr int kSize = 4, kPerVector = 4;
+  static __device__ __forceinline__ float load(const char* p, int64_t i) {
+    return reinterpret_cast<const float*>(p)[i];
+  }
+  static __device__ __forceinline__ void store(char* p, int64_t i, float x) {
+    reinterpret_cast<float*>(p)[i] = x;
+  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* x) {
+    x[0] = __uint_as_float(v.x);
+    x[1] = __uint_as_float(v.y);
+    x[2] = __uint_as_float(v.z);
+    x[3] = __uint_as_float(v.w);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* x) {
+    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]),
+                      __float_as_uint(x[3]));
+  }
+};
+
+template <>
+struct Traits<kBFloat16> {
+  using Compute = float;
+  static constexpr int kSize = 2, kPerVector = 8;
+  static __device__ __forceinline__ float load(const char* p, int64_t i) {
+    return __uint_as_float(static_cast<unsigned int>(reinterpret_cast<const unsigned short*>(p)[i])
+                           << 16);
+  }
+  static __device__ __forceinline__ void store(char* p, int64_t i, float x) {
+    reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* x) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      x[2 * k] = __uint_as_float(w[k] << 16);
+      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float* x) {
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
+      memcpy(&w[k], &h, 4);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+template <>
+struct Traits<kHalf> {
+  using Compute = float;
+  static constexpr int kSize = 2, kPerVector = 8;
+  static __device__ __forceinline__ float load(const char* p, int64_t i) {
+    return __half2float(reinterpret_cast<const __half*>(p)[i]);
+  }
+  static __device__ __forceinline__ void store(char* p, int64_t i, float x) {
+    reinterpret_cast<__half*>(p)[i] = __float2half_rn(x);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* x) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      __half2 h;
+      memcpy(&h, &w[k], 4);
+      const float2 f = __half22float2(h);
+      x[2 * k] = f.x;
+      x[2 * k + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float* x) {
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const __half2 h = __floats2half2_rn(x[2 * k], x[2 * k + 1]);
+      memcpy(&w[k], &h, 4);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+template <>
+struct Traits<kDouble> {
+  using Compute = double;
+  static constexpr int kSize = 8, kPerVector = 2;
+  static __device__ __forceinline__ double load(const char* p, int64_t i) {
+    return reinterpret_cast<const double*>(p)[i];
+  }
+  static __device__ __forceinline__ void store(char* p, int64_t i, double x) {
+    reinterpret_cast<double*>(p)[i] = x;
+  }
+  static __device__ __forceinline__ void unpack(const uint4& v, double* x) {
+    x[0] = __hiloint2double(static_cast<int>(v.y), static_cast<int>(v.x));
+    x[1] = __hiloint2double(static_cast<int>(v.w), static_cast<int>(v.z));
+  }
+  static __device__ __forceinline__ uint4 pack(const double* x) {
+    return make_uint4(static_cast<unsigned int>(__double2loint(x[0])),
+                      static_cast<unsigned int>(__double2hiint(x[0])),
+                      static_cast<unsigned int>(__double2loint(x[1])),
+                      static_cast<unsigned int>(__double2hiint(x[1])));
+  }
+};
+
+__device__ __forceinline__ double read_scalar(const void* p, int dtype) {
+  return dtype == kDouble ? *static_cast<const double*>(p)
+                          : static_cast<double>(*static_cast<const float*>(p));
+}
+
+// Calls f(i, dtype, first, last) for each tensor i of the table that this block's chunks
+// touch, with the element range [first, last) they cover.
+template <typename F>
+__device__ __forceinline__ void for_each_span(const TensorTable& table, F&& f) {
+  int64_t c0, c1;
+  block_chunk_range(table.num_chunks, gridDim.x, blockIdx.x, &c0, &c1);
+  for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
+       ++i) {
+    int64_t first, last;
+    if (element_range(table, i, c0, c1, &first, &last)) f(i, table.dtype[i], first, last);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Norm
+
+// Per-thread state. 16/32-bit inputs accumulate in float, float64 inputs in double. The
+// largest |x| is kept as bits (sign cleared): as integers, NaN > inf > every finite
+// value, so one integer max per element yields the inf-norm, the inf/NaN flag and the
+// NaN flag, where fmaxf would drop a NaN.
+template <NormKind K>
+struct NormAcc {
+  float sum_f = 0.f;
+  double sum_d = 0.0;
+  unsigned int amax_f = 0;
+  unsigned long long amax_d = 0;
+  float scale_f, p_f;
+  double scale_d, p_d;
+
+  __device__ __forceinline__ float term(float x) const {
+    if constexpr (K == NormKind::kL2) {
+      const float y = x * scale_f;
+      return y * y;
+    } else if constexpr (K == NormKind::kL1) {
+      return fabsf(x * scale_f);
+    } else {
+      return powf(fabsf(x * scale_f), p_f);
+    }
+  }
+  __device__ __forceinline__ double term(double x) const {
+    if constexpr (K == NormKind::kL2) {
+      const double y = x * scale_d;
+      return y * y;
+    } else if constexpr (K == NormKind::kL1) {
+      return fabs(x * scale_d);
+    } else {
+      return pow(fabs(x * scale_d), p_d);
+    }
+  }
+  __device__ __forceinline__ void track(float x) {
+    amax_f = max(amax_f, __float_as_uint(x) & 0x7fffffffu);
+  }
+  __device__ __forceinline__ void track(double x) {
+    amax_d = max(amax_d, static_cast<unsigned long long>(__double_as_longlong(x)) & ~(1ull << 63));
+  }
+  __device__ __forceinline__ void add_sum(float s) { sum_f += s; }
+  __device__ __forceinline__ void add_sum(double s) { sum_d += s; }
+
+  template <typename C>
+  __device__ __forceinline__ void add(C x) {
+    track(x);
+    if constexpr (K != NormKind::kInf) add_sum(term(x));
+  }
+
+  template <int D>
+  __device__ __forceinline__ void add_vector(const uint4& v) {
+    using C = typename Traits<D>::Compute;
+    C x[Traits<D>::kPerVector];
+    Traits<D>::unpack(v, x);
+    C local = 0;
+#pragma unroll
+    for (int e = 0; e < Traits<D>::kPerVector; ++e) {
+      track(x[e]);
+      if constexpr (K != NormKind::kInf) local += term(x[e]);
+    }
+    if constexpr (K != NormKind::kInf) add_sum(local);
+  }
+};
+
+template <int D, NormKind K>
+__device__ __forceinline__ void norm_span(NormAcc<K>& acc, const void* base, int64_t first,
+                                          int64_t n) {
+  using T = Traits<D>;
+  const char* p = static_cast<const char*>(base) + first * T::kSize;
+  const SpanPlan plan = plan_span(reinterpret_cast<uintptr_t>(p), T::kSize, n);
+  for (int64_t i = threadIdx.x; i < plan.head; i += kBlockThreads) acc.add(T::load(p, i));
+  const uint4* body = reinterpret_cast<const uint4*>(p + plan.head * T::kSize);
+  for (int64_t v = threadIdx.x; v < plan.vectors; v += int64_t{kBlockThreads} * kUnroll) {
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t j = v + int64_t{k} * kBlockThreads;
+      r[k] = j < plan.vectors ? __ldg(body + j) : make_uint4(0, 0, 0, 0);  // zeros add nothing
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) acc.template add_vector<D>(r[k]);
+  }
+  const char* tail = p + (plan.head + plan.vectors * T::kPerVector) * T::kSize;
+  for (int64_t i = threadIdx.x; i < plan.tail; i += kBlockThreads) acc.add(T::load(tail, i));
+}
+
+// Sum and max over the block, in a fixed order; the result is valid in thread 0.
+__device__ __forceinline__ void block_reduce(double& sum, unsigned long long& amax) {
+  __shared__ double warp_sum[kWarps];
+  __shared__ unsigned long long warp_max[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    amax = max(amax, __shfl_down_sync(0xffffffffu, amax, offset));
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // the shared arrays may still be read by a previous call
+  if (lane == 0) {
+    warp_sum[warp] = sum;
+    warp_max[warp] = amax;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    sum = lane < kWarps ? warp_sum[lane] : 0.0;
+    amax = lane < kWarps ? warp_max[lane] : 0ull;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      sum += __shfl_down_sync(0xffffffffu, sum, offset);
+      amax = max(amax, __shfl_down_sync(0xffffffffu, amax, offset));
+    }
+  }
+}
+
+// norm, coef, found_inf in the stats dtype T, with torch's rounding: the coefficient is
+// reciprocal-then-multiply, and a NaN norm gives a NaN coefficient (clamp keeps NaN).
+template <typename T>
+__device__ void write_stats(void* stats, double norm_value, double max_norm, bool has_inv,
+                            double inv, bool found_inf) {
+  T* out = static_cast<T*>(stats);
+  const T norm = static_cast<T>(norm_value);
+  T coef = T(1) / (norm + static_cast<T>(1e-6));
+  coef = coef * static_cast<T>(max_norm);
+  coef = coef > T(1) ? T(1) : coef;
+  if (has_inv) coef = coef * static_cast<T>(inv);
+  out[0] = norm;
+  out[1] = coef;
+  out[2] = found_inf ? T(1) : T(0);
+}
+
+template <NormKind K>
+__device__ void finalise(const NormParams& params, double sum, unsigned long long amax_bits) {
+  const bool has_inv = params.inv_scale != nullptr;
+  const double inv = has_inv ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
+  double norm;
+  if constexpr (K == NormKind::kL2) {
+    norm = sqrt(sum);
+  } else if constexpr (K == NormKind::kL1) {
+    norm = sum;
+  } else if constexpr (K == NormKind::kP) {
+    norm = pow(sum, 1.0 / params.p);
+  } else {
+    // The max was taken over the raw values; scaling by |inv| commutes with it exactly.
+    norm = __longlong_as_double(static_cast<long long>(amax_bits)) * fabs(inv);
+  }
+  if (amax_bits > kInfBits) norm = __longlong_as_double(static_cast<long long>(kNanBits));
+  const bool found_inf = amax_bits >= kInfBits;
+  if (params.stats_dtype == kDouble) {
+    write_stats<double>(params.stats, norm, params.max_norm, has_inv, inv, found_inf);
+  } else {
+    write_stats<float>(params.stats, norm, params.max_norm, has_inv, inv, found_inf);
+  }
+}
+
+// Reads each gradient once; writes one 16-byte partial per block. The last block to
+// finish (an integer counter, no float atomics) sums the partials in a fixed order,
+// so the result is bitwise reproducible, and writes the 3 stats.
+template <NormKind K>
+__global__ void __launch_bounds__(kBlockThreads)
+    norm_kernel(const __grid_constant__ TensorTable table, const NormParams params) {
+  NormAcc<K> acc;
+  const double inv = params.inv_scale ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
+  acc.scale_d = inv;
+  acc.scale_f = static_cast<float>(inv);
+  acc.p_d = params.p;
+  acc.p_f = static_cast<float>(params.p);
+
+  for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
+    switch (dtype) {
+      case kHalf: norm_span<kHalf>(acc, table.ptr[i], first, last - first); break;
+      case kBFloat16: norm_span<kBFloat16>(acc, table.ptr[i], first, last - first); break;
+      case kFloat: norm_span<kFloat>(acc, table.ptr[i], first, last - first); break;
+      default: norm_span<kDouble>(acc, table.ptr[i], first, last - first); break;
+    }
+  });
+
+  double sum = static_cast<double>(acc.sum_f) + acc.sum_d;
+  const double amax_f = static_cast<double>(__uint_as_float(acc.amax_f));  // NaN stays NaN
+  unsigned long long amax =
+      max(static_cast<unsigned long long>(__double_as_longlong(amax_f)), acc.amax_d);
+  block_reduce(sum, amax);
+
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) {
+    params.slots[table.block_offset + blockIdx.x] = Partial{sum, amax};
+    __threadfence();
+    is_last = atomicAdd(params.counter, 1u) == static_cast<unsigned int>(params.total_blocks) - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  sum = 0.0;
+  amax = 0;
+  for (int s = threadIdx.x; s < params.total_blocks; s += kBlockThreads) {
+    sum += __ldcg(&params.slots[s].sum);
+    amax = max(amax, __ldcg(&params.slots[s].amax_bits));
+  }
+  block_reduce(sum, amax);
+  if (threadIdx.x == 0) finalise<K>(params, sum, amax);
+}
+
+// ---------------------------------------------------------------------------------------
+// Pointwise: scale and clamp
+
+template <Pointwise Op, typename C>
+__device__ __forceinline__ C apply(C x, C a) {
+  if constexpr (Op == Pointwise::kScale) {
+    return x * a;
+  } else {
+    return x < -a ? -a : (x > a ? a : x);  // NaN stays NaN, as torch.clamp
+  }
+}
+
+template <int D, Pointwise Op>
+__device__ __forceinline__ void pointwise_span(void* base, int64_t first, int64_t n, double a64) {
+  using T = Traits<D>;
+  using C = typename T::Compute;
+  const C a = static_cast<C>(a64);
+  char* p = static_cast<char*>(base) + first * T::kSize;
+  const SpanPlan plan = plan_span(reinterpret_cast<uintptr_t>(p), T::kSize, n);
+  for (int64_t i = threadIdx.x; i < plan.head; i += kBlockThreads) {
+    T::store(p, i, apply<Op>(T::load(p, i), a));
+  }
+  uint4* body = reinterpret_cast<uint4*>(p + plan.head * T::kSize);
+  for (int64_t v = threadIdx.x; v < plan.vectors; v += int64_t{kBlockThreads} * kUnroll) {
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t j = v + int64_t{k} * kBlockThreads;
+      if (j < plan.vectors) r[k] = body[j];
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t j = v + int64_t{k} * kBlockThreads;
+      if (j < plan.vectors) {
+        C x[T::kPerVector];
+        T::unpack(r[k], x);
+#pragma unroll
+        for (int e = 0; e < T::kPerVector; ++e) x[e] = apply<Op>(x[e], a);
+        body[j] = T::pack(x);
+      }
+    }
+  }
+  char* tail = p + (plan.head + plan.vectors * T::kPerVector) * T::kSize;
+  for (int64_t i = threadIdx.x; i < plan.tail; i += kBlockThreads) {
+    T::store(tail, i, apply<Op>(T::load(tail, i), a));
+  }
+}
+
+// kScale: when the factor is exactly 1, or found_inf is given and nonzero, every block
+// returns before touching gradient memory (moves nothing); otherwise reads and writes each
+// gradient once. kClamp: reads and writes each gradient once (torch's foreach clamp: twice).
+template <Pointwise Op>
+__global__ void __launch_bounds__(kBlockThreads)
+    pointwise_kernel(const __grid_constant__ TensorTable table, const PointwiseParams params) {
+  double a;
+  if constexpr (Op == Pointwise::kScale) {
+    a = read_scalar(params.scale, params.scale_dtype);
+    if (a == 1.0) return;
+    if (params.found_inf != nullptr && read_scalar(params.found_inf, params.found_inf_dtype) != 0.0) {
+      return;
+    }
+  } else {
+    a = params.clip_value;
+  }
+  for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
+    switch (dtype) {
+      case kHalf: pointwise_span<kHalf, Op>(table.ptr[i], first, last - first, a); break;
+      case kBFloat16: pointwise_span<kBFloat16, Op>(table.ptr[i], first, last - first, a); break;
+      case kFloat: pointwise_span<kFloat, Op>(table.ptr[i], first, last - first, a); break;
+      default: pointwise_span<kDouble, Op>(table.ptr[i], first, last - first, a); break;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+
+constexpr int kCachedDevices = 64;
+
+template <typename Kernel>
+int grid_limit(int device, Kernel kernel, std::atomic<int>* cache) {
+  if (device >= 0 && device < kCachedDevices) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, 0) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // the launch that follows reports the error
+  }
+  const int limit = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+  if (device >= 0 && device < kCachedDevices) cache[device].store(limit, std::memory_order_relaxed);
+  return limit;
+}
+
+}  // namespace
+
+int norm_grid_limit(int device, NormKind kind) {
+  static std::atomic<int> cache[4][kCachedDevices];
+  switch (kind) {
+    case NormKind::kL2: return grid_limit(device, norm_kernel<NormKind::kL2>, cache[0]);
+    case NormKind::kL1: return grid_limit(device, norm_kernel<NormKind::kL1>, cache[1]);
+    case NormKind::kInf: return grid_limit(device, norm_kernel<NormKind::kInf>, cache[2]);
+    default: return grid_limit(device, norm_kernel<NormKind::kP>, cache[3]);
+  }
+}
+
+int pointwise_grid_limit(int device, Pointwise op) {
+  static std::atomic<int> cache[2][kCachedDevices];
+  return op == Pointwise::kScale ? grid_limit(device, pointwise_kernel<Pointwise::kScale>, cache[0])
+                                 : grid_limit(device, pointwise_kernel<Pointwise::kClamp>, cache[1]);
+}
+
+size_t norm_workspace_bytes(int total_blocks) {
+  return 16 + sizeof(Partial) * static_cast<size_t>(total_blocks);
+}
+
+cudaError_t reset_norm_workspace(void* workspace, cudaStream_t stream) {
+  return cudaMemsetAsync(workspace, 0, sizeof(unsigned int), stream);
+}
+
+cudaError_t launch_norm(NormKind kind, const TensorTable& table, const NormParams& params, int grid,
+                        cudaStream_t stream) {
+  switch (kind) {
+    case NormKind::kL2:
+      norm_kernel<NormKind::kL2><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
+    case NormKind::kL1:
+      norm_kernel<NormKind::kL1><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
+    case NormKind::kInf:
+      norm_kernel<NormKind::kInf><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
+    default:
+      norm_kernel<NormKind::kP><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_pointwise(Pointwise op, const TensorTable& table, const PointwiseParams& params,
+                             int grid, cudaStream_t stream) {
+  if (op == Pointwise::kScale) {
+    pointwise_kernel<Pointwise::kScale><<<grid, kBlockThreads, 0, stream>>>(table, params);
+  } else {
+    pointwise_kernel<Pointwise::kClamp><<<grid, kBlockThreads, 0, stream>>>(table, params);
+  }
+  return cudaGetLastError();
+}
+
+bool simulate_visits(const TensorTable& table, int grid, int threads, uint8_t* const* visits) {
+  bool ok = true;
+  auto visit = [&](int i, int64_t e) {
+    if (e < 0 || e >= table.numel[i]) {
+      ok = false;
+    } else {
+      ++visits[i][e];
+    }
+  };
+  for (int block = 0; block < grid; ++block) {
+    int64_t c0, c1;
+    block_chunk_range(table.num_chunks, grid, block, &c0, &c1);
+    for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
+         ++i) {
+      int64_t first, last;
+      if (!element_range(table, i, c0, c1, &first, &last)) continue;
+      const int size = dtype_size(table.dtype[i]);
+      const int per_vector = 16 / size;
+      const uintptr_t address = reinterpret_cast<uintptr_t>(table.ptr[i]) + first * size;
+      const SpanPlan plan = plan_span(address, size, last - first);
+      if (plan.vectors > 0 && (address + plan.head * size) % 16 != 0) ok = false;
+      if (plan.head + plan.vectors * per_vector + plan.tail != last - first) ok = false;
+      const int64_t body = first + plan.head, tail = body + plan.vectors * per_vector;
+      for (int t = 0; t < threads; ++t) {
+        for (int64_t k = t; k < plan.head; k += threads) visit(i, first + k);
+        for (int64_t v = t; v < plan.vectors; v += int64_t{threads} * kUnroll) {
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t j = v + int64_t{u} * threads;
+            if (j < plan.vectors) {
+              for (int e = 0; e < per_vector; ++e) visit(i, body + j * per_vector + e);
+            }
+          }
+        }
+        for (int64_t k = t; k < plan.tail; k += threads) visit(i, tail + k);
+      }
+    }
+  }
+  return ok;
+}
+
+}  // namespace gradclip

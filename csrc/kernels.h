@@ -1,0 +1,102 @@
+// The plain C++ interface between the torch binding (gradclip.cpp) and the kernels
+// (kernels.cu). No torch types here: kernels.cu must compile without torch headers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#if defined(__CUDACC__)
+#define GRADCLIP_HOST_DEVICE __host__ __device__
+#else
+#define GRADCLIP_HOST_DEVICE
+#endif
+
+namespace gradclip {
+
+// Element types, in the order of their codes in TensorTable::dtype.
+enum DType : uint8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+GRADCLIP_HOST_DEVICE constexpr int dtype_size(int dtype) {
+  return dtype == kHalf || dtype == kBFloat16 ? 2 : dtype == kFloat ? 4 : 8;
+}
+
+// Work is split in chunks of equal bytes whatever the dtype, so blocks get equal
+// traffic on a mixed list. A block takes a contiguous run of chunks.
+constexpr int64_t kChunkBytes = 64 * 1024;
+constexpr int kBlockThreads = 512;
+
+// Tensors per launch. The table goes to the kernel by value (CUDA >= 12.1 allows 32764
+// bytes of kernel parameters on sm_70+), so a CUDA graph bakes it in and no host-to-device
+// copy is needed; a call with more tensors makes several launches.
+constexpr int kMaxTensorsPerLaunch = 1280;
+
+struct TensorTable {
+  int64_t num_chunks;   // chunks of all tensors of this launch
+  int32_t num_tensors;
+  int32_t block_offset; // slot of this launch's first block among all launches of the call
+  // chunk_end[i]: chunks of tensors 0..i together; a zero-size tensor adds none.
+  int64_t chunk_end[kMaxTensorsPerLaunch];
+  void* ptr[kMaxTensorsPerLaunch];
+  int64_t numel[kMaxTensorsPerLaunch];
+  uint8_t dtype[kMaxTensorsPerLaunch];
+};
+
+enum class NormKind : int32_t { kL2 = 0, kL1 = 1, kInf = 2, kP = 3 };
+
+// One block's contribution: the sum (of x^2, |x| or |x|^p) and the bit pattern of the
+// largest |x| as a double, whose integer order puts NaN above inf above every finite value.
+struct Partial {
+  double sum;
+  unsigned long long amax_bits;
+};
+
+struct NormParams {
+  double p;
+  double max_norm;
+  const void* inv_scale;  // nullptr, or one element of dtype inv_scale_dtype (kFloat or kDouble)
+  void* stats;            // 3 elements of dtype stats_dtype (kFloat or kDouble)
+  Partial* slots;         // one per block of all launches of the call
+  unsigned int* counter;  // zero before the first launch of the call
+  int32_t inv_scale_dtype;
+  int32_t stats_dtype;
+  int32_t total_blocks;   // blocks of all launches of the call
+};
+
+enum class Pointwise : int32_t { kScale = 0, kClamp = 1 };
+
+struct PointwiseParams {
+  const void* scale;      // kScale: one element of dtype scale_dtype (kFloat or kDouble)
+  const void* found_inf;  // kScale: nullptr, or one element of dtype found_inf_dtype
+  double clip_value;      // kClamp
+  int32_t scale_dtype;
+  int32_t found_inf_dtype;
+};
+
+static_assert(sizeof(TensorTable) + sizeof(NormParams) <= 32764, "norm kernel parameters too large");
+static_assert(sizeof(TensorTable) + sizeof(PointwiseParams) <= 32764,
+              "pointwise kernel parameters too large");
+
+// Blocks that fill the device (multiprocessors x resident blocks per multiprocessor); cached.
+int norm_grid_limit(int device, NormKind kind);
+int pointwise_grid_limit(int device, Pointwise op);
+
+// Bytes of scratch a norm over `total_blocks` blocks needs: a counter then the slots.
+size_t norm_workspace_bytes(int total_blocks);
+
+// Zero the counter at the start of `workspace` on `stream` (before the first launch).
+cudaError_t reset_norm_workspace(void* workspace, cudaStream_t stream);
+
+cudaError_t launch_norm(NormKind kind, const TensorTable& table, const NormParams& params,
+                        int grid, cudaStream_t stream);
+cudaError_t launch_pointwise(Pointwise op, const TensorTable& table,
+                             const PointwiseParams& params, int grid, cudaStream_t stream);
+
+// Host replay of how the kernels split `table` over `grid` blocks of `threads` threads:
+// adds to visits[i][e] for each element e of tensor i that some thread would read, and
+// returns false if a vector access would be misaligned or a thread would leave its tensor.
+// For tests on machines without a GPU; it reads no tensor memory.
+bool simulate_visits(const TensorTable& table, int grid, int threads, uint8_t* const* visits);
+
+}  // namespace gradclip

@@ -1,0 +1,150 @@
+"""The CUDA backend: the Python face of the C++/CUDA extension in ``csrc/``.
+
+The ops are declared once, in C++ (``torch.ops.gradclip.norm_stats``, ``scale_``,
+``clamp_``); this module calls them and registers their fake implementations, so that
+``torch.compile`` can trace them and CUDA graphs capture them. Eager calls take the
+extension's pybind11 fast path instead, which reads the gradients of a whole parameter
+list in C++ and packs the kernel metadata once for both kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from . import cuda_build
+from .base import Backend, BackendStatus, BackendUnavailableError
+
+
+def _probe() -> BackendStatus:
+    if torch.version.cuda is None:
+        return BackendStatus(False, f"this torch ({torch.__version__}) is built without CUDA; "
+                                    "install a CUDA build of torch")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "no CUDA device is visible (torch.cuda.is_available() is False)")
+    if cuda_build.loaded_module() is not None:
+        return BackendStatus(True, "CUDA extension loaded")
+    if cuda_build.prebuilt_available():
+        return BackendStatus(True, f"prebuilt CUDA extension {cuda_build.PREBUILT_NAME}")
+    problem = cuda_build.build_problem()
+    if problem is not None:
+        return BackendStatus(False, f"no prebuilt CUDA extension, and {problem}")
+    return BackendStatus(True, f"CUDA extension JIT-built on first use with {cuda_build.find_nvcc()} "
+                               "(1-2 min once, then cached)")
+
+
+class CudaBackend(Backend):
+    """Fused multi-tensor kernels: one read for the norm, a rescale that moves nothing
+    when the coefficient is 1, all tensors of all float dtypes of a device per launch."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self._status: BackendStatus | None = None
+        self._error: str | None = None
+        self._ext = None
+        self._lock = threading.Lock()
+
+    def status(self) -> BackendStatus:
+        if self._error is not None:
+            return BackendStatus(False, self._error)
+        if self._status is None:
+            self._status = _probe()
+        return self._status
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cuda"
+
+    def load(self) -> None:
+        """Load (JIT-building if needed) the extension; raises ``BackendUnavailableError``."""
+        if self._ext is not None:
+            return
+        with self._lock:
+            if self._ext is not None:
+                return
+            if self._error is not None:
+                raise BackendUnavailableError(self._error)
+            try:
+                self._ext = cuda_build.load_extension()
+            except BackendUnavailableError as error:
+                self._error = str(error)
+                raise
+
+    def _module(self):
+        if self._ext is None:
+            self.load()
+        return self._ext
+
+    def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
+        self._module()
+        return torch.ops.gradclip.norm_stats(tensors, float(norm_type), float(max_norm), inv_scale)
+
+    def scale_(self, tensors, scale, found_inf=None):
+        self._module()
+        torch.ops.gradclip.scale_(tensors, scale, found_inf)
+
+    def clamp_(self, tensors, clip_value):
+        self._module()
+        torch.ops.gradclip.clamp_(tensors, float(clip_value))
+
+    def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
+        if not torch.compiler.is_compiling():
+            stats = self._module().clip_grads(grads, float(norm_type), float(max_norm), inv_scale)
+            if stats is not None:
+                return stats
+        return super().clip_grads_(grads, norm_type, max_norm, inv_scale)
+
+    def clip_parameters_(self, params, norm_type, max_norm, inv_scale=None):
+        # Compiled code goes the general way, through the torch.library ops.
+        if torch.compiler.is_compiling():
+            return None
+        return self._module().clip_parameters(params, float(norm_type), float(max_norm), inv_scale)
+
+
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor.
+
+def _norm_stats_fake(tensors: list[Tensor], norm_type: float, max_norm: float,
+                     inv_scale: Tensor | None) -> Tensor:
+    torch._check(len(tensors) > 0, lambda: "gradclip::norm_stats: tensors is empty")
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tensors[0].new_empty((3,), dtype=dtype)
+
+
+def _scale_fake(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> None:
+    torch._check(scale.numel() == 1, lambda: "gradclip::scale_: scale must have one element")
+
+
+def _clamp_fake(tensors: list[Tensor], clip_value: float) -> None:
+    return None
+
+
+_FAKES = {"norm_stats": _norm_stats_fake, "scale_": _scale_fake, "clamp_": _clamp_fake}
+_fakes_registered = False
+
+
+def register_fakes() -> None:
+    """Register the fake implementations; the ops must exist (the extension loaded).
+
+    The C++ library names this module (``set_python_module``), so torch imports it when it
+    needs a fake implementation of an op loaded by other means.
+    """
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"gradclip::{name}", fake)
+    _fakes_registered = True
+
+
+def _ops_defined() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw("gradclip::norm_stats", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+if _ops_defined():
+    register_fakes()
