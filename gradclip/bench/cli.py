@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .paths import BACKEND_NAMES, MODES, Buffers, Unsupported, release, select_backends
+from .paths import BACKEND_NAMES, MODES, Buffers, Unsupported, cases, release, select_backends
 from .timing import CacheEvictor, measure_ceilings, time_call
 from .workloads import WORKLOADS, get_workload, load_shapes_file, model_workload
 
@@ -178,47 +178,39 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def _tasks(settings: dict, backends) -> list[tuple]:
-    """(workload, dtype, mode, backend, method) rows to time, in run order."""
-    tasks = []
-    for w in settings["workloads"]:
-        for dtype in settings["dtypes"]:
-            for mode_key in settings["modes"]:
-                mode = MODES[mode_key]
-                if mode.amp or mode_key == "adamw":
-                    if dtype != "fp32":
-                        continue
-                for b in backends:
-                    if b.skipped or (mode_key == "adamw" and b.name != "torch"):
-                        continue
-                    for method in settings["methods"]:
-                        if method == "cpu" or method in mode.methods:
-                            tasks.append((w, dtype, mode, b, method))
-    return tasks
-
-
 def measure(settings: dict, device: torch.device, progress: report.Progress | None = None) -> dict:
     """Run the benchmark; returns the result (the structure bench.json holds)."""
     backends = select_backends(settings["backends"], device)
     evict = CacheEvictor(device)
     ceilings = measure_ceilings(device, settings["ceiling_bytes"], evict=evict)
-    tasks = _tasks(settings, backends)
+    ready = {b.name: b for b in backends if not b.skipped}
+    tasks = [(w, dtype, MODES[mode], ready[name], method) for w, dtype, mode, name, method in
+             cases(settings["workloads"], settings["dtypes"], settings["modes"], ready, settings["methods"])]
     if progress:
         progress.start(len(tasks))
     rows, workloads = [], []
-    buffers = None
+    buffers, fatal = None, None
     for w, dtype, mode, backend, method in tasks:
-        if buffers is None or (buffers.workload, buffers.dtype) != (w, DTYPES[dtype]):
-            buffers = None
-            release()
-            buffers = Buffers(w, DTYPES[dtype], device)
-            workloads.append(report.workload_entry(w, dtype, buffers.nbytes, ceilings))
-        if buffers.mode is not mode:
-            buffers.load(mode)
-        if progress:
-            progress.step(f"{w.key} {dtype} {mode.key} {backend.name} {method}")
         row = {"workload": w.key, "title": w.title, "dtype": dtype, "mode": mode.key,
                "backend": backend.name, "method": method}
+        rows.append(row)
+        if progress:
+            progress.step(f"{w.key} {dtype} {mode.key} {backend.name} {method}")
+        if fatal:
+            row["error"] = f"not run: {fatal}"
+            continue
+        try:
+            if buffers is None or (buffers.workload, buffers.dtype) != (w, DTYPES[dtype]):
+                workloads.append(report.workload_entry(w, dtype, w.nbytes(DTYPES[dtype]), ceilings))
+                buffers = None
+                release()
+                buffers = Buffers(w, DTYPES[dtype], device)
+            if buffers.mode is not mode:
+                buffers.load(mode)
+        except Exception as error:  # the device is unusable (out of memory, a sticky fault)
+            fatal = f"{w.key} {dtype} {mode.key}: {_first_line(error)}"
+            row["error"] = fatal
+            continue
         if method == "graph" and not backend.graph_ok(mode.key):
             row["error"] = "not capturable: the host reads the clip factor (.item()) every call"
         else:
@@ -230,14 +222,13 @@ def measure(settings: dict, device: torch.device, progress: report.Progress | No
             except Unsupported as why:
                 row["error"] = str(why)
             except Exception as error:  # one failing path must not lose the whole run
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                buffers.load(mode)  # the failed call may have left the gradients half-changed
+                row["error"] = _first_line(error)
+                buffers.mode = None  # the failed call may have left the gradients half-changed
             finally:
                 fn = None
                 if mode.key in ("amp-adamw", "adamw"):
                     release()
         report.derive(row, backend.passes(mode.key), mode.floor_passes, buffers.nbytes, ceilings)
-        rows.append(row)
     buffers = None
     release()
     if progress:
@@ -247,9 +238,15 @@ def measure(settings: dict, device: torch.device, progress: report.Progress | No
         "ceilings": ceilings.__dict__,
         "workloads": workloads,
         "backends": [{"name": b.name, "skipped": b.skipped, "note": b.note} for b in backends],
-        "settings": {k: v for k, v in settings.items() if k != "workloads"},
+        "settings": {**{k: v for k, v in settings.items() if k != "workloads"},
+                     "workloads": [w.key for w in settings["workloads"]]},
         "rows": rows,
     }
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def run(args: argparse.Namespace) -> int:

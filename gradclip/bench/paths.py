@@ -253,6 +253,24 @@ class Backend:
 BACKEND_NAMES = ("torch", "cuda", "triton", "reference", "apex", "te")
 
 
+def cases(workloads, dtypes, modes, backends, methods):
+    """(workload, dtype, mode, backend, method) to time, in run order: AMP modes and the
+    AdamW reference on fp32 only, the AdamW reference for torch only, each mode with the
+    timing methods it has (``cpu`` stands for all)."""
+    for w in workloads:
+        for dtype in dtypes:
+            for mode_key in modes:
+                mode = MODES[mode_key]
+                if (mode.amp or mode_key == "adamw") and dtype != "fp32":
+                    continue
+                for backend in backends:
+                    if mode_key == "adamw" and backend != "torch":
+                        continue
+                    for method in methods:
+                        if method == "cpu" or method in mode.methods:
+                            yield w, dtype, mode_key, backend, method
+
+
 def select_backends(names: list[str], device: torch.device) -> list[Backend]:
     """The requested backends, each either ready (loaded, built) or skipped with its reason."""
     chosen = []

@@ -93,7 +93,7 @@ def time_call(fn: Callable[[], object], *, method: str, device: torch.device,
     if device.type != "cuda":
         raise ValueError(f"method {method!r} needs a CUDA device; use method='cpu' on {device}")
     if method == "graph":
-        call = _capture(fn, warmup, reset)
+        call = capture_graph(fn, warmup, reset)
     elif method == "eager":
         call = fn
         for _ in range(warmup):
@@ -120,7 +120,10 @@ def time_call(fn: Callable[[], object], *, method: str, device: torch.device,
     return summarise(method, [1e3 * s.elapsed_time(e) for s, e in zip(starts[:taken], ends[:taken])])
 
 
-def _capture(fn: Callable[[], object], warmup: int, reset: Callable[[], None]) -> Callable[[], None]:
+def capture_graph(fn: Callable[[], object], warmup: int = 3,
+                  reset: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Capture ``fn`` in a CUDA graph (after ``warmup`` calls); returns the graph's replay."""
+    reset = reset or (lambda: None)
     # Warm up on a side stream, as torch.cuda.graphs asks, so that lazy initialisation
     # (compiled kernels, allocator pools, optimizer state) happens before capture.
     side = torch.cuda.Stream()
