@@ -1,0 +1,683 @@
+"""The CUDA backend (csrc/ and gradclip/backends/cuda.py).
+
+Without a GPU (CI has nvcc but no GPU) this builds the extension and checks what can be
+checked on the host: the registered ops and their schemas, their fake implementations
+(``opcheck`` on meta tensors), that ``torch.compile(fullgraph=True)`` traces a clip into the
+ops, the build command, and, replayed on the host, how the kernels split a tensor list among
+blocks and threads (every element read once, vectors aligned, 64-bit sizes).
+
+With a GPU (``-m gpu``) the kernels run against the float64 oracle of ``reference.py``:
+mixed dtypes, sizes around the chunk edges, misaligned views, empty tensors, more than 2**31
+elements, non-finite values, determinism, no-clip and AMP-skip leaving gradients bitwise
+untouched, CUDA graphs, torch.compile, thousands of tensors, non-dense gradients and the
+eager fast path. The generic contract suite is ``test_backend_contract.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from reference import assert_close_or_both_nan, expected_stats, norm_rtol, storage_rtol
+
+import gradclip
+from gradclip.backends import cuda_build, get_backend, resolve
+from gradclip.backends.base import COEF, FOUND_INF, NORM
+from gradclip.backends.cuda import CudaBackend
+
+HAS_CUDA = torch.cuda.is_available()
+CAN_BUILD = cuda_build.build_problem() is None or cuda_build.prebuilt_available()
+OPS = ("clamp_", "norm_stats", "scale_")
+SCHEMAS = {
+    "norm_stats": "gradclip::norm_stats(Tensor[] tensors, float norm_type, float max_norm, "
+                  "Tensor? inv_scale) -> Tensor",
+    "scale_": "gradclip::scale_(Tensor(a!)[] tensors, Tensor scale, Tensor? found_inf) -> ()",
+    "clamp_": "gradclip::clamp_(Tensor(a!)[] tensors, float clip_value) -> ()",
+}
+NORM_TYPES = [2.0, 1.0, math.inf, 0.5, 3.0]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CHUNK = 64 * 1024  # bytes; csrc/kernels.h kChunkBytes
+
+needs_build = pytest.mark.skipif(not CAN_BUILD, reason=f"cannot build: {cuda_build.build_problem()}")
+
+
+def on_gpu(test):
+    """Marks a test ``gpu`` and skips it without a CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The extension, built (or taken from the cache) once per test session."""
+    if not CAN_BUILD:
+        pytest.skip(f"cannot build the CUDA extension here: {cuda_build.build_problem()}")
+    return cuda_build.load_extension()
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    seed = random.randrange(2**31)
+    print(f"random seed: {seed}")
+    return random.Random(seed)
+
+
+@pytest.fixture
+def gen(rng) -> torch.Generator:
+    return torch.Generator().manual_seed(rng.randrange(2**31))
+
+
+# ---------------------------------------------------------------------------------------
+# Without a GPU: build, registration, fakes, tracing, the split of work
+
+
+def test_status_without_a_device_says_why_and_builds_nothing(monkeypatch):
+    if HAS_CUDA:
+        pytest.skip("this machine has a GPU")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("status() must not build")
+
+    monkeypatch.setattr(cuda_build, "_jit_build", no_build)
+    status = CudaBackend().status()
+    assert not status.available
+    assert "no CUDA device" in status.reason or "without CUDA" in status.reason
+
+
+def test_supports_cuda_devices_only():
+    backend = CudaBackend()
+    assert backend.supports(torch.device("cuda", 0)) and backend.supports(torch.device("cuda"))
+    assert not backend.supports(torch.device("cpu")) and not backend.supports(torch.device("meta"))
+
+
+def test_cuda_home_is_a_toolkit_root(monkeypatch):
+    home = cuda_build.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit here")
+    assert os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+    # A CUDA_HOME that is no toolkit root (nvcc's prefix, say) is passed over.
+    monkeypatch.setenv("CUDA_HOME", os.path.dirname(home.rstrip("/")) or "/")
+    assert cuda_build.find_cuda_home() is not None
+    assert os.path.isfile(os.path.join(cuda_build.find_cuda_home(), "include", "cuda_runtime.h"))
+
+
+def test_arch_flags(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert cuda_build.arch_flags() == []  # torch reads the variable itself
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    flags = cuda_build.arch_flags()
+    if HAS_CUDA:
+        major, minor = torch.cuda.get_device_capability()
+        assert f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}" in flags
+    else:
+        assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                         "-gencode=arch=compute_90,code=compute_90"]
+
+
+def test_missing_nvcc_fails_the_build_command_clearly(monkeypatch, capsys):
+    monkeypatch.setattr(cuda_build, "find_cuda_home", lambda: None)
+    monkeypatch.setattr(cuda_build, "prebuilt_available", lambda: False)
+    assert "nvcc" in cuda_build.build_problem()
+    assert cuda_build.run(argparse.Namespace(verbose=False, jit=True)) != 0
+    assert "nvcc" in capsys.readouterr().err
+
+
+def test_sources_are_found():
+    folder = cuda_build.source_dir()
+    assert folder is not None
+    for name in cuda_build.SOURCES + cuda_build.HEADERS:
+        assert (folder / name).is_file()
+    # Kernels compile without torch headers (compile time).
+    for name in ("kernels.cu", "kernels.h", "device_helpers.cuh"):
+        text = (folder / name).read_text()
+        assert "#include <torch" not in text and "#include <ATen" not in text, name
+
+
+@needs_build
+def test_extension_builds_and_registers_every_op(ext):
+    assert cuda_build.registered_ops() == [f"gradclip::{op}" for op in OPS]
+    for op in OPS:
+        assert str(getattr(torch.ops.gradclip, op).default._schema) == SCHEMAS[op]
+
+
+@needs_build
+def test_schemas_mark_what_is_written(ext):
+    for op, writes in (("norm_stats", False), ("scale_", True), ("clamp_", True)):
+        schema = getattr(torch.ops.gradclip, op).default._schema
+        tensors = schema.arguments[0]
+        assert tensors.name == "tensors"
+        assert (tensors.alias_info is not None and tensors.alias_info.is_write) == writes
+        assert all(a.alias_info is None for a in schema.arguments[1:])
+
+
+@needs_build
+def test_build_command_prints_the_ops(ext):
+    result = subprocess.run([sys.executable, "-m", "gradclip", "build"], capture_output=True,
+                            text=True, timeout=900, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"gradclip::{op}" for op in OPS]
+
+
+@needs_build
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_on_meta_tensors(ext, op):
+    tensors = [torch.empty(5, device="meta"), torch.empty(0, device="meta"),
+               torch.empty(3, 2, dtype=torch.bfloat16, device="meta")]
+    args = {"norm_stats": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
+            "scale_": (tensors, torch.empty(1, device="meta"), torch.empty(1, device="meta")),
+            "clamp_": (tensors, 0.5)}[op]
+    result = torch.library.opcheck(getattr(torch.ops.gradclip, op).default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@needs_build
+@pytest.mark.parametrize("dtypes, stats_dtype", [((torch.bfloat16, torch.float32), torch.float32),
+                                                 ((torch.float16, torch.float64), torch.float64)])
+def test_fake_norm_stats_has_the_contract_dtype(ext, dtypes, stats_dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        tensors = [torch.empty(4, dtype=d, device="cuda") for d in dtypes]
+        stats = torch.ops.gradclip.norm_stats(tensors, 2.0, 1.0, None)
+    assert stats.shape == (3,) and stats.dtype == stats_dtype and stats.device.type == "cuda"
+
+
+@pytest.fixture
+def ops_on_cpu(ext, monkeypatch):
+    """The gradclip ops given CPU kernels (the reference backend) and the backend allowed on
+    the CPU, so that tracing can be tested without a GPU."""
+    reference = get_backend("torch")
+    lib = torch.library.Library("gradclip", "IMPL")
+    lib.impl("norm_stats", lambda t, p, m, i: reference.norm_stats(list(t), p, m, i), "CPU")
+    lib.impl("scale_", lambda t, s, f: reference.scale_(list(t), s, f), "CPU")
+    lib.impl("clamp_", lambda t, c: reference.clamp_(list(t), c), "CPU")
+    backend = get_backend("cuda")
+    monkeypatch.setattr(backend, "supports", lambda device: True)
+    monkeypatch.setattr(backend, "status", lambda: gradclip.BackendStatus(True, "test"))
+    backend.load()
+    yield backend
+    lib._destroy()
+
+
+def _traced_ops(fn, *args):
+    """Compile ``fn`` with fullgraph=True; return (result, names of the ops in the graph)."""
+    seen: list[str] = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(node.target).removesuffix(".default") for node in gm.graph.nodes
+                    if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    result = torch.compile(fn, fullgraph=True, backend=record)(*args)
+    return result, seen
+
+
+@needs_build
+def test_compile_traces_clip_grad_norm_into_the_ops(ops_on_cpu, gen):
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 300, 7)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 3
+    expected = [p.grad.clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.cat(expected))
+    gradclip.clip_grad_norm_(params, 1.0, backend="cuda")  # eager: backend chosen and loaded
+    for p, e in zip(params, expected):
+        p.grad.copy_(e)
+
+    result, ops = _traced_ops(lambda ps: gradclip.clip_grad_norm_(ps, 1.0, backend="cuda"), params)
+    assert "gradclip.norm_stats" in ops and "gradclip.scale_" in ops, ops
+    torch.testing.assert_close(result, norm)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e / (norm + 1e-6))
+
+
+@needs_build
+def test_compile_traces_the_backend_ops(ops_on_cpu, gen):
+    grads = [torch.randn(n, generator=gen) for n in (4, 1000)]
+    expected_norm = torch.linalg.vector_norm(torch.cat(grads), 2.0)
+    stats, ops = _traced_ops(lambda g: ops_on_cpu.clip_grads_(g, 2.0, 1.0), grads)
+    assert "gradclip.norm_stats" in ops and "gradclip.scale_" in ops, ops
+    torch.testing.assert_close(stats[NORM], expected_norm)
+
+
+def _meta_tensors(rng, count, max_numel=70_000, offsets=True):
+    """Meta tensors (no memory: the split only needs addresses and sizes), some of them views
+    with a storage offset, i.e. not 16-byte aligned; some empty."""
+    tensors = []
+    for _ in range(count):
+        dtype = rng.choice(DTYPES)
+        numel = rng.choice([0, 1, 7, CHUNK // 4, CHUNK // 2, CHUNK // 2 + 1, rng.randrange(max_numel)])
+        offset = rng.randrange(9) if offsets else 0
+        tensors.append(torch.empty(numel + offset, dtype=dtype, device="meta")[offset:])
+    return tensors
+
+
+@needs_build
+@pytest.mark.parametrize("grid", [1, 3, 132, 528, 100_000])
+def test_split_reads_every_element_once(ext, rng, grid):
+    tensors = _meta_tensors(rng, 60)
+    ok, launches, lo, hi = ext.simulate_split(tensors, grid)
+    assert ok, "a vector access is misaligned or leaves its tensor"
+    assert launches == 1
+    assert lo == hi == [1] * len(tensors)
+
+
+@needs_build
+def test_split_of_more_tensors_than_one_launch_holds(ext, rng):
+    count = 2 * ext.MAX_TENSORS_PER_LAUNCH + 17
+    tensors = _meta_tensors(rng, count, max_numel=300)
+    tensors[-1] = torch.empty(0, device="meta")  # a trailing empty tensor
+    nonempty = sum(t.numel() > 0 for t in tensors)
+    ok, launches, lo, hi = ext.simulate_split(tensors, 528)
+    assert ok and lo == hi == [1] * count
+    assert launches == -(-nonempty // ext.MAX_TENSORS_PER_LAUNCH)
+
+
+@pytest.mark.slow
+@needs_build
+def test_split_indexes_past_two_to_the_31(ext):
+    # 2**31 + 5 bfloat16 elements, viewed at an odd offset: element and byte offsets
+    # beyond int32 on the host replay (the kernels use the same 64-bit helpers).
+    big = torch.empty(2**31 + 6, dtype=torch.bfloat16, device="meta")[1:]
+    ok, launches, lo, hi = ext.simulate_split([torch.empty(3, device="meta"), big], 528)
+    assert ok and lo == hi == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU
+
+
+def _cuda(name="cuda"):
+    return resolve(name, torch.device("cuda", torch.cuda.current_device()))
+
+
+def _random_list(gen, sizes, dtypes, scale=1.0, offset=0):
+    """Fresh normal data on the GPU; ``offset`` > 0 makes every tensor a misaligned view."""
+    out = []
+    for i, n in enumerate(sizes):
+        dtype = dtypes[i % len(dtypes)]
+        base = (torch.randn(n + offset, generator=gen, dtype=torch.float64) * scale).to(dtype).cuda()
+        out.append(base[offset:])
+    return out
+
+
+def _check(stats, tensors, norm_type, max_norm, inv_scale=None, rtol=None):
+    norm, coef, found = expected_stats(tensors, norm_type, max_norm, inv_scale)
+    rtol = norm_rtol(tensors) if rtol is None else rtol
+    assert stats.dtype == (torch.float64 if any(t.dtype == torch.float64 for t in tensors)
+                           else torch.float32)
+    got = stats.cpu().tolist()
+    assert_close_or_both_nan(got[NORM], norm, rtol, "norm")
+    assert_close_or_both_nan(got[COEF], coef, 2 * rtol, "coef")
+    assert got[FOUND_INF] == found
+
+
+def _random_sizes(rng, count, largest=200_000):
+    """Sizes around the chunk edges (in elements of 2, 4 and 8 bytes) and random ones."""
+    picks = [0, 1, 3, 1023, CHUNK // 8, CHUNK // 4, CHUNK // 4 + 1, CHUNK // 2, 3 * CHUNK + 5]
+    picks = [n for n in picks if n <= largest]
+    return [rng.choice(picks) if rng.random() < 0.6 else rng.randrange(1, largest) for _ in range(count)]
+
+
+@on_gpu
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("mix", ["fp32", "bf16", "fp16", "fp64", "mixed", "mixed16-32"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+def test_norm_of_random_lists_matches_float64(rng, gen, norm_type, mix, offset):
+    dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "fp16": [torch.float16],
+              "fp64": [torch.float64], "mixed": list(DTYPES),
+              "mixed16-32": [torch.bfloat16, torch.float32, torch.float16]}[mix]
+    backend = _cuda()
+    for _ in range(3):
+        sizes = _random_sizes(rng, rng.randrange(1, 40))
+        tensors = _random_list(gen, sizes, rng.sample(dtypes, len(dtypes)), offset=offset)
+        max_norm = rng.choice([0.5, 1.0, 1e9])
+        _check(backend.norm_stats(tensors, norm_type, max_norm), tensors, norm_type, max_norm,
+               rtol=1e-4 if norm_type in (0.5, 3.0) else None)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, CHUNK // 8, CHUNK // 2, CHUNK // 4, 5 * CHUNK + 3])
+def test_exact_chunk_sizes_and_tails(gen, dtype, n):
+    tensors = _random_list(gen, [n, n + 1, max(n - 1, 1)], [dtype])
+    _check(_cuda().norm_stats(tensors, 2.0, 1.0), tensors, 2.0, 1.0)
+
+
+@on_gpu
+@pytest.mark.parametrize("position", ["first", "last", "only", "all"])
+def test_empty_tensors(gen, position):
+    tensors = _random_list(gen, [100, 70_000], [torch.float32, torch.bfloat16])
+    empty = torch.empty(0, device="cuda")
+    tensors = {"first": [empty] + tensors, "last": tensors + [empty, empty.bfloat16()],
+               "only": [empty], "all": [empty, empty.half(), empty]}[position]
+    backend = _cuda()
+    before = [t.clone() for t in tensors]
+    stats = backend.clip_grads_(tensors, 2.0, 0.1)
+    _check(stats, before, 2.0, 0.1)
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t, (b.double() * stats[COEF].item()).to(b.dtype),
+                                   rtol=storage_rtol(b.dtype), atol=0)
+
+
+@on_gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("offset", [0, 1])
+def test_more_than_two_to_the_31_elements(gen, offset):
+    n = 2**31 + 37
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs about 30 GB of GPU memory")
+    big = torch.empty(n + offset, dtype=torch.bfloat16, device="cuda")
+    big.normal_(generator=torch.Generator("cuda").manual_seed(int(torch.randint(2**31, (1,), generator=gen))))
+    view = big[offset:]
+    view[-1] = 40.0  # the last element, past 2**31, weighs in the norm
+    small = _random_list(gen, [1000], [torch.float32])[0]
+    expected = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm(view, dtype=torch.float64),
+        torch.linalg.vector_norm(small, dtype=torch.float64)])).item()
+    tail_before = view[-8:].clone()
+    head_before = big[:offset].clone()
+    stats = _cuda().clip_grads_([small, view], 2.0, 1.0)
+    assert math.isclose(stats[NORM].item(), expected, rel_tol=1e-4)
+    coef = stats[COEF].item()
+    assert coef < 1e-3
+    torch.testing.assert_close(view[-8:], (tail_before.float() * coef).bfloat16(), rtol=8e-3, atol=0)
+    if offset:
+        assert torch.equal(big[:offset], head_before), "wrote before the view"
+
+
+@on_gpu
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+def test_nonfinite_values(gen, bad, where, norm_type):
+    tensors = _random_list(gen, [5000, 3, 70_001], [torch.float32, torch.bfloat16, torch.float16])
+    victim = tensors[0] if where == "first" else tensors[-1]
+    victim.view(-1)[-1 if where == "last" else 0] = bad
+    stats = _cuda().norm_stats(tensors, norm_type, 1.0)
+    _check(stats, tensors, norm_type, 1.0)
+    assert stats[FOUND_INF].item() == 1.0
+    if math.isnan(bad):
+        assert math.isnan(stats[NORM].item()) and math.isnan(stats[COEF].item())
+
+
+@on_gpu
+def test_results_are_bitwise_reproducible(gen, rng):
+    tensors = _random_list(gen, _random_sizes(rng, 200, largest=100_000), list(DTYPES))
+    backend = _cuda()
+    for norm_type in (2.0, 1.0, 3.0):
+        first = backend.norm_stats(tensors, norm_type, 1.0)
+        for _ in range(10):
+            assert torch.equal(backend.norm_stats(tensors, norm_type, 1.0), first)
+
+
+@on_gpu
+def test_no_clip_leaves_grads_bitwise_untouched(gen):
+    tensors = _random_list(gen, [10_000, 123, 70_001], list(DTYPES))
+    before = [t.clone() for t in tensors]
+    stats = _cuda().clip_grads_(tensors, 2.0, 1e9)
+    assert stats[COEF].item() == 1.0
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b)
+
+
+def _signalling_nan_payload(t: torch.Tensor) -> None:
+    """Put a NaN with a payload a multiply would change (it quiets it) at t's element 0."""
+    bits = {torch.float32: (torch.int32, 0x7F800001), torch.float64: (torch.int64, 0x7FF0000000000001),
+            torch.float16: (torch.int16, 0x7C01), torch.bfloat16: (torch.int16, 0x7F81)}[t.dtype]
+    t.view(-1)[:1].view(bits[0]).fill_(bits[1])
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_amp_skip_leaves_grads_bitwise_untouched(gen, dtype):
+    tensors = _random_list(gen, [1000, 70_001], [dtype], scale=1e3)
+    _signalling_nan_payload(tensors[1])
+    before = [t.clone() for t in tensors]
+    inv_scale = torch.tensor([2.0**-10], device="cuda")
+    stats = _cuda().clip_grads_(tensors, 2.0, 1.0, inv_scale)
+    assert stats[FOUND_INF].item() == 1.0
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.view(torch.uint8), b.view(torch.uint8)), "a skipped rescale wrote"
+
+
+@on_gpu
+def test_scale_skips_on_found_inf_and_on_one(gen):
+    tensors = _random_list(gen, [333, 70_000], [torch.bfloat16, torch.float32])
+    _signalling_nan_payload(tensors[0])
+    before = [t.clone() for t in tensors]
+    backend = _cuda()
+    backend.scale_(tensors, torch.tensor([0.5], device="cuda"), torch.tensor([1.0], device="cuda"))
+    backend.scale_(tensors, torch.tensor([1.0], device="cuda"))
+    backend.scale_(tensors, torch.tensor([1.0], device="cuda", dtype=torch.float64), None)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.view(torch.uint8), b.view(torch.uint8))
+
+
+@on_gpu
+@pytest.mark.parametrize("inv", [2.0**-16, 2.0**-7])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0])
+def test_amp_norm_is_of_the_unscaled_grads(gen, inv, norm_type):
+    tensors = _random_list(gen, [4000, 70_001, 5], [torch.float16, torch.float32], scale=1.0 / inv)
+    before = [t.clone() for t in tensors]
+    stats = _cuda().clip_grads_(tensors, norm_type, 1.0, torch.tensor([inv], device="cuda"))
+    _check(stats, before, norm_type, 1.0, inv)
+    coef = stats[COEF].item()
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t, (b.double() * coef).to(b.dtype), rtol=storage_rtol(b.dtype), atol=0)
+
+
+@on_gpu
+def test_float64_inputs_give_float64_stats_and_coefficient(gen):
+    tensors = _random_list(gen, [100, 20_000], [torch.float64, torch.float32], scale=2.0)
+    inv = torch.tensor([0.25], device="cuda", dtype=torch.float64)
+    stats = _cuda().norm_stats(tensors, 2.0, 1.0, inv)
+    assert stats.dtype == torch.float64
+    _check(stats, tensors, 2.0, 1.0, 0.25)
+
+
+@on_gpu
+def test_coefficient_rounds_as_torch(gen):
+    grads = _random_list(gen, [100_000, 77], [torch.float32], scale=0.05)
+    ours = _cuda().norm_stats(grads, 2.0, 0.3)
+    expected_coef = torch.clamp(torch.reciprocal(ours[NORM] + 1e-6) * 0.3, max=1.0)
+    assert torch.equal(ours[COEF], expected_coef)
+
+
+@on_gpu
+@pytest.mark.parametrize("count", [1300, 5000])
+def test_more_tensors_than_one_launch_holds(gen, rng, count):
+    sizes = [rng.randrange(0, 3000) for _ in range(count)]
+    sizes[-1] = 0
+    tensors = _random_list(gen, sizes, [torch.bfloat16, torch.float32, torch.float16])
+    before = [t.clone() for t in tensors]
+    stats = _cuda().clip_grads_(tensors, 2.0, 1.0)
+    _check(stats, before, 2.0, 1.0)
+    coef = stats[COEF].item()
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t, (b.float() * coef).to(b.dtype), rtol=storage_rtol(b.dtype), atol=0)
+
+
+@on_gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_capture_and_replay(gen, rng, amp):
+    sizes = _random_sizes(rng, 1500, largest=20_000)  # two launches
+    grads = _random_list(gen, sizes, [torch.float32, torch.bfloat16])
+    backend = _cuda()
+    inv = torch.tensor([0.5], device="cuda") if amp else None
+    backend.clip_grads_(grads, 2.0, 1.0, inv)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stats = backend.clip_grads_(grads, 2.0, 1.0, inv)
+    for scale in (10.0, 1e-4, 3.0):  # clip, no clip, clip
+        fresh = _random_list(gen, sizes, [torch.float32, torch.bfloat16], scale=scale)
+        if amp and scale == 3.0:
+            fresh[-1].view(-1)[-1] = math.inf
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(stats, fresh, 2.0, 1.0, 0.5 if amp else None)
+        coef = 1.0 if (amp and stats[FOUND_INF].item()) else stats[COEF].item()
+        for g, f in zip(grads, fresh):
+            if coef == 1.0:
+                assert torch.equal(g, f)
+            else:
+                torch.testing.assert_close(g, (f.float() * coef).to(f.dtype),
+                                           rtol=storage_rtol(f.dtype), atol=0)
+
+
+@on_gpu
+def test_norm_stats_in_a_cuda_graph_follows_the_data(gen):
+    tensors = _random_list(gen, [70_000, 9], [torch.float16])
+    backend = _cuda()
+    backend.norm_stats(tensors, math.inf, 1.0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stats = backend.norm_stats(tensors, math.inf, 1.0)
+    for _ in range(3):
+        for t in tensors:
+            t.normal_()
+        graph.replay()
+        _check(stats, tensors, math.inf, 1.0)
+
+
+@on_gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_torch_compile_fullgraph_clip(gen, amp):
+    params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (1000, 70_001, 3)]
+    grads = _random_list(gen, [1000, 70_001, 3], [torch.float32], scale=2.0)
+    inv = torch.tensor([0.5], device="cuda") if amp else None
+
+    def clip(ps):
+        if amp:
+            return _cuda().clip_grads_([p.grad for p in ps], 2.0, 1.0, inv)
+        return gradclip.clip_grad_norm_(ps, 1.0, backend="cuda")
+
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    clip(params)  # eager first: the backend is chosen and loaded
+    torch._dynamo.reset()
+    compiled = torch.compile(clip, fullgraph=True)
+    for _ in range(2):
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+        result = compiled(params)
+        norm = result[NORM] if amp else result
+        expected_norm, coef, _ = expected_stats(grads, 2.0, 1.0, 0.5 if amp else None)
+        assert math.isclose(norm.item(), expected_norm, rel_tol=2e-5)
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, g * coef, rtol=2e-5, atol=0)
+
+
+@on_gpu
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_on_cuda(gen, op):
+    tensors = _random_list(gen, [1000, 0, 70_001, 3], [torch.float32, torch.bfloat16])
+    args = {"norm_stats": (tensors, 2.0, 1.0, torch.tensor([0.5], device="cuda")),
+            "scale_": (tensors, torch.tensor([0.5], device="cuda"), torch.tensor([0.0], device="cuda")),
+            "clamp_": (tensors, 0.5)}[op]
+    torch.library.opcheck(getattr(torch.ops.gradclip, op).default, args)
+
+
+@on_gpu
+def test_dense_permuted_and_strided_grads(gen):
+    base = _random_list(gen, [64 * 96, 64 * 96, 50 * 40], [torch.float32, torch.bfloat16, torch.float32])
+    permuted = base[0].view(64, 96).t()  # dense, not contiguous: read as its storage
+    strided = base[1].view(64, 96)[:, ::2]  # not dense: a copy for the norm, ATen for the scale
+    plain = base[2].view(50, 40)
+    tensors = [permuted, strided, plain]
+    before = [t.clone() for t in tensors]
+    skipped_columns = base[1].view(64, 96)[:, 1::2].clone()
+    stats = _cuda().clip_grads_(tensors, 2.0, 1.0)
+    _check(stats, before, 2.0, 1.0)
+    coef = stats[COEF].item()
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t, (b.float() * coef).to(b.dtype), rtol=storage_rtol(b.dtype), atol=0)
+    assert torch.equal(base[1].view(64, 96)[:, 1::2], skipped_columns), "wrote outside the view"
+    _check(_cuda().norm_stats([strided, permuted], 1.0, 1.0), [strided, permuted], 1.0, 1.0)
+
+
+@on_gpu
+@pytest.mark.parametrize("offset", [0, 1])
+def test_clamp_matches_torch(gen, offset):
+    tensors = _random_list(gen, [1000, 70_001, 3, 0], list(DTYPES), scale=2.0, offset=offset)
+    tensors[0].view(-1)[3] = math.nan
+    strided = _random_list(gen, [4000], [torch.float32], scale=2.0)[0].view(40, 100)[:, ::3]
+    tensors.append(strided)
+    expected = [t.clamp(-0.7, 0.7) for t in tensors]
+    _cuda().clamp_(tensors, 0.7)
+    for t, e in zip(tensors, expected):
+        assert torch.equal(t.nan_to_num(), e.nan_to_num()) and torch.equal(t.isnan(), e.isnan())
+
+
+@on_gpu
+def test_fast_path_reads_grads_in_cpp(gen):
+    ext = cuda_build.load_extension()
+    params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (10, 20_000, 7, 3)]
+    grads = _random_list(gen, [10, 20_000, 3], [torch.float32, torch.bfloat16])
+    params[0].grad, params[1].grad, params[3].grad = (g.clone() for g in grads)
+    stats = ext.clip_parameters(params, 2.0, 1.0)
+    _check(stats, grads, 2.0, 1.0)
+    coef = stats[COEF].item()
+    for p, g in zip([params[0], params[1], params[3]], grads):
+        torch.testing.assert_close(p.grad, (g.float() * coef).to(g.dtype), rtol=storage_rtol(g.dtype), atol=0)
+    # What the fast path does not take goes the general way (None).
+    assert ext.clip_parameters([torch.nn.Parameter(torch.empty(3))], 2.0, 1.0) is None
+    cpu = torch.nn.Parameter(torch.empty(3))
+    cpu.grad = torch.ones(3)
+    assert ext.clip_parameters(params + [cpu], 2.0, 1.0) is None
+    assert ext.clip_parameters([params[2]], 2.0, 1.0) is None  # no grads at all
+    assert ext.clip_parameters(iter(params), 2.0, 1.0) is None
+
+
+@on_gpu
+def test_clip_grad_norm_matches_torch(gen):
+    params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (4096,) * 300 + (5, 70_001)]
+    ours = [g * 3 for g in _random_list(gen, [p.numel() for p in params], [torch.float32])]
+    for p, g in zip(params, ours):
+        p.grad = g.clone()
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for t, g in zip(theirs, ours):
+        t.grad = g.clone()
+    norm = gradclip.clip_grad_norm_(params, 1.0, backend="cuda")
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(norm, torch_norm, rtol=2e-6, atol=0)
+    for p, t in zip(params, theirs):
+        torch.testing.assert_close(p.grad, t.grad, rtol=4e-6, atol=0)
+
+
+@on_gpu
+def test_concurrent_streams(gen):
+    backend = _cuda()
+    lists = [_random_list(gen, [300_000, 5, 70_000], [torch.float32, torch.bfloat16]) for _ in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(20):
+        for s, ts in zip(streams, lists):
+            with torch.cuda.stream(s):
+                results.append(backend.norm_stats(ts, 2.0, 1.0))
+    torch.cuda.synchronize()
+    for i, stats in enumerate(results):
+        _check(stats, lists[i % 2], 2.0, 1.0)
+
+
+@on_gpu
+def test_errors_name_the_argument_and_the_fix(gen):
+    backend = _cuda()
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        torch.ops.gradclip.norm_stats([torch.ones(3)], 2.0, 1.0, None)
+    with pytest.raises(RuntimeError, match="inv_scale"):
+        backend.norm_stats([torch.ones(3, device="cuda")], 2.0, 1.0, torch.ones(1))
+    with pytest.raises(RuntimeError, match="one element"):
+        backend.scale_([torch.ones(3, device="cuda")], torch.ones(2, device="cuda"))
+    with pytest.raises(RuntimeError, match="tensors\\[1\\]"):
+        backend.norm_stats([torch.ones(3, device="cuda"), torch.ones(2, dtype=torch.int32, device="cuda")],
+                           2.0, 1.0)
