@@ -242,6 +242,7 @@ class ClippedOptimizer(Optimizer):
             What the inner optimizer's ``step`` returns (the loss, with a closure).
         """
         request = self._scaler_request()
+        self._pending_flags = None  # what an earlier step that raised may have left
         if closure is not None:
             if request is not None:
                 raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
