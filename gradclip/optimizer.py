@@ -355,17 +355,16 @@ class ClippedOptimizer(Optimizer):
         if not grads:
             return
         norm_type, max_norm, backend = self._norm_type, self._max_norm, self.backend
-        if math.isinf(max_norm):
+        if math.isinf(max_norm) or self.error_if_nonfinite:
             stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
-        elif self.error_if_nonfinite:
-            stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
-            if not torch.isfinite(stats[NORM]).item():
+            if self.error_if_nonfinite and not torch.isfinite(stats[NORM]).item():
                 raise RuntimeError(
                     f"The total norm of order {norm_type} of the gradients is non-finite, so "
                     "it cannot be clipped; the gradients and parameters were left untouched. "
                     "To scale them by the non-finite norm anyway, as torch does, build the "
                     "ClippedOptimizer with error_if_nonfinite=False")
-            dispatch.scale_(grads, stats[COEF:FOUND_INF], None, backend)
+            if not math.isinf(max_norm):
+                dispatch.scale_(grads, stats[COEF:FOUND_INF], None, backend)
         else:
             params = [p for group in self.param_groups for p in group["params"]]
             stats = dispatch.clip_parameters_(params, norm_type, max_norm, None, backend)

@@ -242,6 +242,22 @@ def test_gradclip_scaler_is_torchs_for_other_optimizers(gen):
 
 
 @pytest.mark.parametrize("scaler_kind", list(SCALERS))
+@pytest.mark.parametrize("name", optimizer_params(["adam", "adam_fused"]))
+def test_inf_steps_under_amp_are_skipped_not_raised_with_error_if_nonfinite(gen, name, scaler_kind):
+    theirs = make_params(gen)
+    ours = clone_params(theirs)
+    batches = make_batches(gen)
+    ref_opt = ALL_OPTIMIZERS[name](theirs)
+    opt = gradclip.ClippedOptimizer(ALL_OPTIMIZERS[name](ours), MAX_NORM, error_if_nonfinite=True)
+    _, ref_scales = run_reference(theirs, ref_opt, batches, scaler=make_scaler("torch", "cpu"),
+                                  inf_steps=INF_STEPS)
+    _, scales = run_wrapped(ours, opt, batches, scaler=make_scaler(scaler_kind, "cpu"),
+                            inf_steps=INF_STEPS)
+    assert scales == ref_scales
+    assert_params_close_all(ours, theirs, "cpu")
+
+
+@pytest.mark.parametrize("scaler_kind", list(SCALERS))
 def test_disabled_scaler_just_clips(gen, scaler_kind):
     theirs = make_params(gen)
     ours = clone_params(theirs)

@@ -416,6 +416,15 @@ def test_error_if_nonfinite_raises_before_touching_anything(gen):
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads) if g.isfinite().all())
 
 
+def test_error_if_nonfinite_holds_in_monitor_mode(gen):
+    params = make_params(gen)
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), math.inf, error_if_nonfinite=True)
+    loss_of(params, make_batches(gen, 1)[0]).backward()
+    inject_inf(params)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.step()
+
+
 @pytest.mark.parametrize("norm_type", [1.0, 3.0, math.inf])
 def test_norm_type_matches_torch(gen, norm_type):
     theirs = make_params(gen)
