@@ -200,7 +200,7 @@ def test_results_are_bitwise_deterministic(device, dtypes):
     first = backend.norm_stats(tensors, 2.0, 0.5)
     for _ in range(3):
         assert torch.equal(backend.norm_stats(tensors, 2.0, 0.5), first)
-    TritonBackend.clear_cache(backend)
+    backend.clear_cache()
     assert torch.equal(backend.norm_stats(tensors, 2.0, 0.5), first)
 
 
@@ -437,3 +437,47 @@ def test_many_small_tensors(dtype):
     torch.testing.assert_close(stats, ref, rtol=1e-4, atol=0)
     for x, y in zip(grads, expected):
         torch.testing.assert_close(x, y, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=0)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_no_host_synchronisation():
+    device = torch.device("cuda")
+    backend = fresh_backend(device)
+    grads = make_tensors(device, MIXED, seed=16)
+    inv_scale = torch.tensor([0.5], device=device)
+    backend.clip_grads_(grads, 2.0, 1.0, inv_scale)            # compile the variants
+    backend.clip_grads_(grads, 2.0, 1.0)
+    torch.cuda.synchronize()
+    others = make_tensors(device, MIXED, seed=17)
+    half = torch.tensor([0.5], device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backend.clip_grads_(grads, 2.0, 1.0, inv_scale)        # cached table
+        backend.clip_grads_(others, 2.0, 1.0)                  # new table: built and copied
+        backend.scale_(grads, half)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_torch_compile_reduce_overhead():
+    device = torch.device("cuda")
+    backend = TritonBackend()
+
+    @torch.compile(mode="reduce-overhead", fullgraph=True)
+    def clip(grads):
+        return backend.clip_grads_(grads, 2.0, 0.5)
+
+    grads = make_tensors(device, MIXED, seed=18)
+    source = snapshot(grads)
+    for step in range(4):
+        for g, s in zip(grads, source):
+            g.copy_(s * (step + 1))
+        expected = snapshot(grads)
+        ref = ReferenceBackend().clip_grads_(expected, 2.0, 0.5)
+        stats = clip(grads)
+        torch.testing.assert_close(stats.clone(), ref, rtol=1e-4, atol=0)
+        for x, y in zip(grads, expected):
+            torch.testing.assert_close(x, y, rtol=1e-2 if x.element_size() == 2 else 1e-4, atol=0)

@@ -208,9 +208,16 @@ class TritonBackend(Backend):
     def load(self) -> None:
         """Import (and so check) the kernels; raises BackendUnavailableError if triton fails."""
         try:
-            _load_kernels()
+            kernels = _load_kernels()
         except Exception as error:  # any failure inside triton's import means unusable
             raise BackendUnavailableError(f"triton backend: importing triton failed: {error}") from error
+        # triton.jit picks the interpreter when the kernels are defined, not when they run.
+        interpreted = type(kernels.norm_kernel).__name__ == "InterpretedFunction"
+        if interpreted != _interpreting():
+            raise BackendUnavailableError(
+                "triton backend: TRITON_INTERPRET changed after the kernels were defined "
+                f"(they run {'in' if interpreted else 'without'} the interpreter); set it "
+                "before gradclip.backends.triton_kernels is first imported")
 
     # -- the ops ------------------------------------------------------------------------
 
