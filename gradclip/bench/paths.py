@@ -121,11 +121,11 @@ class Buffers:
         return lambda: flat.copy_(saved)
 
     def fresh_params(self) -> list[torch.nn.Parameter]:
-        """Separate parameters (small random values) whose ``.grad`` are the gradients."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        """Separate parameters (copies of the gradients' random values) whose ``.grad`` are
+        the gradients: for paths that step an optimizer."""
         params = []
         for g in self.grads:
-            p = torch.nn.Parameter(torch.empty_like(g).normal_(0.0, 0.02, generator=generator))
+            p = torch.nn.Parameter(g.detach().clone())
             p.grad = g
             params.append(p)
         return params

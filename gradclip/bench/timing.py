@@ -60,7 +60,7 @@ class CacheEvictor:
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
             nbytes = 4 * l2
         else:
-            nbytes = 64 << 20
+            nbytes = 16 << 20  # more than the last-level cache of a small CPU
         self._scratch = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
