@@ -77,6 +77,21 @@ py::object clip_grads(py::handle grads, double norm_type, double max_norm, py::h
   return wrap(clip_grads_cuda(tensors, norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
 }
 
+py::object norm_stats(py::handle tensors, double norm_type, double max_norm, py::handle inv_scale) {
+  std::vector<at::Tensor> list;
+  if (!collect(tensors, /*take_grad=*/false, list)) return py::none();
+  return wrap(norm_stats_cuda(list, norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
+}
+
+bool scale(py::handle tensors, py::handle scale, py::handle found_inf) {
+  std::vector<at::Tensor> list;
+  if (!collect(tensors, /*take_grad=*/false, list)) return false;
+  const std::optional<at::Tensor> factor = optional_tensor(scale, "scale");
+  TORCH_CHECK(factor.has_value(), "scale must be a tensor");
+  scale_cuda(list, *factor, optional_tensor(found_inf, "found_inf"));
+  return true;
+}
+
 py::tuple simulate_split_py(py::handle tensors, int64_t grid) {
   std::vector<at::Tensor> list;
   for (py::handle item : tensors) list.push_back(THPVariable_Unpack(item.ptr()));
@@ -97,6 +112,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clip_grads", &gradclip::clip_grads, py::arg("grads"), py::arg("norm_type"),
         py::arg("max_norm"), py::arg("inv_scale") = py::none(),
         "clip_parameters over a list of the gradients themselves.");
+  m.def("norm_stats", &gradclip::norm_stats, py::arg("tensors"), py::arg("norm_type"),
+        py::arg("max_norm"), py::arg("inv_scale") = py::none(),
+        "gradclip::norm_stats without the dispatcher; None when the fast path does not take the list.");
+  m.def("scale_", &gradclip::scale, py::arg("tensors"), py::arg("scale"), py::arg("found_inf") = py::none(),
+        "gradclip::scale_ without the dispatcher; False when the fast path does not take the list.");
   m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
         "Test helper: replay on the host how the kernels split a list among blocks; returns "
         "(ok, launches, min_visits, max_visits).");

@@ -77,12 +77,22 @@ class CudaBackend(Backend):
             self.load()
         return self._ext
 
+    # Eager calls take the extension's pybind11 entry points, which skip the dispatcher's
+    # per-tensor boxing of the list; compiled code (and any list they do not take: tensor
+    # subclasses, CPU tensors) goes through the torch.library ops.
+
     def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
-        self._module()
+        ext = self._module()
+        if not torch.compiler.is_compiling():
+            stats = ext.norm_stats(tensors, float(norm_type), float(max_norm), inv_scale)
+            if stats is not None:
+                return stats
         return torch.ops.gradclip.norm_stats(tensors, float(norm_type), float(max_norm), inv_scale)
 
     def scale_(self, tensors, scale, found_inf=None):
-        self._module()
+        ext = self._module()
+        if not torch.compiler.is_compiling() and ext.scale_(tensors, scale, found_inf):
+            return
         torch.ops.gradclip.scale_(tensors, scale, found_inf)
 
     def clamp_(self, tensors, clip_value):
