@@ -133,3 +133,61 @@ def test_a_failing_path_is_reported_in_its_row_and_the_run_goes_on(tmp_path, cap
     assert [r["error"] for r in rows if r["backend"] == "reference"] == ["RuntimeError: kernel exploded"] * 2
     assert all("median_us" in r for r in rows if r["backend"] == "torch")
     assert "kernel exploded" in capsys.readouterr().out
+
+
+def _gpu_shaped_result() -> dict:
+    """A result as a GPU run makes it (graph and eager, eager-only modes, a failed row),
+    built by hand: the CPU run never shows these layouts."""
+    from gradclip.bench import report
+    from gradclip.bench.paths import MODES
+    from gradclip.bench.timing import Ceilings
+    ceilings = Ceilings(4 << 30, 3110.0, 3006.0, 2439.0)
+    w = WORKLOADS["gpt2"]
+    rows = []
+    for mode, backend, method, us in [
+            ("clip", "torch", "graph", 599.0), ("clip", "torch", "eager", 698.0),
+            ("clip", "cuda", "graph", 520.0), ("clip", "cuda", "eager", 530.0),
+            ("no-clip", "torch", "graph", 599.0), ("no-clip", "torch", "eager", 650.0),
+            ("no-clip", "cuda", "graph", 170.0), ("no-clip", "cuda", "eager", None),
+            ("amp-adamw", "torch", "eager", 2400.0), ("amp-adamw", "cuda", "eager", 1550.0),
+            ("adamw", "torch", "eager", 1372.0)]:
+        row = {"workload": w.key, "title": w.title, "dtype": "fp32", "mode": mode,
+               "backend": backend, "method": method}
+        if us is None:
+            row["error"] = "RuntimeError: CUDA error: an illegal memory access"
+        else:
+            row.update(median_us=us, min_us=us, p10_us=us, p90_us=us, samples=30)
+        passes = {"torch": (1, 1), "cuda": (1, 0)}[backend] if mode != "adamw" else (1, 3)
+        report.derive(row, passes, MODES[mode].floor_passes, w.nbytes(torch.float32), ceilings)
+        rows.append(row)
+    report.add_speedups(rows)
+    return {
+        "environment": {"date": "2026-11-23T00:00:00+00:00", "command": "python -m gradclip bench",
+                        "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+                        "cuda": "13.0", "triton": "3.6.0", "seconds": 200.0},
+        "ceilings": ceilings.__dict__,
+        "workloads": [report.workload_entry(w, "fp32", w.nbytes(torch.float32), ceilings)],
+        "backends": [{"name": "torch", "skipped": None, "note": "torch.nn.utils"},
+                     {"name": "cuda", "skipped": None, "note": "gradclip"},
+                     {"name": "apex", "skipped": "not importable: No module named 'amp_C'", "note": ""}],
+        "settings": {"methods": ["graph", "eager"], "workloads": ["gpt2"]},
+        "rows": rows,
+    }
+
+
+def test_gpu_shaped_results_render_graph_and_eager_columns(tmp_path):
+    from gradclip.bench import report
+    result = _gpu_shaped_result()
+    table = report.terminal_table(result)
+    lines = {tuple(line.split()[:2]): line for line in table.splitlines() if line.split()}
+    assert "graph us" in table and "eager us" in table
+    assert lines[("no-clip", "cuda")].split()[2:7] == ["170.0", "2928", "94.1", "3.52", "n/a"]
+    assert "illegal memory access" in lines[("no-clip", "cuda")]
+    assert "(eager)" in lines[("amp-adamw", "cuda")] and "1.55" in lines[("amp-adamw", "cuda")]
+    assert "apex (not importable" in table
+    md = report.markdown(result)
+    assert "| GPT-2 124M | fp32 | no-clip | cuda | 170.0 | 2928 | 94.1 | 3.52 | – |" in md
+    baseline = next(line for line in md.splitlines() if line.startswith("| GPT-2 124M fp32 |"))
+    assert baseline.split("|")[6:13] == [" 599 ", " 599 ", " – ", " 698 ", " – ", " – ", " 1372 "]
+    pytest.importorskip("matplotlib")
+    assert [p.name for p in report.plots(result, tmp_path)] == ["bench.png", "bench-eager.png"]

@@ -78,7 +78,7 @@ columns:
 output: the table is printed last; with --out DIR (default ./gradclip-bench) also
   bench.json (every number, the environment, the skipped backends and why), bench.md
   (the table, and torch's baseline in PERFORMANCE.md's layout) and bench.png (% of floor
-  per workload, mode and backend) and bench-eager.png (eager vs graph times).
+  per workload, mode and backend) and bench-eager.png (eager times, log scale).
 
 examples:
   python -m gradclip bench                          everything this machine can run

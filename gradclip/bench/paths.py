@@ -39,7 +39,6 @@ LOSS_SCALE = 2.0 ** 16
 @dataclass(frozen=True)
 class Mode:
     key: str
-    title: str
     grad_norm: float        # norm of the (unscaled) gradients the mode is timed on
     amp: bool               # gradients multiplied by LOSS_SCALE; fp32 only
     mutates: bool           # the call changes the gradients: restore them before each sample
@@ -48,14 +47,14 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {m.key: m for m in (
-    Mode("norm", "norm only", 0.5, False, False, ("graph", "eager"), (1, 0)),
-    Mode("no-clip", "clip, none needed", 0.5, False, False, ("graph", "eager"), (1, 0)),
-    Mode("clip", "clip, norm above max", 4.0, False, True, ("graph", "eager"), (1, 1)),
-    Mode("amp", "AMP unscale+clip", 0.5, True, True, ("graph", "eager"), (1, 1)),
+    Mode("norm", 0.5, False, False, ("graph", "eager"), (1, 0)),
+    Mode("no-clip", 0.5, False, False, ("graph", "eager"), (1, 0)),
+    Mode("clip", 4.0, False, True, ("graph", "eager"), (1, 1)),
+    Mode("amp", 0.5, True, True, ("graph", "eager"), (1, 1)),
     # The ideal AMP step: one read for the norm, then the fused AdamW step (it reads the
     # gradients and reads and writes parameters and both moments).
-    Mode("amp-adamw", "AMP+clip+AdamW step", 0.5, True, True, ("eager",), (2, 3)),
-    Mode("adamw", "AdamW(fused) step alone", 0.5, False, False, ("eager",), (1, 3)),
+    Mode("amp-adamw", 0.5, True, True, ("eager",), (2, 3)),
+    Mode("adamw", 0.5, False, False, ("eager",), (1, 3)),
 )}
 
 # Passes each kind of path makes over the gradient bytes, by the pass model of
