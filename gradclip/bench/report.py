@@ -223,7 +223,7 @@ def _params(n: int) -> str:
 
 def plots(result: dict, out: Path) -> list[Path]:
     """bench.png: % of floor per mode and backend, one panel per workload and dtype (graph
-    timing where there is one); bench-eager.png: eager time over graph time, log scale."""
+    timing where there is one); bench-eager.png: eager times, log scale."""
     try:
         import matplotlib
         matplotlib.use("Agg")
