@@ -123,7 +123,7 @@ def sample(model: nn.Module, chars: list[str], prompt: str, length: int, device:
     return "".join(out)
 
 
-def summarise(name: str, run: dict, max_norm: float) -> dict:
+def summarise(name: str, run: dict) -> dict:
     tail = run["loss"][-max(1, len(run["loss"]) // 10):]
     finite = [n for n in run["norm"] if math.isfinite(n)]
     return {
@@ -236,7 +236,7 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
         label = f"  {name:<22}"
         runs[name] = train(model, batches, args.steps, args.lr, max_norm, device, args.backend,
                            _progress(label, args.steps))
-        rows.append(summarise(name, runs[name], max_norm))
+        rows.append(summarise(name, runs[name]))
         models[name] = model
     summary = table(rows)
     print()
