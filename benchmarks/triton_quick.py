@@ -46,6 +46,7 @@ WORKLOADS = [("llama-1b", torch.float32), ("llama-1b", torch.bfloat16), ("gpt2",
              ("gpt2", torch.bfloat16), ("resnet50", torch.float32), ("2000x4096", torch.float32)]
 SWEEP = [
     dict(block=2048, num_warps=4, programs_per_sm=4),
+    dict(block=2048, num_warps=8, programs_per_sm=4),
     dict(block=4096, num_warps=4, programs_per_sm=4),
     dict(block=4096, num_warps=8, programs_per_sm=2),
     dict(block=4096, num_warps=8, programs_per_sm=4),

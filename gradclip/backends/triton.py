@@ -6,9 +6,9 @@ once and finalises ``stats`` (norm, coefficient, found_inf) on the device, then
 coefficient is exactly 1. Nothing synchronises with the host.
 
 Both kernels read a chunk table (layout in :mod:`gradclip.backends.triton_kernels`) built
-with a few torch ops on the host, copied to the device once and cached: a later call
-with the same list (same data pointers, sizes, dtypes, device) reuses it and costs only
-the key, a few attribute reads per tensor. The table depends on nothing else, so a hit
+on the host in one pass over the tensors, copied to the device once and cached: a later
+call with the same list (same data pointers, sizes, dtypes, device) reuses it and costs
+only the key, four attribute reads per tensor. The table depends on nothing else, so a hit
 is always valid, whichever tensors now live at those addresses.
 
 CUDA graphs: a table first needed during capture is built from a host buffer kept
@@ -42,7 +42,10 @@ from torch import Tensor
 from .base import COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError, stats_dtype
 from .reference import ReferenceBackend
 
+# dtype codes and norm kinds as in triton_kernels (F32.., NORM_2..)
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_CODE_NAMES = (("F32", torch.float32), ("BF16", torch.bfloat16), ("F16", torch.float16),
+               ("F64", torch.float64))
 _ELEMENT_SIZES = (4, 2, 2, 8)
 _NORM_2, _NORM_1, _NORM_INF, _NORM_P = 0, 1, 2, 3
 _MAX_CACHED_TABLES = 8
@@ -133,7 +136,7 @@ class _Table:
     dev: Tensor                  # int64 device: the same, then the norm partial slots
     partials: Tensor             # view of dev: 2 * norm_programs slots of the stats dtype
     n_chunks: int
-    dtypes: int                  # bit (1 << code) per dtype present
+    present: dict                # HAS_F32 ... HAS_F64: which dtypes' loops to compile
     acc_dtype: torch.dtype
     norm_programs: int
     scale_programs: int
@@ -279,7 +282,7 @@ class TritonBackend(Backend):
                 stats if inv_scale is None else inv_scale,
                 _float_bits(float(max_norm)), _float_bits(norm_type) if kind == _NORM_P else 0,
                 ACC=tl.float64 if table.acc_dtype == torch.float64 else tl.float32,
-                NORM_KIND=kind, HAS_SCALE=inv_scale is not None, DTYPES=table.dtypes,
+                NORM_KIND=kind, HAS_SCALE=inv_scale is not None, **table.present,
                 BLOCK=config.block, FIN_BLOCK=triton_next_pow2(grid), num_warps=config.num_warps)
         return stats
 
@@ -291,7 +294,7 @@ class TritonBackend(Backend):
             kernels.scale_kernel[(table.scale_programs,)](
                 table.dev, table.n_chunks, scale, scale if found is None else found,
                 SCALE_AT=scale_at, FOUND_AT=found_at, HAS_FOUND=found is not None,
-                DTYPES=table.dtypes, BLOCK=config.scale_block, EXACT_BF16=device.type == "cpu",
+                **table.present, BLOCK=config.scale_block, EXACT_BF16=device.type == "cpu",
                 num_warps=config.scale_num_warps)
 
     # -- the chunk table and its cache ----------------------------------------------------
@@ -337,8 +340,9 @@ class TritonBackend(Backend):
                     state.tables.move_to_end(key)
                 state.last_key, state.last_table = key, table
             if not table.uploaded:
-                # Built during a capture: only replays of that graph write it. Copy it now
-                # (again captured if still capturing: another graph needs its own copy).
+                # A new table, or one built during a capture, which only that graph's
+                # replays write. Copy it now; during a capture the copy is captured too,
+                # so this graph's replays rewrite it before their kernels read it.
                 table.dev[:table.host.numel()].copy_(table.host, non_blocking=True)
                 table.uploaded = not capturing
             if capturing:
@@ -349,8 +353,7 @@ class TritonBackend(Backend):
         config = self._config(device)
         norm_target = self._grid_target(device, config.programs_per_sm)
         chunk = _pow2_floor(sum(numels) // max(norm_target * config.chunks_per_program, 1))
-        chunk = min(max(chunk, config.block, config.scale_block), config.max_chunk)
-        chunk = max(chunk, config.block, config.scale_block)
+        chunk = max(min(chunk, config.max_chunk), config.block, config.scale_block)
         # One pass over the tensors; each tensor's chunks are written by C-level extends
         # (no torch ops: on a busy host their thread pool costs more than the work).
         bases, packed = array("q", [0]), array("q")
@@ -376,10 +379,8 @@ class TritonBackend(Backend):
         with self._allocation_stream(device, capturing):
             dev = torch.empty(host.numel() + 2 * norm_programs, dtype=torch.int64, device=device)
         partials = dev[host.numel():].view(acc_dtype)[:2 * norm_programs]
-        mask = 0
-        for d in set(dtypes):
-            mask |= 1 << _CODES[d]
-        return _Table(bases, host, dev, partials, n_chunks, mask, acc_dtype, norm_programs,
+        present = {f"HAS_{name}": dtype in dtypes for name, dtype in _CODE_NAMES}
+        return _Table(bases, host, dev, partials, n_chunks, present, acc_dtype, norm_programs,
                       scale_programs)
 
     def _grid_target(self, device, per_sm: int) -> int:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# dtype codes in the chunk table (the low 3 bits of ``packed``)
-F32, BF16, F16, F64 = 0, 1, 2, 3
-# norm kinds: each a different inner loop
-NORM_2, NORM_1, NORM_INF, NORM_P = 0, 1, 2, 3
+# dtype codes in the chunk table (the low 3 bits of ``packed``; ``_CODES`` in triton.py)
+F32, BF16, F16, F64 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+# norm kinds (``_NORM_*`` in triton.py): each its own inner loop
+NORM_2, NORM_1, NORM_INF, NORM_P = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _max_nan(a, b):
 def _accumulate(x, acc, amax, s, p, ACC: tl.constexpr, NORM_KIND: tl.constexpr,
                 HAS_SCALE: tl.constexpr):
     a = tl.abs(x.to(ACC))
-    if NORM_KIND == 2:
+    if NORM_KIND == NORM_INF:
         # The max norm is scaled once at the end; only the max of |x| is kept, with NaN.
         amax = _max_nan(amax, a)
     else:
@@ -43,9 +43,9 @@ def _accumulate(x, acc, amax, s, p, ACC: tl.constexpr, NORM_KIND: tl.constexpr,
         amax = tl.maximum(amax, a)
         if HAS_SCALE:
             a = a * s
-        if NORM_KIND == 0:
+        if NORM_KIND == NORM_2:
             acc += a * a
-        elif NORM_KIND == 1:
+        elif NORM_KIND == NORM_1:
             acc += a
         else:
             acc += tl.exp2(p * tl.log2(a))
@@ -77,7 +77,7 @@ def _chunk_norm(base, length, s, p, ELEM: tl.constexpr, ACC: tl.constexpr,
         tail = n_full * BLOCK + offs
         x = tl.load(ptr + tail, mask=tail < length, other=0.0)
         acc, amax = _accumulate(x, acc, amax, s, p, ACC, NORM_KIND, HAS_SCALE)
-    if NORM_KIND == 2:
+    if NORM_KIND == NORM_INF:
         top = tl.reduce(amax, 0, _max_nan)
         return top, top
     return tl.sum(acc, 0), tl.max(amax, 0)
@@ -85,7 +85,7 @@ def _chunk_norm(base, length, s, p, ELEM: tl.constexpr, ACC: tl.constexpr,
 
 @triton.jit
 def _combine(total, big, t, m, NORM_KIND: tl.constexpr):
-    if NORM_KIND == 2:
+    if NORM_KIND == NORM_INF:
         total = _max_nan(total, t)
     else:
         total += t
@@ -96,7 +96,8 @@ def _combine(total, big, t, m, NORM_KIND: tl.constexpr):
 @triton.jit(do_not_specialize=["n_chunks", "max_norm_bits", "p_bits"])
 def norm_kernel(meta_ptr, n_chunks, partial_ptr, stats_ptr, scale_ptr, max_norm_bits, p_bits,
                 ACC: tl.constexpr, NORM_KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
-                DTYPES: tl.constexpr, BLOCK: tl.constexpr, FIN_BLOCK: tl.constexpr):
+                HAS_F32: tl.constexpr, HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr,
+                HAS_F64: tl.constexpr, BLOCK: tl.constexpr, FIN_BLOCK: tl.constexpr):
     """stats = (norm, clip coefficient, found_inf) of every chunk, in one launch.
 
     Reads each gradient byte once and writes nothing per element. Each program writes its
@@ -128,20 +129,20 @@ def norm_kernel(meta_ptr, n_chunks, partial_ptr, stats_ptr, scale_ptr, max_norm_
         next_pack = tl.load(packs + nxt)
         length = packed >> 3
         code = packed & 7
-        if (DTYPES & 1) != 0:
-            if code == 0:
+        if HAS_F32:
+            if code == F32:
                 t, m = _chunk_norm(base, length, s, p, tl.float32, ACC, NORM_KIND, HAS_SCALE, BLOCK)
                 total, big = _combine(total, big, t, m, NORM_KIND)
-        if (DTYPES & 2) != 0:
-            if code == 1:
+        if HAS_BF16:
+            if code == BF16:
                 t, m = _chunk_norm(base, length, s, p, tl.bfloat16, ACC, NORM_KIND, HAS_SCALE, BLOCK)
                 total, big = _combine(total, big, t, m, NORM_KIND)
-        if (DTYPES & 4) != 0:
-            if code == 2:
+        if HAS_F16:
+            if code == F16:
                 t, m = _chunk_norm(base, length, s, p, tl.float16, ACC, NORM_KIND, HAS_SCALE, BLOCK)
                 total, big = _combine(total, big, t, m, NORM_KIND)
-        if (DTYPES & 8) != 0:
-            if code == 3:
+        if HAS_F64:
+            if code == F64:
                 t, m = _chunk_norm(base, length, s, p, tl.float64, ACC, NORM_KIND, HAS_SCALE, BLOCK)
                 total, big = _combine(total, big, t, m, NORM_KIND)
     tl.store(partial_ptr + pid, total)
@@ -153,7 +154,7 @@ def norm_kernel(meta_ptr, n_chunks, partial_ptr, stats_ptr, scale_ptr, max_norm_
         live = idx < G
         parts = tl.load(partial_ptr + idx, mask=live, other=0.0, cache_modifier=".cg")
         bigs = tl.load(partial_ptr + G + idx, mask=live, other=0.0, cache_modifier=".cg")
-        if NORM_KIND == 2:
+        if NORM_KIND == NORM_INF:
             raw = tl.reduce(parts, 0, _max_nan)
             found = raw != raw
             found = found | (raw == float("inf"))
@@ -164,12 +165,12 @@ def norm_kernel(meta_ptr, n_chunks, partial_ptr, stats_ptr, scale_ptr, max_norm_
             total = tl.sum(parts, 0)
             found = total != total
             found = found | (tl.max(bigs, 0) == float("inf"))
-            if NORM_KIND == 0:
+            if NORM_KIND == NORM_2:
                 if ACC == tl.float32:
                     norm = tl.sqrt_rn(total)
                 else:
                     norm = tl.sqrt(total)
-            elif NORM_KIND == 1:
+            elif NORM_KIND == NORM_1:
                 norm = total
             else:
                 norm = tl.exp2(tl.log2(total) / p)
@@ -226,7 +227,8 @@ def _chunk_scale(base, length, c, ELEM: tl.constexpr, BLOCK: tl.constexpr,
 
 @triton.jit(do_not_specialize=["n_chunks"])
 def scale_kernel(meta_ptr, n_chunks, scale_ptr, found_ptr, SCALE_AT: tl.constexpr,
-                 FOUND_AT: tl.constexpr, HAS_FOUND: tl.constexpr, DTYPES: tl.constexpr,
+                 FOUND_AT: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_F32: tl.constexpr,
+                 HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr, HAS_F64: tl.constexpr,
                  BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Multiply every chunk in place by ``scale_ptr[SCALE_AT]``, in float32 (float64 for float64).
 
@@ -255,15 +257,15 @@ def scale_kernel(meta_ptr, n_chunks, scale_ptr, found_ptr, SCALE_AT: tl.constexp
             next_pack = tl.load(packs + nxt)
             length = packed >> 3
             code = packed & 7
-            if (DTYPES & 1) != 0:
-                if code == 0:
+            if HAS_F32:
+                if code == F32:
                     _chunk_scale(base, length, c32, tl.float32, BLOCK, EXACT_BF16)
-            if (DTYPES & 2) != 0:
-                if code == 1:
+            if HAS_BF16:
+                if code == BF16:
                     _chunk_scale(base, length, c32, tl.bfloat16, BLOCK, EXACT_BF16)
-            if (DTYPES & 4) != 0:
-                if code == 2:
+            if HAS_F16:
+                if code == F16:
                     _chunk_scale(base, length, c32, tl.float16, BLOCK, EXACT_BF16)
-            if (DTYPES & 8) != 0:
-                if code == 3:
+            if HAS_F64:
+                if code == F64:
                     _chunk_scale(base, length, c64, tl.float64, BLOCK, EXACT_BF16)
