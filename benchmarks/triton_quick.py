@@ -44,14 +44,12 @@ from gradclip.bench.workloads import get_workload
 
 WORKLOADS = [("llama-1b", torch.float32), ("llama-1b", torch.bfloat16), ("gpt2", torch.float32),
              ("gpt2", torch.bfloat16), ("resnet50", torch.float32), ("2000x4096", torch.float32)]
-SWEEP = [
+SWEEP = [      # the default (TritonConfig()) is the fourth
     dict(block=2048, num_warps=4, programs_per_sm=4),
     dict(block=2048, num_warps=8, programs_per_sm=4),
-    dict(block=4096, num_warps=4, programs_per_sm=4),
     dict(block=4096, num_warps=8, programs_per_sm=2),
     dict(block=4096, num_warps=8, programs_per_sm=4),
     dict(block=8192, num_warps=8, programs_per_sm=2),
-    dict(block=8192, num_warps=16, programs_per_sm=1),
     dict(block=4096, num_warps=8, programs_per_sm=4, chunks_per_program=64),
 ]
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -87,49 +85,56 @@ def fp64_norm(tensors, p, inv=1.0):
 
 def correctness(device, names) -> None:
     print("\n== correctness (vs an fp64 reference and the reference backend) ==")
-    ref = ReferenceBackend()
     for name in names:
-        backend = TritonBackend() if name == "triton" else get_backend(name)
-        tag = f"[{name}]"
-        for with_f64 in (False, True):
-            tensors = mixed_tensors(device, with_f64=with_f64)
-            for p in (2.0, 1.0, math.inf, 3.0):
-                stats = backend.norm_stats(tensors, p, 0.5)
-                want = fp64_norm(tensors, p)
-                rel = abs(stats[NORM].item() - want) / want
-                expect = ref.norm_stats(tensors, p, 0.5)
-                close = torch.allclose(stats, expect, rtol=1e-4, atol=0)
-                check(rel < 1e-4 and close and stats.dtype == expect.dtype,
-                      f"{tag} norm p={p} f64={with_f64}: rel err {rel:.1e} vs fp64, stats "
-                      f"{stats.tolist()} vs reference {expect.tolist()}")
-            first = backend.norm_stats(tensors, 2.0, 0.5)
-            same = all(torch.equal(backend.norm_stats(tensors, 2.0, 0.5), first) for _ in range(20))
-            check(same, f"{tag} bitwise identical over 20 calls (f64={with_f64})")
-            clipped = [t.clone() for t in tensors]
-            expected = [t.clone() for t in tensors]
-            s = backend.clip_grads_(clipped, 2.0, 0.5)
-            ref.clip_grads_(expected, 2.0, 0.5)
-            worst = max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-                        for a, b in zip(clipped, expected) if a.numel())
-            check(worst < 1e-2 and s[COEF].item() < 1, f"{tag} clip matches reference (worst rel {worst:.1e})")
-            untouched = [t.clone() for t in tensors]
-            backend.clip_grads_(untouched, 2.0, 1e9)
-            check(all(torch.equal(a, b) for a, b in zip(untouched, tensors)), f"{tag} no clip leaves grads untouched")
-        for value in (math.nan, math.inf, -math.inf):
-            for where in (0, -1):
-                tensors = mixed_tensors(device, seed=1, with_f64=False)
-                target = [t for t in tensors if t.numel() > 1][where]
-                target.view(-1)[where] = value
-                for p in (2.0, math.inf):
-                    stats = backend.norm_stats(tensors, p, 1.0)
-                    norm = stats[NORM].item()
-                    good = stats[FOUND_INF].item() == 1 and (math.isnan(norm) if math.isnan(value) else norm == math.inf)
-                    check(good, f"{tag} {value} in {'first' if where == 0 else 'last'} tensor, p={p}: {stats.tolist()}")
-                before = [t.clone() for t in tensors]
-                backend.clip_grads_(tensors, 2.0, 1e-3, torch.tensor(0.5, device=device))
-                check(all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(tensors, before)),
-                      f"{tag} found_inf ({value}) skips the rescale")
+        try:
+            check_backend(device, name)
+        except Exception as error:  # report it and go on to the timings
+            check(False, f"[{name}] raised {type(error).__name__}: {error}")
     torch.cuda.synchronize()
+
+
+def check_backend(device, name) -> None:
+    ref = ReferenceBackend()
+    backend = TritonBackend() if name == "triton" else get_backend(name)
+    tag = f"[{name}]"
+    for with_f64 in (False, True):
+        tensors = mixed_tensors(device, with_f64=with_f64)
+        for p in (2.0, 1.0, math.inf, 3.0):
+            stats = backend.norm_stats(tensors, p, 0.5)
+            want = fp64_norm(tensors, p)
+            rel = abs(stats[NORM].item() - want) / want
+            expect = ref.norm_stats(tensors, p, 0.5)
+            close = torch.allclose(stats, expect, rtol=1e-4, atol=0)
+            check(rel < 1e-4 and close and stats.dtype == expect.dtype,
+                  f"{tag} norm p={p} f64={with_f64}: rel err {rel:.1e} vs fp64, stats "
+                  f"{stats.tolist()} vs reference {expect.tolist()}")
+        first = backend.norm_stats(tensors, 2.0, 0.5)
+        same = all(torch.equal(backend.norm_stats(tensors, 2.0, 0.5), first) for _ in range(20))
+        check(same, f"{tag} bitwise identical over 20 calls (f64={with_f64})")
+        clipped = [t.clone() for t in tensors]
+        expected = [t.clone() for t in tensors]
+        s = backend.clip_grads_(clipped, 2.0, 0.5)
+        ref.clip_grads_(expected, 2.0, 0.5)
+        worst = max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+                    for a, b in zip(clipped, expected) if a.numel())
+        check(worst < 1e-2 and s[COEF].item() < 1, f"{tag} clip matches reference (worst rel {worst:.1e})")
+        untouched = [t.clone() for t in tensors]
+        backend.clip_grads_(untouched, 2.0, 1e9)
+        check(all(torch.equal(a, b) for a, b in zip(untouched, tensors)), f"{tag} no clip leaves grads untouched")
+    for value in (math.nan, math.inf, -math.inf):
+        for where in (0, -1):
+            tensors = mixed_tensors(device, seed=1, with_f64=False)
+            target = [t for t in tensors if t.numel() > 1][where]
+            target.view(-1)[where] = value
+            for p in (2.0, math.inf):
+                stats = backend.norm_stats(tensors, p, 1.0)
+                norm = stats[NORM].item()
+                good = stats[FOUND_INF].item() == 1 and (math.isnan(norm) if math.isnan(value) else norm == math.inf)
+                check(good, f"{tag} {value} in {'first' if where == 0 else 'last'} tensor, p={p}: {stats.tolist()}")
+            before = [t.clone() for t in tensors]
+            backend.clip_grads_(tensors, 2.0, 1e-3, torch.tensor(0.5, device=device))
+            check(all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(tensors, before)),
+                  f"{tag} found_inf ({value}) skips the rescale")
 
 
 def launches_per_clip(device) -> dict:
@@ -150,7 +155,7 @@ def launches_per_clip(device) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        names = [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
         counts[label] = names
         print(f"  {label}: {len(names)} device operations: {sorted(set(names))}")
     check(len(counts["TritonBackend.clip_grads_"]) == 2, "two launches per clip (norm, rescale)")
@@ -321,7 +326,11 @@ def main(argv=None) -> int:
             names.remove("cuda")
     correctness(device, checked)
     print("\n== launches ==")
-    launches = launches_per_clip(device)
+    try:
+        launches = launches_per_clip(device)
+    except Exception as error:  # the profiler needs CUPTI
+        print(f"  cannot count launches: {error}")
+        launches = {}
     evict = CacheEvictor(device)
     ceilings = measure_ceilings(device, 1 << 30, evict=evict)
     print(f"\nread ceiling {ceilings.read_gbs:.0f} GB/s, read+write {ceilings.read_write_gbs:.0f} GB/s")
