@@ -84,7 +84,7 @@ void append(Packed& packed, TensorTable*& table, void* ptr, int64_t numel, DType
 
 // Checks every tensor (defined, strided layout, float dtype, on `device` when given) and
 // packs the dense ones; `op` names the caller in error messages.
-Packed pack(at::TensorList tensors, const char* op, std::optional<at::Device> device,
+Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device,
             Strided strided) {
   Packed packed;
   TensorTable* table = nullptr;
@@ -120,7 +120,7 @@ Packed pack(at::TensorList tensors, const char* op, std::optional<at::Device> de
   return packed;
 }
 
-at::Device check_device(at::TensorList tensors, const char* op) {
+at::Device check_device(TensorRefs tensors, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": tensors is empty; pass at least one tensor");
   const at::Tensor& first = tensors[0];
   TORCH_CHECK(first.defined(), op, ": tensors[0] is None; pass only defined tensors");
@@ -230,7 +230,7 @@ PointwiseParams scale_params(const at::Tensor& scale, const std::optional<at::Te
 // ---------------------------------------------------------------------------------------
 // The ops
 
-at::Tensor norm_stats_cuda(at::TensorList tensors, double norm_type, double max_norm,
+at::Tensor norm_stats_cuda(TensorRefs tensors, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale) {
   const at::Device device = check_device(tensors, "gradclip::norm_stats");
   const c10::cuda::CUDAGuard guard(device);
@@ -238,7 +238,7 @@ at::Tensor norm_stats_cuda(at::TensorList tensors, double norm_type, double max_
   return run_norm(packed, tensors[0], norm_type, max_norm, inv_scale);
 }
 
-void scale_cuda(at::TensorList tensors, const at::Tensor& scale,
+void scale_cuda(TensorRefs tensors, const at::Tensor& scale,
                 const std::optional<at::Tensor>& found_inf) {
   if (tensors.empty()) return;
   const at::Device device = check_device(tensors, "gradclip::scale_");
@@ -253,7 +253,7 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& scale,
   scale_strided(packed.strided, s, skip);
 }
 
-void clamp_cuda(at::TensorList tensors, double clip_value) {
+void clamp_cuda(TensorRefs tensors, double clip_value) {
   if (tensors.empty()) return;
   TORCH_CHECK(clip_value >= 0, "gradclip::clamp_: clip_value must be >= 0, got ", clip_value);
   const at::Device device = check_device(tensors, "gradclip::clamp_");
@@ -267,7 +267,7 @@ void clamp_cuda(at::TensorList tensors, double clip_value) {
 
 // Norm then rescale with the tables packed once. With inv_scale (AMP) the rescale is
 // skipped on the device when an inf/NaN was found.
-at::Tensor clip_grads_cuda(at::TensorList grads, double norm_type, double max_norm,
+at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale) {
   const char* op = "gradclip clip_grads_";
   const at::Device device = check_device(grads, op);
@@ -290,23 +290,24 @@ at::Tensor clip_grads_cuda(at::TensorList grads, double norm_type, double max_no
 }
 
 // For tests without a GPU: only the tensors' addresses and sizes are used.
-SplitReplay simulate_split(at::TensorList tensors, int64_t grid) {
+SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay) {
   TORCH_CHECK(grid > 0, "simulate_split: grid must be > 0, got ", grid);
   Packed packed = pack(tensors, "simulate_split", std::nullopt, Strided::kCopy);
   TORCH_CHECK(packed.copies.empty(), "simulate_split: pass dense tensors");
+  SplitReplay result;
+  result.launches = packed.num_tables;
+  if (!replay) return result;
   std::vector<std::vector<uint8_t>> visits(tensors.size());
   std::vector<uint8_t*> rows;
   for (size_t k = 0; k < tensors.size(); ++k) {
     visits[k].assign(static_cast<size_t>(tensors[k].numel()), 0);
     if (!visits[k].empty()) rows.push_back(visits[k].data());
   }
-  SplitReplay replay;
-  replay.launches = packed.num_tables;
   size_t row = 0;
   for (int l = 0; l < packed.num_tables; ++l) {
     const TensorTable& table = packed.tables[l];
     const int g = static_cast<int>(std::min<int64_t>(grid, table.num_chunks));
-    replay.ok &= simulate_visits(table, g, kBlockThreads, rows.data() + row);
+    result.ok &= simulate_visits(table, g, kBlockThreads, rows.data() + row);
     row += table.num_tensors;
   }
   for (const auto& row_visits : visits) {
@@ -315,10 +316,10 @@ SplitReplay simulate_split(at::TensorList tensors, int64_t grid) {
       lo = *std::min_element(row_visits.begin(), row_visits.end());
       hi = *std::max_element(row_visits.begin(), row_visits.end());
     }
-    replay.min_visits.push_back(lo);
-    replay.max_visits.push_back(hi);
+    result.min_visits.push_back(lo);
+    result.max_visits.push_back(hi);
   }
-  return replay;
+  return result;
 }
 
 }  // namespace gradclip
@@ -331,7 +332,15 @@ TORCH_LIBRARY(gradclip, m) {
 }
 
 TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
-  m.impl("norm_stats", &gradclip::norm_stats_cuda);
-  m.impl("scale_", &gradclip::scale_cuda);
-  m.impl("clamp_", &gradclip::clamp_cuda);
+  m.impl("norm_stats", [](at::TensorList tensors, double norm_type, double max_norm,
+                          const std::optional<at::Tensor>& inv_scale) {
+    return gradclip::norm_stats_cuda(tensors, norm_type, max_norm, inv_scale);
+  });
+  m.impl("scale_", [](at::TensorList tensors, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& found_inf) {
+    gradclip::scale_cuda(tensors, scale, found_inf);
+  });
+  m.impl("clamp_", [](at::TensorList tensors, double clip_value) {
+    gradclip::clamp_cuda(tensors, clip_value);
+  });
 }

@@ -30,7 +30,7 @@ bool takes(const at::Tensor& t, std::optional<at::Device>& device) {
 
 // The tensors of a Python list or tuple (or their .grad, skipping None) into `out`; false
 // when the fast path does not take them, and the caller then goes the general way.
-bool collect(py::handle sequence, bool take_grad, std::vector<at::Tensor>& out) {
+bool collect(py::handle sequence, bool take_grad, std::vector<const at::Tensor*>& out) {
   PyObject* seq = sequence.ptr();
   if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -47,10 +47,10 @@ bool collect(py::handle sequence, bool take_grad, std::vector<at::Tensor>& out) 
       const at::Tensor& grad = item.grad();
       if (!grad.defined()) continue;
       if (!takes(grad, device)) return false;
-      out.push_back(grad);
+      out.push_back(&grad);
     } else {
       if (!takes(item, device)) return false;
-      out.push_back(item);
+      out.push_back(&item);
     }
   }
   return !out.empty();
@@ -66,36 +66,36 @@ std::optional<at::Tensor> optional_tensor(py::handle h, const char* name) {
 }
 
 py::object clip_parameters(py::handle params, double norm_type, double max_norm, py::handle inv_scale) {
-  std::vector<at::Tensor> grads;
+  std::vector<const at::Tensor*> grads;
   if (!collect(params, /*take_grad=*/true, grads)) return py::none();
-  return wrap(clip_grads_cuda(grads, norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
+  return wrap(clip_grads_cuda(TensorRefs(grads), norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
 }
 
 py::object clip_grads(py::handle grads, double norm_type, double max_norm, py::handle inv_scale) {
-  std::vector<at::Tensor> tensors;
+  std::vector<const at::Tensor*> tensors;
   if (!collect(grads, /*take_grad=*/false, tensors)) return py::none();
-  return wrap(clip_grads_cuda(tensors, norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
+  return wrap(clip_grads_cuda(TensorRefs(tensors), norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
 }
 
 py::object norm_stats(py::handle tensors, double norm_type, double max_norm, py::handle inv_scale) {
-  std::vector<at::Tensor> list;
+  std::vector<const at::Tensor*> list;
   if (!collect(tensors, /*take_grad=*/false, list)) return py::none();
-  return wrap(norm_stats_cuda(list, norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
+  return wrap(norm_stats_cuda(TensorRefs(list), norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
 }
 
 bool scale(py::handle tensors, py::handle scale, py::handle found_inf) {
-  std::vector<at::Tensor> list;
+  std::vector<const at::Tensor*> list;
   if (!collect(tensors, /*take_grad=*/false, list)) return false;
   const std::optional<at::Tensor> factor = optional_tensor(scale, "scale");
   TORCH_CHECK(factor.has_value(), "scale must be a tensor");
-  scale_cuda(list, *factor, optional_tensor(found_inf, "found_inf"));
+  scale_cuda(TensorRefs(list), *factor, optional_tensor(found_inf, "found_inf"));
   return true;
 }
 
-py::tuple simulate_split_py(py::handle tensors, int64_t grid) {
-  std::vector<at::Tensor> list;
-  for (py::handle item : tensors) list.push_back(THPVariable_Unpack(item.ptr()));
-  const SplitReplay replay = gradclip::simulate_split(list, grid);
+py::tuple simulate_split_py(py::handle tensors, int64_t grid, bool replay_split) {
+  std::vector<const at::Tensor*> list;
+  for (py::handle item : tensors) list.push_back(&THPVariable_Unpack(item.ptr()));
+  const SplitReplay replay = gradclip::simulate_split(TensorRefs(list), grid, replay_split);
   return py::make_tuple(replay.ok, replay.launches, replay.min_visits, replay.max_visits);
 }
 
@@ -118,8 +118,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_", &gradclip::scale, py::arg("tensors"), py::arg("scale"), py::arg("found_inf") = py::none(),
         "gradclip::scale_ without the dispatcher; False when the fast path does not take the list.");
   m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
+        py::arg("replay") = true,
         "Test helper: replay on the host how the kernels split a list among blocks; returns "
-        "(ok, launches, min_visits, max_visits).");
+        "(ok, launches, min_visits, max_visits). With replay=False it only packs the list.");
   m.attr("MAX_TENSORS_PER_LAUNCH") = gradclip::kMaxTensorsPerLaunch;
   m.attr("CHUNK_BYTES") = gradclip::kChunkBytes;
   m.attr("BLOCK_THREADS") = gradclip::kBlockThreads;

@@ -554,10 +554,11 @@ def test_torch_compile_fullgraph_clip(gen, amp):
     params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (1000, 70_001, 3)]
     grads = _random_list(gen, [1000, 70_001, 3], [torch.float32], scale=2.0)
     inv = torch.tensor([0.5], device="cuda") if amp else None
+    backend = _cuda()
 
     def clip(ps):
         if amp:
-            return _cuda().clip_grads_([p.grad for p in ps], 2.0, 1.0, inv)
+            return backend.clip_grads_([p.grad for p in ps], 2.0, 1.0, inv)
         return gradclip.clip_grad_norm_(ps, 1.0, backend="cuda")
 
     for p, g in zip(params, grads):
@@ -620,9 +621,11 @@ def test_clamp_matches_torch(gen, offset):
 @on_gpu
 def test_fast_path_reads_grads_in_cpp(gen):
     ext = cuda_build.load_extension()
-    params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (10, 20_000, 7, 3)]
     grads = _random_list(gen, [10, 20_000, 3], [torch.float32, torch.bfloat16])
-    params[0].grad, params[1].grad, params[3].grad = (g.clone() for g in grads)
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    params.insert(2, torch.nn.Parameter(torch.empty(7, device="cuda")))  # no grad: skipped
+    for p, g in zip([params[0], params[1], params[3]], grads):
+        p.grad = g.clone()
     stats = ext.clip_parameters(params, 2.0, 1.0)
     _check(stats, grads, 2.0, 1.0)
     coef = stats[COEF].item()
@@ -672,8 +675,10 @@ def test_concurrent_streams(gen):
 @on_gpu
 def test_errors_name_the_argument_and_the_fix(gen):
     backend = _cuda()
-    with pytest.raises(RuntimeError, match="backend='torch'"):
+    with pytest.raises(RuntimeError, match="CUDA"):
         torch.ops.gradclip.norm_stats([torch.ones(3)], 2.0, 1.0, None)
+    with pytest.raises(RuntimeError, match="tensors\\[1\\] is on cpu"):
+        torch.ops.gradclip.norm_stats([torch.ones(3, device="cuda"), torch.ones(3)], 2.0, 1.0, None)
     with pytest.raises(RuntimeError, match="inv_scale"):
         backend.norm_stats([torch.ones(3, device="cuda")], 2.0, 1.0, torch.ones(1))
     with pytest.raises(RuntimeError, match="one element"):
