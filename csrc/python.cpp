@@ -92,6 +92,13 @@ bool scale(py::handle tensors, py::handle scale, py::handle found_inf) {
   return true;
 }
 
+bool clamp(py::handle tensors, double clip_value) {
+  std::vector<const at::Tensor*> list;
+  if (!collect(tensors, /*take_grad=*/false, list)) return false;
+  clamp_cuda(TensorRefs(list), clip_value);
+  return true;
+}
+
 py::tuple simulate_split_py(py::handle tensors, int64_t grid, bool replay_split) {
   std::vector<const at::Tensor*> list;
   for (py::handle item : tensors) list.push_back(&THPVariable_Unpack(item.ptr()));
@@ -117,6 +124,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradclip::norm_stats without the dispatcher; None when the fast path does not take the list.");
   m.def("scale_", &gradclip::scale, py::arg("tensors"), py::arg("scale"), py::arg("found_inf") = py::none(),
         "gradclip::scale_ without the dispatcher; False when the fast path does not take the list.");
+  m.def("clamp_", &gradclip::clamp, py::arg("tensors"), py::arg("clip_value"),
+        "gradclip::clamp_ without the dispatcher; False when the fast path does not take the list.");
   m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
         py::arg("replay") = true,
         "Test helper: replay on the host how the kernels split a list among blocks; returns "

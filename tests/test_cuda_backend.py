@@ -641,6 +641,30 @@ def test_fast_path_reads_grads_in_cpp(gen):
 
 
 @on_gpu
+def test_dispatcher_ops_and_fast_path_agree(gen):
+    """Eager calls skip the dispatcher (pybind11 entry points); compiled code uses the ops."""
+    tensors = _random_list(gen, [1000, 70_001, 3, 0], list(DTYPES), scale=3.0)
+    tensors.append(_random_list(gen, [4000], [torch.bfloat16])[0].view(40, 100)[:, ::3])
+    backend = _cuda()
+    inv = torch.tensor([0.5], device="cuda")
+    assert torch.equal(backend.norm_stats(tensors, 2.0, 1.0, inv),
+                       torch.ops.gradclip.norm_stats(tensors, 2.0, 1.0, inv))
+    copies = [t.clone() for t in tensors]
+    factor = torch.tensor([0.3], device="cuda")
+    backend.scale_(tensors, factor)
+    torch.ops.gradclip.scale_(copies, factor, None)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+    backend.clamp_(tensors, 0.2)
+    torch.ops.gradclip.clamp_(copies, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+    stats = backend.clip_grads_(tensors, 2.0, 0.5)
+    reference = torch.ops.gradclip.norm_stats(copies, 2.0, 0.5, None)
+    torch.ops.gradclip.scale_(copies, reference[COEF:FOUND_INF], None)
+    assert torch.equal(stats, reference)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+
+
+@on_gpu
 def test_clip_grad_norm_matches_torch(gen):
     params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (4096,) * 300 + (5, 70_001)]
     ours = [g * 3 for g in _random_list(gen, [p.numel() for p in params], [torch.float32])]

@@ -96,7 +96,9 @@ class CudaBackend(Backend):
         torch.ops.gradclip.scale_(tensors, scale, found_inf)
 
     def clamp_(self, tensors, clip_value):
-        self._module()
+        ext = self._module()
+        if not torch.compiler.is_compiling() and ext.clamp_(tensors, float(clip_value)):
+            return
         torch.ops.gradclip.clamp_(tensors, float(clip_value))
 
     def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
