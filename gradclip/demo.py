@@ -69,12 +69,12 @@ class Batches:
 
 
 def train(model: nn.Module, batches: Batches, steps: int, lr: float, max_norm: float,
-          device: torch.device, backend: str, progress) -> dict:
-    """SGD through a ClippedOptimizer; returns per-step losses, norms and the counters."""
+          device: torch.device, backend: str, progress, amp: bool) -> dict:
+    """SGD through a ClippedOptimizer (with float16 autocast and gradclip.GradScaler when
+    ``amp``); returns per-step losses, norms and the counters."""
     optimizer = gradclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
                                           max_norm=max_norm, backend=backend)
-    amp = device.type == "cuda"
-    scaler = gradclip.GradScaler("cuda") if amp else None
+    scaler = gradclip.GradScaler(device.type) if amp else None
     vocab = model.head.out_features
     losses, norms = [], []
     started = time.perf_counter()
@@ -235,7 +235,7 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
         batches = Batches(ids, args.seed + 1, device)
         label = f"  {name:<22}"
         runs[name] = train(model, batches, args.steps, args.lr, max_norm, device, args.backend,
-                           _progress(label, args.steps))
+                           _progress(label, args.steps), amp=device.type == "cuda")
         rows.append(summarise(name, runs[name]))
         models[name] = model
     summary = table(rows)
