@@ -92,7 +92,7 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
     pairs = list(zip([init_scale(device)] + ref_scales, ref_scales))
     assert any(b > a for a, b in pairs) and any(b < a for a, b in pairs), \
         "the run must both grow and back off the scale"
-    assert_params_close_all(ours, theirs, device)
+    assert_params_close_all(ours, theirs, device, backend)
     # The injected steps, and any that overflowed by themselves (float16 on a GPU).
     skipped = {i for i in range(N_STEPS) if not math.isfinite(ref_norms[i])}
     assert INF_STEPS <= skipped
@@ -100,7 +100,7 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
     for i in finite:
         assert norms[i] == pytest.approx(ref_norms[i], rel=2e-5), f"last_norm at step {i}"
         for g, h in zip(steps[i][1], ref_steps[i][1]):
-            torch.testing.assert_close(g, h, **tolerance(device),
+            torch.testing.assert_close(g, h, **tolerance(device, backend),
                                        msg=lambda m: f"grads after step {i} must be unscaled and clipped: {m}")
     for i in skipped - {0}:
         for p, q in zip(steps[i][0], steps[i - 1][0]):
@@ -117,9 +117,9 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
     assert 0 < clipped < n_steps
 
 
-def assert_params_close_all(ours, theirs, device):
+def assert_params_close_all(ours, theirs, device, backend="torch"):
     for i, (p, q) in enumerate(zip(ours, theirs)):
-        torch.testing.assert_close(p.detach(), q.detach(), **tolerance(device),
+        torch.testing.assert_close(p.detach(), q.detach(), **tolerance(device, backend),
                                    msg=lambda m, i=i: f"parameter {i}: {m}")
 
 

@@ -90,11 +90,13 @@ def optimizer_params(names):
     return [pytest.param(name, marks=marks.get(name, []), id=name) for name in names]
 
 
-def tolerance(device: str) -> dict:
+def tolerance(device: str, backend: str = "torch") -> dict:
     # On the CPU the torch backend computes what torch computes, in the same order: the
     # loops agree to the last bit or nearly. Other backends reduce in another order, and a
-    # fused optimizer divides by 1/coef where torch multiplies by coef: ulp-level drift.
-    return {"rtol": 1e-6, "atol": 1e-7} if device == "cpu" else {"rtol": 2e-4, "atol": 2e-5}
+    # fused optimizer divides by 1/coef where torch multiplies by coef: ulp-level drift,
+    # which RMSprop's and Adam's division by sqrt(v) magnifies for single elements.
+    exact = device == "cpu" and backend == "torch"
+    return {"rtol": 1e-6, "atol": 1e-7} if exact else {"rtol": 2e-4, "atol": 2e-5}
 
 
 def make_params(gen: torch.Generator, device: str = "cpu") -> list[torch.nn.Parameter]:
@@ -193,9 +195,9 @@ def run_wrapped(params, opt, batches, *, scaler=None, scheduler=None, inf_steps=
     return norms, scales
 
 
-def assert_params_close(ours, theirs, device="cpu"):
+def assert_params_close(ours, theirs, device="cpu", backend="torch"):
     for i, (p, q) in enumerate(zip(ours, theirs)):
-        torch.testing.assert_close(p.detach(), q.detach(), **tolerance(device),
+        torch.testing.assert_close(p.detach(), q.detach(), **tolerance(device, backend),
                                    msg=lambda m, i=i: f"parameter {i}: {m}")
 
 
@@ -227,7 +229,7 @@ def test_training_matches_torch_clip_then_step(backend_device, gen, name):
     ref_norms, _ = run_reference(theirs, ref_opt, batches, scheduler=lambda_scheduler(ref_opt))
     norms, _ = run_wrapped(ours, opt, batches, scheduler=lambda_scheduler(opt))
 
-    assert_params_close(ours, theirs, device)
+    assert_params_close(ours, theirs, device, backend)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=2e-5, atol=0)
     assert tuple(opt.stats().values()) == expected_counts(ref_norms)
     steps, clipped, _ = expected_counts(ref_norms)
