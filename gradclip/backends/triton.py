@@ -25,6 +25,8 @@ reference backend, the whole call with them.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import math
 import operator
@@ -140,7 +142,6 @@ class _Table:
     acc_dtype: torch.dtype
     norm_programs: int
     scale_programs: int
-    uploaded: bool = False       # dev holds the table outside any graph
     held: bool = False           # used in a graph capture: never freed
 
 
@@ -152,7 +153,6 @@ class _State:
     tables: OrderedDict = field(default_factory=OrderedDict)
     held: list = field(default_factory=list)
     sms: dict = field(default_factory=dict)
-    side_streams: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_key: tuple | None = None
     last_table: _Table | None = None
@@ -329,8 +329,14 @@ class TritonBackend(Backend):
             else:
                 table = state.tables.get(key)
                 if table is None:
+                    if capturing:
+                        raise RuntimeError(
+                            "gradclip triton backend: this gradient list is new during CUDA graph "
+                            "capture, and its table cannot be uploaded inside a capture. Call the "
+                            "clip once eagerly before capturing (torch.cuda.graphs' usual warm-up "
+                            "on a side stream does this; torch.compile's cudagraphs do it too).")
                     state.misses += 1
-                    table = state.tables[key] = self._build(device, ptrs, numels, dtypes, capturing)
+                    table = state.tables[key] = self._build(device, ptrs, numels, dtypes)
                     while len(state.tables) > _MAX_CACHED_TABLES:
                         _, old = state.tables.popitem(last=False)
                         if old.held:
@@ -339,17 +345,11 @@ class TritonBackend(Backend):
                     state.hits += 1
                     state.tables.move_to_end(key)
                 state.last_key, state.last_table = key, table
-            if not table.uploaded:
-                # A new table, or one built during a capture, which only that graph's
-                # replays write. Copy it now; during a capture the copy is captured too,
-                # so this graph's replays rewrite it before their kernels read it.
-                table.dev[:table.host.numel()].copy_(table.host, non_blocking=True)
-                table.uploaded = not capturing
             if capturing:
                 table.held = True
         return table
 
-    def _build(self, device, ptrs, numels, dtypes, capturing) -> _Table:
+    def _build(self, device, ptrs, numels, dtypes) -> _Table:
         config = self._config(device)
         norm_target = self._grid_target(device, config.programs_per_sm)
         chunk = _pow2_floor(sum(numels) // max(norm_target * config.chunks_per_program, 1))
@@ -376,8 +376,9 @@ class TritonBackend(Backend):
         norm_programs = max(1, min(norm_target, n_chunks))
         scale_programs = max(1, min(self._grid_target(device, config.scale_programs_per_sm),
                                     n_chunks))
-        with self._allocation_stream(device, capturing):
-            dev = torch.empty(host.numel() + 2 * norm_programs, dtype=torch.int64, device=device)
+        dev = torch.empty(host.numel() + 2 * norm_programs, dtype=torch.int64, device=device)
+        # From pageable memory this copy is staged before it returns: ``bases`` may go.
+        dev[:host.numel()].copy_(host)
         partials = dev[host.numel():].view(acc_dtype)[:2 * norm_programs]
         present = {f"HAS_{name}": dtype in dtypes for name, dtype in _CODE_NAMES}
         return _Table(bases, host, dev, partials, n_chunks, present, acc_dtype, norm_programs,
@@ -391,15 +392,6 @@ class TritonBackend(Backend):
         if sms is None:
             sms = self._state.sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
         return sms * per_sm
-
-    def _allocation_stream(self, device, capturing):
-        """A stream outside the capture: tables outlive a graph, its pool must not own them."""
-        if not capturing:
-            return _NullContext()
-        stream = self._state.side_streams.get(device)
-        if stream is None:
-            stream = self._state.side_streams[device] = torch.cuda.Stream(device)
-        return torch.cuda.stream(stream)
 
     def cache_info(self) -> dict:
         """Table cache counters (for tests and benchmarks): hits, misses, entries, held."""
@@ -416,19 +408,11 @@ class TritonBackend(Backend):
             state.last_key = state.last_table = None
 
 
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device.index)
-    return _NullContext()
+    return contextlib.nullcontext()
 
 
 def _one_element(t: Tensor, device: torch.device, name: str) -> Tensor:
