@@ -377,8 +377,9 @@ class TritonBackend(Backend):
         scale_programs = max(1, min(self._grid_target(device, config.scale_programs_per_sm),
                                     n_chunks))
         dev = torch.empty(host.numel() + 2 * norm_programs, dtype=torch.int64, device=device)
-        # From pageable memory this copy is staged before it returns: ``bases`` may go.
-        dev[:host.numel()].copy_(host)
+        # No host sync: the copy is queued on the stream; ``host`` (and ``bases``, which it
+        # views) live as long as the table.
+        dev[:host.numel()].copy_(host, non_blocking=True)
         partials = dev[host.numel():].view(acc_dtype)[:2 * norm_programs]
         present = {f"HAS_{name}": dtype in dtypes for name, dtype in _CODE_NAMES}
         return _Table(bases, host, dev, partials, n_chunks, present, acc_dtype, norm_programs,
