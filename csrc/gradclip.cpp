@@ -22,6 +22,14 @@
 namespace gradclip {
 namespace {
 
+// Numbers in error messages go in as strings: an ostream's numeric formatting crashed
+// (SIGSEGV in num_put) where the toolchain linked a second, static libstdc++ into the
+// extension, and std::to_string does not touch stream locales.
+template <typename Number>
+std::string text(Number value) {
+  return std::to_string(value);
+}
+
 std::optional<DType> dtype_code(at::ScalarType type) {
   switch (type) {
     case at::kHalf: return kHalf;
@@ -95,14 +103,14 @@ Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device
   TensorTable* table = nullptr;
   for (size_t k = 0; k < tensors.size(); ++k) {
     const at::Tensor& t = tensors[k];
-    TORCH_CHECK(t.defined(), op, ": tensors[", k, "] is None; pass only defined tensors");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", k, "] has layout ", t.layout(),
+    TORCH_CHECK(t.defined(), op, ": tensors[", text(k), "] is None; pass only defined tensors");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", text(k), "] has layout ", t.layout(),
                 "; only dense (strided) tensors are supported, densify it with .to_dense()");
     const auto dtype = dtype_code(t.scalar_type());
-    TORCH_CHECK(dtype.has_value(), op, ": tensors[", k, "] has dtype ", t.scalar_type(),
+    TORCH_CHECK(dtype.has_value(), op, ": tensors[", text(k), "] has dtype ", c10::toString(t.scalar_type()),
                 "; supported are float16, bfloat16, float32 and float64");
-    TORCH_CHECK(!device.has_value() || t.device() == *device, op, ": tensors[", k, "] is on ",
-                t.device(), " but tensors[0] is on ", *device,
+    TORCH_CHECK(!device.has_value() || t.device() == *device, op, ": tensors[", text(k), "] is on ",
+                t.device().str(), " but tensors[0] is on ", device->str(),
                 "; pass the tensors of one CUDA device per call");
     packed.any_double |= *dtype == kDouble;
     const int64_t numel = t.numel();
@@ -118,7 +126,7 @@ Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device
       source = &packed.copies.back();
     }
     void* ptr = source->data_ptr();
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % dtype_size(*dtype) == 0, op, ": tensors[", k,
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % dtype_size(*dtype) == 0, op, ": tensors[", text(k),
                 "] is not aligned to its element size; pass a tensor made by torch, or .clone() it");
     append(packed, table, ptr, numel, *dtype);
   }
@@ -129,19 +137,20 @@ at::Device check_device(TensorRefs tensors, const char* op) {
   TORCH_CHECK(!tensors.empty(), op, ": tensors is empty; pass at least one tensor");
   const at::Tensor& first = tensors[0];
   TORCH_CHECK(first.defined(), op, ": tensors[0] is None; pass only defined tensors");
-  TORCH_CHECK(first.is_cuda(), op, ": tensors[0] is on ", first.device(),
+  TORCH_CHECK(first.is_cuda(), op, ": tensors[0] is on ", first.device().str(),
               "; the cuda backend runs CUDA tensors only, use backend='torch' for others");
   return first.device();
 }
 
 // A one-element device tensor for the kernels: float32 or float64 (others are converted).
 at::Tensor device_scalar(const at::Tensor& t, const char* op, const char* name, at::Device device) {
-  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must have one element, got ", t.numel());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the tensors are on ",
-              device, "; move it with .to(", device, ") (a device scalar avoids a host sync)");
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must have one element, got ", text(t.numel()));
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device().str(),
+              " but the tensors are on ", device.str(), "; move it with .to(", device.str(),
+              ") (a device scalar avoids a host sync)");
   if (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) return t;
   TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), true), op,
-              ": ", name, " has dtype ", t.scalar_type(), "; pass a float32 tensor");
+              ": ", name, " has dtype ", c10::toString(t.scalar_type()), "; pass a float32 tensor");
   return t.to(at::kFloat);
 }
 
@@ -168,7 +177,7 @@ NormSetup setup_norm(const Packed& packed, const at::Tensor& like, double norm_t
                      double max_norm, const std::optional<at::Tensor>& inv_scale, int total_blocks,
                      cudaStream_t stream) {
   const at::Device device = like.device();
-  TORCH_CHECK(norm_type > 0, "gradclip::norm_stats: norm_type must be > 0 or inf, got ", norm_type);
+  TORCH_CHECK(norm_type > 0, "gradclip::norm_stats: norm_type must be > 0 or inf, got ", text(norm_type));
   TORCH_CHECK(!std::isnan(max_norm), "gradclip::norm_stats: max_norm is NaN; pass a number >= 0");
   NormSetup setup;
   if (inv_scale.has_value() && inv_scale->defined()) {
@@ -265,7 +274,15 @@ void scale_strided(const std::vector<at::Tensor>& strided, const at::Tensor& sca
   if (found_inf.has_value()) {
     factor = factor.new_ones({}).where(found_inf->reshape({}).ne(0), factor);
   }
-  for (const at::Tensor& t : strided) t.mul_(factor);
+  for (const at::Tensor& t : strided) {
+    // ATen's mul_ would round the 0-d float32 factor to a 16-bit tensor's dtype first; the
+    // kernels multiply in float32 and round once, and so does this.
+    if (at::isReducedFloatingType(t.scalar_type())) {
+      t.copy_(t.to(at::kFloat).mul_(factor));
+    } else {
+      t.mul_(factor);
+    }
+  }
 }
 
 PointwiseParams scale_params(const at::Tensor& scale, const std::optional<at::Tensor>& found_inf) {
@@ -307,7 +324,7 @@ void scale_cuda(TensorRefs tensors, const at::Tensor& scale,
 
 void clamp_cuda(TensorRefs tensors, double clip_value) {
   if (tensors.empty()) return;
-  TORCH_CHECK(clip_value >= 0, "gradclip::clamp_: clip_value must be >= 0, got ", clip_value);
+  TORCH_CHECK(clip_value >= 0, "gradclip::clamp_: clip_value must be >= 0, got ", text(clip_value));
   const at::Device device = check_device(tensors, "gradclip::clamp_");
   const c10::cuda::CUDAGuard guard(device);
   Packed packed = pack(tensors, "gradclip::clamp_", device, Strided::kSetAside);
@@ -349,7 +366,7 @@ bool fused_clip_enabled() { return fused_clip_flag().load(); }
 
 // For tests without a GPU: only the tensors' addresses and sizes are used.
 SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay) {
-  TORCH_CHECK(grid > 0, "simulate_split: grid must be > 0, got ", grid);
+  TORCH_CHECK(grid > 0, "simulate_split: grid must be > 0, got ", text(grid));
   Packed packed = pack(tensors, "simulate_split", std::nullopt, Strided::kCopy);
   TORCH_CHECK(packed.copies.empty(), "simulate_split: pass dense tensors");
   SplitReplay result;

@@ -173,7 +173,10 @@ def test_scale_multiplies_every_tensor(backend_device, gen, mix):
     _backend(name, device).scale_(tensors, factor)
     for t, b in zip(tensors, before):
         expected = (b.double() * factor.item()).to(t.dtype)
-        torch.testing.assert_close(t, expected, rtol=storage_rtol(t.dtype), atol=0)
+        # torch's CUDA mul_ (the reference backend) rounds the factor to float16 first:
+        # within rtol, except for subnormals, which get one unit.
+        atol = 6e-8 if t.dtype == torch.float16 else 0
+        torch.testing.assert_close(t, expected, rtol=storage_rtol(t.dtype), atol=atol)
 
 
 def test_scale_by_one_leaves_tensors_bitwise_untouched(backend_device, gen):
