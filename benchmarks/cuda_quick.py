@@ -18,9 +18,6 @@ Sections, in order:
    from L2 before each sample. Ours: ``gradclip.clip_grad_norm_(params, backend="cuda")``
    (eager: the C++ fast path over the parameters); torch: ``torch.nn.utils.clip_grad_norm_``.
 4. host overhead: one eager call on a single 4-element tensor, and its graph replay.
-5. the stretch kernel, where the gradients fit in L2 (2000 x 4096): rows ``no-clip/1L`` and
-   ``clip/1L`` time the one-launch clip (norm, grid barrier, rescale from L2; off by default,
-   ``GRADCLIP_CUDA_FUSED=1``); there the "torch" column holds our two-launch time instead.
 
 The summary table comes last: microseconds (median), GB/s of the bytes the ideal path
 moves, % of the floor (floor / time: 100% is the floor), speedup over torch. Targets
@@ -145,22 +142,6 @@ def correctness(small: bool) -> None:
     check(all(torch.equal(s, stats[0]) for s in stats), "bitwise identical over repeated runs")
     backend.clamp_(tensors, 0.5)
     check(all(t.abs().max().item() <= 0.5 for t in tensors if t.numel()), "clamp_ bounds every tensor")
-
-    ext = cuda_build.load_extension()
-    for case in ("clip", "no-clip", "amp-inf", "nan"):
-        grads = random_list(gen, [3000, 70_001, 1, 0, 16384], dtypes[:3], offset=1,
-                            scale=1e-6 if case == "no-clip" else 3.0)
-        if case in ("amp-inf", "nan"):
-            grads[1].view(-1)[-1] = math.inf if case == "amp-inf" else math.nan
-        inv = torch.tensor([0.5], device="cuda") if case == "amp-inf" else None
-        copies = [g.clone() for g in grads]
-        ext.set_fused_clip(True)
-        stats = ext.clip_grads(grads, 2.0, 1.0, inv)
-        ext.set_fused_clip(False)
-        expected = ext.clip_grads(copies, 2.0, 1.0, inv)
-        check(torch.equal(stats.nan_to_num(), expected.nan_to_num()) and all(
-            torch.equal(g.view(torch.uint8), c.view(torch.uint8)) for g, c in zip(grads, copies)),
-            f"one-launch clip ({case}) bitwise equal to norm + rescale")
     if small:
         return  # CUDA graphs need the caching allocator, which a sanitizer run turns off
 
@@ -269,42 +250,8 @@ def time_workload(key, dtype, ceilings, evict, repeats, rows):
             print(f"  {mode:8s} {method:5s} ours {ours_t:9.1f} us  torch {torch_t:9.1f} us  "
                   f"{row['gbs']:7.0f} GB/s  {row['pct_floor']:5.1f}% of floor  x{row['speedup']:.2f}",
                   flush=True)
-    if nbytes <= torch.cuda.get_device_properties(0).L2_cache_size:
-        time_fused(workload, dtype, params, grads, ceilings, evict, repeats, rows)
     del params, grads
     torch.cuda.empty_cache()
-
-
-def time_fused(workload, dtype, params, grads, ceilings, evict, repeats, rows):
-    """The stretch kernel (norm, grid barrier, rescale from L2 in one launch) where the
-    gradients fit in L2: the same calls with it switched on."""
-    ext = cuda_build.load_extension()
-    nbytes = workload.nbytes(dtype)
-    for mode, norm in (("no-clip", 0.5), ("clip", 4.0)):
-        reset = (lambda: set_norm(grads, 4.0)) if mode == "clip" else None
-        set_norm(grads, norm)
-        for method in ("graph", "eager"):
-            ext.set_fused_clip(False)
-            try:
-                two = time_call(lambda: gradclip.clip_grad_norm_(params, 1.0, backend="cuda"), method=method,
-                                device=grads[0].device, repeats=repeats, evict=evict, reset=reset).median_us
-                ext.set_fused_clip(True)
-                one = time_call(lambda: gradclip.clip_grad_norm_(params, 1.0, backend="cuda"), method=method,
-                                device=grads[0].device, repeats=repeats, evict=evict, reset=reset).median_us
-            except RuntimeError as error:
-                print(f"  fused {mode} {method}: failed: {error}", flush=True)
-                failures.append(f"fused {mode} {method}: {error}")
-                continue
-            finally:
-                ext.set_fused_clip(False)
-            (r, rw), _ = PASSES[mode]
-            floor = ceilings.floor_us(r, rw, nbytes)
-            rows.append(dict(workload=f"{workload.title} {SHORT[dtype]}", tensors=workload.n_tensors,
-                             mode=f"{mode}/1L", method=method, ours_us=one, torch_us=two,
-                             gbs=(r + 2 * rw) * nbytes / one / 1e3, floor_us=floor,
-                             pct_floor=100 * floor / one, speedup=two / one))
-            print(f"  {mode}/1L {method:5s} one launch {one:8.1f} us  norm+rescale {two:8.1f} us  "
-                  f"x{two / one:.2f}", flush=True)
 
 
 def host_overhead(evict, repeats, rows):

@@ -9,11 +9,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -60,7 +58,6 @@ struct Packed {
   std::vector<TensorTable> tables;
   int num_tables = 0;
   bool any_double = false;
-  int64_t bytes = 0;
   std::vector<at::Tensor> copies;   // Strided::kCopy: contiguous copies, alive until launched
   std::vector<at::Tensor> strided;  // Strided::kSetAside: for ATen
 
@@ -86,7 +83,6 @@ TensorTable& next_table(Packed& packed) {
 void append(Packed& packed, TensorTable*& table, void* ptr, int64_t numel, DType dtype) {
   if (table == nullptr || table->num_tensors == kMaxTensorsPerLaunch) table = &next_table(packed);
   const int64_t bytes = numel * dtype_size(dtype);
-  packed.bytes += bytes;
   const int i = table->num_tensors++;
   table->num_chunks += (bytes + kChunkBytes - 1) / kChunkBytes;
   table->chunk_end[i] = table->num_chunks;
@@ -165,46 +161,16 @@ cudaStream_t current_stream(at::Device device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
-// The stats tensor, the zeroed scratch (counter and slots) and the kernel parameters of a
-// norm over `total_blocks` blocks.
-struct NormSetup {
-  at::Tensor stats, workspace;
-  std::optional<at::Tensor> inv;  // alive until launched
-  NormParams params{};
-};
-
-NormSetup setup_norm(const Packed& packed, const at::Tensor& like, double norm_type,
-                     double max_norm, const std::optional<at::Tensor>& inv_scale, int total_blocks,
-                     cudaStream_t stream) {
-  const at::Device device = like.device();
-  TORCH_CHECK(norm_type > 0, "gradclip::norm_stats: norm_type must be > 0 or inf, got ", text(norm_type));
-  TORCH_CHECK(!std::isnan(max_norm), "gradclip::norm_stats: max_norm is NaN; pass a number >= 0");
-  NormSetup setup;
-  if (inv_scale.has_value() && inv_scale->defined()) {
-    setup.inv = device_scalar(*inv_scale, "gradclip::norm_stats", "inv_scale", device);
-  }
-  const auto stats_type = packed.any_double ? at::kDouble : at::kFloat;
-  setup.stats = like.new_empty({3}, at::TensorOptions().dtype(stats_type).device(device));
-  setup.workspace = like.new_empty({static_cast<int64_t>(norm_workspace_bytes(total_blocks))},
-                                   at::TensorOptions().dtype(at::kByte).device(device));
-  C10_CUDA_CHECK(reset_norm_workspace(setup.workspace.data_ptr(), stream));
-  NormParams& params = setup.params;
-  params.p = norm_type;
-  params.max_norm = max_norm;
-  params.inv_scale = setup.inv.has_value() ? setup.inv->data_ptr() : nullptr;
-  params.inv_scale_dtype = setup.inv.has_value() && setup.inv->scalar_type() == at::kDouble ? kDouble : kFloat;
-  params.stats = setup.stats.data_ptr();
-  params.stats_dtype = packed.any_double ? kDouble : kFloat;
-  params.counter = static_cast<unsigned int*>(setup.workspace.data_ptr());
-  params.slots = reinterpret_cast<Partial*>(static_cast<char*>(setup.workspace.data_ptr()) + 16);
-  params.total_blocks = total_blocks;
-  return setup;
-}
-
 // Launches the norm over the packed tables; returns stats [norm, coef, found_inf].
 at::Tensor run_norm(Packed& packed, const at::Tensor& like, double norm_type, double max_norm,
                     const std::optional<at::Tensor>& inv_scale) {
   const at::Device device = like.device();
+  TORCH_CHECK(norm_type > 0, "gradclip::norm_stats: norm_type must be > 0 or inf, got ", text(norm_type));
+  TORCH_CHECK(!std::isnan(max_norm), "gradclip::norm_stats: max_norm is NaN; pass a number >= 0");
+  std::optional<at::Tensor> inv;
+  if (inv_scale.has_value() && inv_scale->defined()) {
+    inv = device_scalar(*inv_scale, "gradclip::norm_stats", "inv_scale", device);
+  }
   if (packed.num_tables == 0) next_table(packed);  // only zero-size tensors: one empty block
   const NormKind kind = norm_kind(norm_type);
   const int limit = std::max(1, norm_grid_limit(device.index(), kind));
@@ -216,43 +182,26 @@ at::Tensor run_norm(Packed& packed, const at::Tensor& like, double norm_type, do
     tables[l].block_offset = total_blocks;
     total_blocks += grids[l];
   }
+  const auto stats_type = packed.any_double ? at::kDouble : at::kFloat;
+  at::Tensor stats = like.new_empty({3}, at::TensorOptions().dtype(stats_type).device(device));
+  at::Tensor workspace = like.new_empty({static_cast<int64_t>(norm_workspace_bytes(total_blocks))},
+                                        at::TensorOptions().dtype(at::kByte).device(device));
   const cudaStream_t stream = current_stream(device);
-  const NormSetup setup = setup_norm(packed, like, norm_type, max_norm, inv_scale, total_blocks, stream);
+  C10_CUDA_CHECK(reset_norm_workspace(workspace.data_ptr(), stream));
+  NormParams params{};
+  params.p = norm_type;
+  params.max_norm = max_norm;
+  params.inv_scale = inv.has_value() ? inv->data_ptr() : nullptr;
+  params.inv_scale_dtype = inv.has_value() && inv->scalar_type() == at::kDouble ? kDouble : kFloat;
+  params.stats = stats.data_ptr();
+  params.stats_dtype = packed.any_double ? kDouble : kFloat;
+  params.counter = static_cast<unsigned int*>(workspace.data_ptr());
+  params.slots = reinterpret_cast<Partial*>(static_cast<char*>(workspace.data_ptr()) + 16);
+  params.total_blocks = total_blocks;
   for (int l = 0; l < packed.num_tables; ++l) {
-    C10_CUDA_CHECK(launch_norm(kind, tables[l], setup.params, grids[l], stream));
+    C10_CUDA_CHECK(launch_norm(kind, tables[l], params, grids[l], stream));
   }
-  return setup.stats;
-}
-
-// Off unless switched on (GRADCLIP_CUDA_FUSED=1 or set_fused_clip): kept only if it
-// measures faster than norm_kernel + pointwise_kernel.
-std::atomic<bool>& fused_clip_flag() {
-  static std::atomic<bool> flag{[] {
-    const char* value = std::getenv("GRADCLIP_CUDA_FUSED");
-    return value != nullptr && std::string(value) == "1";
-  }()};
-  return flag;
-}
-
-// Whether clip_grads may take the one-launch kernel: 2-norm, one table, dense tensors,
-// gradients that fit in L2 (else the rescale re-reads device memory anyway).
-bool fused_clip_fits(const Packed& packed, at::Device device, double norm_type) {
-  return fused_clip_flag().load(std::memory_order_relaxed) && packed.num_tables == 1 &&
-         packed.strided.empty() && norm_kind(norm_type) == NormKind::kL2 &&
-         packed.bytes <= l2_cache_bytes(device.index());
-}
-
-at::Tensor run_fused_clip(Packed& packed, const at::Tensor& like, double max_norm,
-                          const std::optional<at::Tensor>& inv_scale) {
-  const at::Device device = like.device();
-  TensorTable& table = packed.tables[0];
-  const int grid = static_cast<int>(std::min<int64_t>(
-      table.num_chunks, std::max(1, fused_clip_grid_limit(device.index()))));
-  table.block_offset = 0;
-  const cudaStream_t stream = current_stream(device);
-  const NormSetup setup = setup_norm(packed, like, 2.0, max_norm, inv_scale, grid, stream);
-  C10_CUDA_CHECK(launch_fused_clip(table, setup.params, grid, stream));
-  return setup.stats;
+  return stats;
 }
 
 void run_pointwise(Packed& packed, at::Device device, Pointwise op, const PointwiseParams& params) {
@@ -342,9 +291,6 @@ at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
   const at::Device device = check_device(grads, op);
   const c10::cuda::CUDAGuard guard(device);
   Packed packed = pack(grads, op, device, Strided::kSetAside);
-  if (fused_clip_fits(packed, device, norm_type)) {
-    return run_fused_clip(packed, grads[0], max_norm, inv_scale);
-  }
   at::Tensor stats;
   if (packed.strided.empty()) {
     stats = run_norm(packed, grads[0], norm_type, max_norm, inv_scale);
@@ -360,9 +306,6 @@ at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
   scale_strided(packed.strided, coef, skip);
   return stats;
 }
-
-void set_fused_clip(bool enabled) { fused_clip_flag().store(enabled); }
-bool fused_clip_enabled() { return fused_clip_flag().load(); }
 
 // For tests without a GPU: only the tensors' addresses and sizes are used.
 SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay) {

@@ -272,29 +272,22 @@ __device__ __forceinline__ void block_reduce(double& sum, unsigned long long& am
 
 // norm, coef, found_inf in the stats dtype T, with torch's rounding: the coefficient is
 // reciprocal-then-multiply, and a NaN norm gives a NaN coefficient (clamp keeps NaN).
-// Returns the coefficient (as rounded to T); writes the stats when `stats` is not null.
 template <typename T>
-__device__ double write_stats(void* stats, double norm_value, double max_norm, bool has_inv,
-                              double inv, bool found_inf) {
+__device__ void write_stats(void* stats, double norm_value, double max_norm, bool has_inv,
+                            double inv, bool found_inf) {
+  T* out = static_cast<T*>(stats);
   const T norm = static_cast<T>(norm_value);
   T coef = T(1) / (norm + static_cast<T>(1e-6));
   coef = coef * static_cast<T>(max_norm);
   coef = coef > T(1) ? T(1) : coef;
   if (has_inv) coef = coef * static_cast<T>(inv);
-  if (stats != nullptr) {
-    T* out = static_cast<T*>(stats);
-    out[0] = norm;
-    out[1] = coef;
-    out[2] = found_inf ? T(1) : T(0);
-  }
-  return static_cast<double>(coef);
+  out[0] = norm;
+  out[1] = coef;
+  out[2] = found_inf ? T(1) : T(0);
 }
 
-// The stats from the sum and largest |x| of all blocks; returns the coefficient and sets
-// *found_inf. Writes the stats when `write` is set.
 template <NormKind K>
-__device__ double finalise(const NormParams& params, double sum, unsigned long long amax_bits,
-                           bool write, bool* found_inf) {
+__device__ void finalise(const NormParams& params, double sum, unsigned long long amax_bits) {
   const bool has_inv = params.inv_scale != nullptr;
   const double inv = has_inv ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
   double norm;
@@ -309,19 +302,20 @@ __device__ double finalise(const NormParams& params, double sum, unsigned long l
     norm = __longlong_as_double(static_cast<long long>(amax_bits)) * fabs(inv);
   }
   if (amax_bits > kInfBits) norm = __longlong_as_double(static_cast<long long>(kNanBits));
-  *found_inf = amax_bits >= kInfBits;
-  void* stats = write ? params.stats : nullptr;
+  const bool found_inf = amax_bits >= kInfBits;
   if (params.stats_dtype == kDouble) {
-    return write_stats<double>(stats, norm, params.max_norm, has_inv, inv, *found_inf);
+    write_stats<double>(params.stats, norm, params.max_norm, has_inv, inv, found_inf);
+  } else {
+    write_stats<float>(params.stats, norm, params.max_norm, has_inv, inv, found_inf);
   }
-  return write_stats<float>(stats, norm, params.max_norm, has_inv, inv, *found_inf);
 }
 
-// This block's share of the norm: its chunks read once, reduced over the block (valid in
-// thread 0) as (sum, bits of the largest |x|).
+// Reads each gradient once; writes one 16-byte partial per block. The last block to
+// finish (an integer counter, no float atomics) sums the partials in a fixed order,
+// so the result is bitwise reproducible, and writes the 3 stats.
 template <NormKind K>
-__device__ __forceinline__ void block_partial(const TensorTable& table, const NormParams& params,
-                                              double& sum, unsigned long long& amax) {
+__global__ void __launch_bounds__(kBlockThreads)
+    norm_kernel(const __grid_constant__ TensorTable table, const NormParams params) {
   NormAcc<K> acc;
   const double inv = params.inv_scale ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
   acc.scale_d = inv;
@@ -338,33 +332,11 @@ __device__ __forceinline__ void block_partial(const TensorTable& table, const No
     }
   });
 
-  sum = static_cast<double>(acc.sum_f) + acc.sum_d;
+  double sum = static_cast<double>(acc.sum_f) + acc.sum_d;
   const double amax_f = static_cast<double>(__uint_as_float(acc.amax_f));  // NaN stays NaN
-  amax = max(static_cast<unsigned long long>(__double_as_longlong(amax_f)), acc.amax_d);
+  unsigned long long amax =
+      max(static_cast<unsigned long long>(__double_as_longlong(amax_f)), acc.amax_d);
   block_reduce(sum, amax);
-}
-
-// The partials of all blocks, summed in slot order (the same in every block that calls it).
-__device__ __forceinline__ void reduce_slots(const NormParams& params, double& sum,
-                                             unsigned long long& amax) {
-  sum = 0.0;
-  amax = 0;
-  for (int s = threadIdx.x; s < params.total_blocks; s += kBlockThreads) {
-    sum += __ldcg(&params.slots[s].sum);
-    amax = max(amax, __ldcg(&params.slots[s].amax_bits));
-  }
-  block_reduce(sum, amax);
-}
-
-// Reads each gradient once; writes one 16-byte partial per block. The last block to
-// finish (an integer counter, no float atomics) sums the partials in a fixed order,
-// so the result is bitwise reproducible, and writes the 3 stats.
-template <NormKind K>
-__global__ void __launch_bounds__(kBlockThreads)
-    norm_kernel(const __grid_constant__ TensorTable table, const NormParams params) {
-  double sum;
-  unsigned long long amax;
-  block_partial<K>(table, params, sum, amax);
 
   __shared__ bool is_last;
   if (threadIdx.x == 0) {
@@ -375,9 +347,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  reduce_slots(params, sum, amax);
-  bool found_inf;
-  if (threadIdx.x == 0) finalise<K>(params, sum, amax, /*write=*/true, &found_inf);
+  sum = 0.0;
+  amax = 0;
+  for (int s = threadIdx.x; s < params.total_blocks; s += kBlockThreads) {
+    sum += __ldcg(&params.slots[s].sum);
+    amax = max(amax, __ldcg(&params.slots[s].amax_bits));
+  }
+  block_reduce(sum, amax);
+  if (threadIdx.x == 0) finalise<K>(params, sum, amax);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -455,52 +432,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ---------------------------------------------------------------------------------------
-// Norm and rescale in one launch
-
-// Reads each gradient once for the norm; after a grid-wide barrier every block sums all
-// partials (the same order everywhere, so the same coefficient) and, unless the
-// coefficient is 1 (or, with inv_scale, an inf/NaN was found), reads and writes the very
-// chunks it has just read: when the gradients fit in L2 that second read hits L2. One
-// launch instead of two. Launched cooperatively, so that every block is resident and the
-// barrier cannot wait on a block that is never scheduled.
-template <NormKind K>
-__global__ void __launch_bounds__(kBlockThreads)
-    fused_clip_kernel(const __grid_constant__ TensorTable table, const NormParams params) {
-  double sum;
-  unsigned long long amax;
-  block_partial<K>(table, params, sum, amax);
-  if (threadIdx.x == 0) {
-    params.slots[blockIdx.x] = Partial{sum, amax};
-    __threadfence();
-    atomicAdd(params.counter, 1u);
-    const volatile unsigned int* counter = params.counter;
-    while (*counter < static_cast<unsigned int>(params.total_blocks)) __nanosleep(64);
-  }
-  __syncthreads();
-  __threadfence();
-  reduce_slots(params, sum, amax);
-
-  __shared__ double coef;
-  __shared__ bool skip;
-  if (threadIdx.x == 0) {
-    bool found_inf;
-    coef = finalise<K>(params, sum, amax, /*write=*/blockIdx.x == 0, &found_inf);
-    skip = coef == 1.0 || (params.inv_scale != nullptr && found_inf);
-  }
-  __syncthreads();
-  if (skip) return;
-  const double a = coef;
-  for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
-    switch (dtype) {
-      case kHalf: pointwise_span<kHalf, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-      case kBFloat16: pointwise_span<kBFloat16, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-      case kFloat: pointwise_span<kFloat, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-      default: pointwise_span<kDouble, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------
 // Host side
 
 constexpr int kCachedDevices = 64;
@@ -540,25 +471,6 @@ int pointwise_grid_limit(int device, Pointwise op) {
                                  : grid_limit(device, pointwise_kernel<Pointwise::kClamp>, cache[1]);
 }
 
-int fused_clip_grid_limit(int device) {
-  static std::atomic<int> cache[kCachedDevices];
-  return grid_limit(device, fused_clip_kernel<NormKind::kL2>, cache);
-}
-
-int64_t l2_cache_bytes(int device) {
-  static std::atomic<int> cache[kCachedDevices];
-  if (device >= 0 && device < kCachedDevices && cache[device].load(std::memory_order_relaxed) > 0) {
-    return cache[device].load(std::memory_order_relaxed);
-  }
-  int bytes = 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (device >= 0 && device < kCachedDevices) cache[device].store(bytes, std::memory_order_relaxed);
-  return bytes;
-}
-
 size_t norm_workspace_bytes(int total_blocks) {
   return 16 + sizeof(Partial) * static_cast<size_t>(total_blocks);
 }
@@ -594,22 +506,6 @@ cudaError_t launch_pointwise(Pointwise op, const TensorTable& table, const Point
     pointwise_kernel<Pointwise::kClamp><<<grid, kBlockThreads, 0, stream>>>(table, params);
   }
   return cudaGetLastError();
-}
-
-cudaError_t launch_fused_clip(const TensorTable& table, const NormParams& params, int grid,
-                              cudaStream_t stream) {
-  cudaLaunchAttribute cooperative;
-  cooperative.id = cudaLaunchAttributeCooperative;
-  cooperative.val.cooperative = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(kBlockThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  config.attrs = &cooperative;
-  config.numAttrs = 1;
-  const cudaError_t error = cudaLaunchKernelEx(&config, fused_clip_kernel<NormKind::kL2>, table, params);
-  return error != cudaSuccess ? error : cudaGetLastError();
 }
 
 bool simulate_visits(const TensorTable& table, int grid, int threads, uint8_t* const* visits) {

@@ -82,11 +82,6 @@ static_assert(sizeof(TensorTable) + sizeof(PointwiseParams) <= 32764,
 int norm_grid_limit(int device, NormKind kind);
 int pointwise_grid_limit(int device, Pointwise op);
 
-// The fused clip (norm, grid barrier, rescale in one cooperative launch; 2-norm only): the
-// most blocks that can be resident at once, and the L2 size it is meant for.
-int fused_clip_grid_limit(int device);
-int64_t l2_cache_bytes(int device);
-
 // Bytes of scratch a norm over `total_blocks` blocks needs: a counter then the slots.
 size_t norm_workspace_bytes(int total_blocks);
 
@@ -97,9 +92,6 @@ cudaError_t launch_norm(NormKind kind, const TensorTable& table, const NormParam
                         int grid, cudaStream_t stream);
 cudaError_t launch_pointwise(Pointwise op, const TensorTable& table,
                              const PointwiseParams& params, int grid, cudaStream_t stream);
-// One table only; `grid` at most fused_clip_grid_limit(); the counter zeroed first.
-cudaError_t launch_fused_clip(const TensorTable& table, const NormParams& params, int grid,
-                              cudaStream_t stream);
 
 // Host replay of how the kernels split `table` over `grid` blocks of `threads` threads:
 // adds to visits[i][e] for each element e of tensor i that some thread would read, and

@@ -40,12 +40,6 @@ void clamp_cuda(TensorRefs tensors, double clip_value);
 at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale);
 
-// clip_grads_cuda in one cooperative launch (norm, grid barrier, rescale of what each block
-// just read, from L2) for a 2-norm over one table of dense tensors that fit in L2. Off by
-// default; GRADCLIP_CUDA_FUSED=1 switches it on at load.
-void set_fused_clip(bool enabled);
-bool fused_clip_enabled();
-
 // How the kernels would split `tensors` among `grid` blocks, replayed on the host: for each
 // tensor the fewest and most reads of one element (1 and 1 when the split is right).
 struct SplitReplay {

@@ -126,10 +126,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradclip::scale_ without the dispatcher; False when the fast path does not take the list.");
   m.def("clamp_", &gradclip::clamp, py::arg("tensors"), py::arg("clip_value"),
         "gradclip::clamp_ without the dispatcher; False when the fast path does not take the list.");
-  m.def("set_fused_clip", &gradclip::set_fused_clip, py::arg("enabled"),
-        "Let clip_grads/clip_parameters use the one-launch kernel (2-norm, one table, gradients "
-        "that fit in L2); off by default, GRADCLIP_CUDA_FUSED=1 turns it on at load.");
-  m.def("fused_clip_enabled", &gradclip::fused_clip_enabled);
   m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
         py::arg("replay") = true,
         "Test helper: replay on the host how the kernels split a list among blocks; returns "

@@ -668,55 +668,6 @@ def test_dispatcher_ops_and_fast_path_agree(gen):
     assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
 
 
-@pytest.fixture
-def fused_clip():
-    """The one-launch clip switched on for the test (it is off by default)."""
-    ext = cuda_build.load_extension()
-    before = ext.fused_clip_enabled()
-    ext.set_fused_clip(True)
-    yield ext
-    ext.set_fused_clip(before)
-
-
-@on_gpu
-@pytest.mark.parametrize("case", ["clip", "no-clip", "amp", "amp-inf", "nan"])
-def test_fused_clip_matches_two_launches(gen, fused_clip, case):
-    sizes = [3000, 70_001, 1, 0, 16384]
-    dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    grads = _random_list(gen, sizes, dtypes, scale=1e-6 if case == "no-clip" else 3.0, offset=1)
-    if case in ("amp-inf", "nan"):
-        grads[1].view(-1)[-1] = math.inf if case == "amp-inf" else math.nan
-    inv = torch.tensor([0.5], device="cuda") if case.startswith("amp") else None
-    copies = [g.clone() for g in grads]
-    stats = fused_clip.clip_grads(grads, 2.0, 1.0, inv)
-    fused_clip.set_fused_clip(False)
-    expected = fused_clip.clip_grads(copies, 2.0, 1.0, inv)
-    assert torch.equal(stats.view(torch.uint8), expected.view(torch.uint8))
-    for g, c in zip(grads, copies):
-        assert torch.equal(g.view(torch.uint8), c.view(torch.uint8))
-
-
-@on_gpu
-def test_fused_clip_in_a_cuda_graph(gen, rng, fused_clip):
-    sizes = _random_sizes(rng, 300, largest=20_000)
-    grads = _random_list(gen, sizes, [torch.float32, torch.bfloat16])
-    fused_clip.clip_grads(grads, 2.0, 1.0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        stats = fused_clip.clip_grads(grads, 2.0, 1.0)
-    for scale in (10.0, 1e-6):
-        fresh = _random_list(gen, sizes, [torch.float32, torch.bfloat16], scale=scale)
-        for g, f in zip(grads, fresh):
-            g.copy_(f)
-        graph.replay()
-        torch.cuda.synchronize()
-        _check(stats, fresh, 2.0, 1.0)
-        coef = stats[COEF].item()
-        for g, f in zip(grads, fresh):
-            torch.testing.assert_close(g, (f.float() * coef).to(f.dtype), rtol=storage_rtol(f.dtype), atol=0)
-
-
 @on_gpu
 def test_clip_grad_norm_matches_torch(gen):
     params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (4096,) * 300 + (5, 70_001)]

@@ -5,10 +5,6 @@ The ops are declared once, in C++ (``torch.ops.gradclip.norm_stats``, ``scale_``
 ``torch.compile`` can trace them and CUDA graphs capture them. Eager calls take the
 extension's pybind11 fast path instead, which reads the gradients of a whole parameter
 list in C++ and packs the kernel metadata once for both kernels.
-
-``GRADCLIP_CUDA_FUSED=1`` (or ``set_fused_clip(True)`` on the extension module) lets a
-2-norm clip of gradients that fit in L2 run as one cooperative launch (norm, grid barrier,
-rescale from L2); it is off by default until it measures faster on the target GPU.
 """
 
 from __future__ import annotations
