@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gradclip
-from gradclip.backends import resolve
+from gradclip.backends import clip_grads_, resolve
 
 
 def host_us(fn, calls: int = 300) -> float:
@@ -44,6 +44,8 @@ def main() -> None:
             "ext.clip_grads(grads)": lambda: ext.clip_grads(grads, 2.0, 1.0, None),
             "ext.clip_parameters(params)": lambda: ext.clip_parameters(params, 2.0, 1.0, None),
             "gradclip.clip_grad_norm_(params)": lambda: gradclip.clip_grad_norm_(params, 1.0),
+            "gradclip.get_total_norm(grads)": lambda: gradclip.get_total_norm(grads),
+            "backends.clip_grads_(grads, inv)": lambda: clip_grads_(grads, 2.0, 1.0, one),
             "torch.ops.gradclip.norm_stats": lambda: torch.ops.gradclip.norm_stats(grads, 2.0, 1.0, None),
             "baseline: one.add_(1)": lambda: one.add_(1),
         }

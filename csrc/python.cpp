@@ -99,6 +99,11 @@ bool clamp(py::handle tensors, double clip_value) {
   return true;
 }
 
+bool accepts(py::handle tensors) {
+  std::vector<const at::Tensor*> list;
+  return collect(tensors, /*take_grad=*/false, list);
+}
+
 py::tuple simulate_split_py(py::handle tensors, int64_t grid, bool replay_split) {
   std::vector<const at::Tensor*> list;
   for (py::handle item : tensors) list.push_back(&THPVariable_Unpack(item.ptr()));
@@ -126,6 +131,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradclip::scale_ without the dispatcher; False when the fast path does not take the list.");
   m.def("clamp_", &gradclip::clamp, py::arg("tensors"), py::arg("clip_value"),
         "gradclip::clamp_ without the dispatcher; False when the fast path does not take the list.");
+  m.def("accepts", &gradclip::accepts, py::arg("tensors"),
+        "Whether the fast paths take this list or tuple whole: dense-layout CUDA float tensors "
+        "of one device, no tensor subclasses.");
   m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
         py::arg("replay") = true,
         "Test helper: replay on the host how the kernels split a list among blocks; returns "

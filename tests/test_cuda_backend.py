@@ -714,3 +714,14 @@ def test_errors_name_the_argument_and_the_fix(gen):
     with pytest.raises(RuntimeError, match="tensors\\[1\\]"):
         backend.norm_stats([torch.ones(3, device="cuda"), torch.ones(2, dtype=torch.int32, device="cuda")],
                            2.0, 1.0)
+
+
+@on_gpu
+def test_accepts_only_lists_the_fast_paths_take_whole(gen):
+    backend = _cuda()
+    cuda_list = _random_list(gen, [5, 0, 7], list(DTYPES))
+    assert backend.accepts(cuda_list) and backend.accepts(tuple(cuda_list))
+    assert not backend.accepts([])
+    assert not backend.accepts(cuda_list + [torch.randn(3)])  # several devices: split in Python
+    assert not backend.accepts(cuda_list + [torch.ones(3, dtype=torch.int32, device="cuda")])
+    assert not backend.accepts(cuda_list + [torch.randn(4, 3, device="cuda").to_sparse()])

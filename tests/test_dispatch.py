@@ -118,3 +118,48 @@ def test_auto_choice_is_remembered_per_device():
     first = dispatch.resolve("auto", torch.device("cpu"))
     assert dispatch._auto_choice[torch.device("cpu")] is first
     assert dispatch.resolve("auto", torch.device("cpu")) is first
+
+
+class _TakesWholeLists(Backend):
+    """Accepts any list whole, and records what each op was given."""
+
+    name = "torch"
+
+    def __init__(self):
+        self.calls = []
+
+    def status(self):
+        return BackendStatus(True, "test double")
+
+    def supports(self, device):
+        return True
+
+    def accepts(self, tensors):
+        return True
+
+    def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
+        self.calls.append(("norm_stats", len(tensors)))
+        return torch.zeros(3)
+
+    def scale_(self, tensors, scale, found_inf=None):
+        self.calls.append(("scale_", len(tensors)))
+
+    def clamp_(self, tensors, clip_value):
+        self.calls.append(("clamp_", len(tensors)))
+
+
+def test_a_backend_that_accepts_the_list_gets_it_whole_without_the_python_split(monkeypatch):
+    double = _TakesWholeLists()
+    monkeypatch.setitem(dispatch._instances, "torch", double)
+
+    def no_split(*args):
+        raise AssertionError("the list was split in Python")
+
+    monkeypatch.setattr(dispatch, "_split_by_device", no_split)
+    tensors = [torch.randn(3) for _ in range(5)]
+    dispatch.norm_stats(tensors, 2.0, 1.0, backend="torch")
+    dispatch.scale_(tensors, torch.ones(1), backend="torch")
+    dispatch.clip_grads_(tensors, 2.0, 1.0, backend="torch")
+    dispatch.clamp_(tensors, 1.0, backend="torch")
+    assert double.calls == [("norm_stats", 5), ("scale_", 5), ("norm_stats", 5), ("scale_", 5),
+                            ("clamp_", 5)]

@@ -156,12 +156,28 @@ def _split_by_device(tensors: list[Tensor], what: str) -> dict[torch.device, lis
     return by_device
 
 
+def _taken_whole(tensors: list[Tensor], backend: str) -> Backend | None:
+    """The first tensor's backend if it takes the whole list as given, else None.
+
+    The common call (one device, a list the backend checks in C++) then skips the per-tensor
+    Python work of :func:`_split_by_device`.
+    """
+    first = tensors[0] if tensors else None
+    if not isinstance(first, Tensor):
+        return None
+    chosen = resolve(backend, first.device)
+    return chosen if chosen.accepts(tensors) else None
+
+
 def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
                inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
     """``stats`` (see :mod:`gradclip.backends.base`) over tensors on any devices.
 
     With several devices the result lives on the first tensor's device.
     """
+    whole = _taken_whole(tensors, backend)
+    if whole is not None:
+        return whole.norm_stats(tensors, norm_type, max_norm, inv_scale)
     groups = _split_by_device(tensors, "tensors")
     if len(groups) == 1:
         (device, group), = groups.items()
@@ -180,6 +196,11 @@ def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
 def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None,
            backend: str = "auto") -> None:
     """Multiply ``tensors`` by ``scale`` on the device unless it is 1 or ``found_inf`` is set."""
+    whole = _taken_whole(tensors, backend)
+    if whole is not None:
+        device = tensors[0].device
+        whole.scale_(tensors, scale.to(device), None if found_inf is None else found_inf.to(device))
+        return
     for device, group in _split_by_device(tensors, "tensors").items():
         skip = None if found_inf is None else found_inf.to(device)
         resolve(backend, device).scale_(group, scale.to(device), skip)
@@ -188,6 +209,9 @@ def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None
 def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
                 inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Norm and rescale (see ``Backend.clip_grads_``); returns ``stats``."""
+    whole = _taken_whole(grads, backend)
+    if whole is not None:
+        return whole.clip_grads_(grads, norm_type, max_norm, inv_scale)
     groups = _split_by_device(grads, "gradients")
     if len(groups) == 1:
         (device, group), = groups.items()
@@ -200,6 +224,10 @@ def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
 
 def clamp_(tensors: list[Tensor], clip_value: float, backend: str = "auto") -> None:
     """Clamp ``tensors`` in place to ``[-clip_value, clip_value]``."""
+    whole = _taken_whole(tensors, backend)
+    if whole is not None:
+        whole.clamp_(tensors, clip_value)
+        return
     for device, group in _split_by_device(tensors, "gradients").items():
         resolve(backend, device).clamp_(group, clip_value)
 

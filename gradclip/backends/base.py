@@ -71,6 +71,13 @@ class Backend:
         """Whether this backend can run here (cheap: never builds or compiles)."""
         raise NotImplementedError
 
+    def accepts(self, tensors: list[Tensor]) -> bool:
+        """Whether the ops take ``tensors`` whole, as given: all on one device this backend
+        runs, of supported dtypes and layouts. Backends that can tell without a Python loop
+        over the tensors say so; for the others (the default) the dispatch validates the
+        list and splits it by device first, which costs Python time per tensor."""
+        return False
+
     def supports(self, device: torch.device) -> bool:
         """Whether this backend runs tensors of ``device`` (given ``status()`` is available)."""
         raise NotImplementedError

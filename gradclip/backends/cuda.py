@@ -77,6 +77,10 @@ class CudaBackend(Backend):
             self.load()
         return self._ext
 
+    def accepts(self, tensors):
+        # Checked in C++; compiled code goes the general way, through the torch.library ops.
+        return not torch.compiler.is_compiling() and self._module().accepts(tensors)
+
     # Eager calls take the extension's pybind11 entry points, which skip the dispatcher's
     # per-tensor boxing of the list; compiled code (and any list they do not take: tensor
     # subclasses, CPU tensors) goes through the torch.library ops.
