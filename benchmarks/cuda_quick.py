@@ -9,8 +9,8 @@ Sections, in order:
    sizes, misaligned views, non-finite values, AMP skip, more tensors than one launch holds,
    CUDA graph replay, bitwise determinism. ``--sanitize`` runs only this, on small sizes.
 2. ceilings: read (``vector_norm``) and read/write (``mul_``) bandwidth on a flat 4 GiB fp32
-   buffer, the floors of PERFORMANCE.md.
-3. per workload of PERFORMANCE.md (shapes from ``gradclip.bench.workloads``): ``norm`` (the
+   buffer, the floors of docs/performance.md.
+3. per workload of docs/performance.md (shapes from ``gradclip.bench.workloads``): ``norm`` (the
    norm alone), ``no-clip`` (gradients of norm 0.5, max_norm 1), ``clip`` (norm 4), ``amp``
    (fp32 only: gradients scaled by 2**16, unscale+clip; torch runs
    ``_amp_foreach_non_finite_check_and_unscale_`` then ``clip_grad_norm_``), each as CUDA
@@ -46,7 +46,7 @@ WORKLOADS = [("llama-1b", torch.float32), ("llama-1b", torch.bfloat16), ("gpt2",
              ("gpt2", torch.bfloat16), ("resnet50", torch.float32), ("2000x4096", torch.float32)]
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 LOSS_SCALE = 2.0 ** 16
-# (reads, read/writes) of the gradient bytes: the ideal path's and torch's (PERFORMANCE.md).
+# (reads, read/writes) of the gradient bytes: the ideal path's and torch's (docs/performance.md).
 PASSES = {"norm": ((1, 0), (1, 0)), "no-clip": ((1, 0), (1, 1)), "clip": ((1, 1), (1, 1)),
           "amp": ((1, 1), (1, 2))}
 failures: list[str] = []
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--workloads", nargs="*", default=None,
-                        help="keys of gradclip.bench.workloads (default: the six of PERFORMANCE.md)")
+                        help="keys of gradclip.bench.workloads (default: the six of docs/performance.md)")
     parser.add_argument("--sanitize", action="store_true",
                         help="only the correctness section, on small sizes (for compute-sanitizer)")
     parser.add_argument("--ceiling-gib", type=float, default=4.0)

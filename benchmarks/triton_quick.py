@@ -1,5 +1,5 @@
 """Quick check and timing of the triton backend on one GPU: correctness first, then triton
-against torch (and the cuda backend when it loads) on the workloads of PERFORMANCE.md.
+against torch (and the cuda backend when it loads) on the workloads of docs/performance.md.
 
     python benchmarks/triton_quick.py [--repeats 15] [--no-sweep] [--backends torch cuda triton]
                                       [--json OUT.json]

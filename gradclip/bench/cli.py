@@ -21,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 DESCRIPTION = """\
 Time gradient clipping: torch's paths against gradclip's backends (and apex or
-TransformerEngine when importable), on the workloads of PERFORMANCE.md, and report each
+TransformerEngine when importable), on the workloads of docs/performance.md, and report each
 against the memory floor. With no options on a GPU it runs everything (a few minutes on an
 H100, plus a first build of the CUDA extension); without a GPU it makes a small CPU run that
 checks the machinery (its numbers say nothing about GPUs).
@@ -66,7 +66,7 @@ timing (--timing, default graph,eager on a GPU): every sample times one call wit
 columns:
   us        median microseconds per call
   GB/s      bytes this path moves over the time, counting its passes over the gradients
-            (PERFORMANCE.md's model: torch no-clip reads and read/writes, 3x the bytes;
+            (docs/performance.md's model: torch no-clip reads and read/writes, 3x the bytes;
             gradclip's no-clip reads once): how close the path runs to the memory ceiling
   %floor    floor / time: the floor is the bytes the ideal path must move over the
             ceilings measured in this run (vector_norm read and mul_ read/write over a
@@ -77,7 +77,7 @@ columns:
 
 output: the table is printed last; with --out DIR (default ./gradclip-bench) also
   bench.json (every number, the environment, the skipped backends and why), bench.md
-  (the table, and torch's baseline in PERFORMANCE.md's layout) and bench.png (% of floor
+  (the table, and torch's baseline in docs/performance.md's layout) and bench.png (% of floor
   per workload, mode and backend) and bench-eager.png (eager times, log scale).
 
 examples:

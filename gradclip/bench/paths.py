@@ -2,7 +2,7 @@
 
 Modes (the data is set up so each one does what its name says):
 
-- ``norm``: the global norm alone (torch: ``torch._foreach_norm``, as in PERFORMANCE.md).
+- ``norm``: the global norm alone (torch: ``torch._foreach_norm``, as in docs/performance.md).
 - ``no-clip``: ``clip_grad_norm_`` with gradients of norm 0.5 and ``max_norm`` 1: nothing to
   clip, the common case.
 - ``clip``: the same with gradients of norm 4: every call scales.
@@ -58,7 +58,7 @@ MODES: dict[str, Mode] = {m.key: m for m in (
 )}
 
 # Passes each kind of path makes over the gradient bytes, by the pass model of
-# PERFORMANCE.md: (reads, read/writes). "fused" is gradclip's cuda and triton backends.
+# docs/performance.md: (reads, read/writes). "fused" is gradclip's cuda and triton backends.
 _PASSES = {
     "torch": {"norm": (1, 0), "no-clip": (1, 1), "clip": (1, 1), "amp": (1, 2),
               "amp-adamw": (2, 5), "adamw": (1, 3)},

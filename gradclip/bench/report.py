@@ -148,7 +148,7 @@ def terminal_table(result: dict) -> str:
     return "\n".join(out)
 
 
-# PERFORMANCE.md's baseline columns: (header, mode, method, backend).
+# docs/performance.md's baseline columns: (header, mode, method, backend).
 _BASELINE = (
     ("torch clip, graph", "clip", "graph"),
     ("torch clip when no clip needed, graph", "no-clip", "graph"),
@@ -192,7 +192,7 @@ def markdown(result: dict) -> str:
                     cells += [f"{r['median_us']:.1f}", _fmt(r.get("gbs"), ".0f", ""),
                               _fmt(r.get("pct_floor"), ".1f", ""), _fmt(r.get("speedup"), ".2f", "")]
             out.append(f"| {entry['title']} | {entry['dtype']} | {mode} | {backend} | " + " | ".join(cells) + " |")
-    out += ["", "## torch baseline (PERFORMANCE.md's columns)", ""]
+    out += ["", "## torch baseline (docs/performance.md's columns)", ""]
     out.append("| workload (shapes) | tensors | params | floor 1 read | floor 3 passes | "
                + " | ".join(h for h, _, _ in _BASELINE) + " |")
     out.append("|" + "---|" * (5 + len(_BASELINE)))

@@ -1,6 +1,6 @@
 """The gradient lists the benchmark times: defined once, used by the CLI and by ``benchmarks/``.
 
-A workload is a list of parameter shapes. The four of ``PERFORMANCE.md``:
+A workload is a list of parameter shapes. The four of ``docs/performance.md``:
 
 - ``llama-1b``: a llama-1B-like decoder (hidden 2048, 16 layers, full multi-head attention,
   MLP 5632, vocabulary 32000, untied head): 147 tensors, 953M parameters.
