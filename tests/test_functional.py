@@ -281,3 +281,15 @@ def test_explicit_cuda_backend_without_gpu_says_why(gen):
     params = _params(gen, "cpu", torch.float32)
     with pytest.raises(gradclip.BackendUnavailableError, match="backend='cuda'"):
         gradclip.clip_grad_norm_(params, 1.0, backend="cuda")
+
+
+@gpu
+def test_amp_stats_over_several_devices_match_one_device(gen):
+    from gradclip.backends import norm_stats
+
+    tensors = random_tensors(gen, [(50,), (70,)], torch.float32, "cpu", scale=64.0)
+    tensors += random_tensors(gen, [(30,)], torch.float32, "cuda", scale=64.0)
+    inv_scale = torch.tensor([1 / 64], device="cuda")
+    stats = norm_stats(tensors, 2.0, 1.0, inv_scale)
+    expected = norm_stats([t.cuda() for t in tensors], 2.0, 1.0, inv_scale)
+    torch.testing.assert_close(stats.cuda(), expected, rtol=1e-6, atol=0)

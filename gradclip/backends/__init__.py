@@ -183,8 +183,9 @@ def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
         (device, group), = groups.items()
         return resolve(backend, device).norm_stats(group, norm_type, max_norm, inv_scale)
     first = tensors[0].device
-    parts = [resolve(backend, device).norm_stats(group, norm_type, math.inf, inv_scale).to(first)
-             for device, group in groups.items()]
+    parts = [resolve(backend, device).norm_stats(
+                 group, norm_type, math.inf, None if inv_scale is None else inv_scale.to(device)
+             ).to(first) for device, group in groups.items()]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
     parts = torch.stack(parts).to(dtype)
     norm = torch.linalg.vector_norm(parts[:, NORM], norm_type)
@@ -241,4 +242,5 @@ def clip_parameters_(params: list, norm_type: float, max_norm: float,
 
 
 __all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "available_backends",
-           "clamp_", "clip_grads_", "clip_parameters_", "get_backend", "norm_stats", "requested_backend", "resolve", "scale_"]
+           "clamp_", "clip_grads_", "clip_parameters_", "get_backend", "norm_stats",
+           "requested_backend", "resolve", "scale_"]
