@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends as dispatch
-from .backends.base import COEF, EPS, FOUND_INF, NORM
+from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient
 from .functional import check_max_norm, check_norm_type
 
 _STATE_KEY = "gradclip"
@@ -436,7 +436,7 @@ class ClippedOptimizer(Optimizer):
         """Keep the norm; note on the device whether it clipped and whether it was finite."""
         self.last_norm = norm
         finite = torch.isfinite(norm)
-        clipped = finite & (torch.reciprocal(norm + EPS) * self._max_norm < 1)
+        clipped = finite & (clip_coefficient(norm, self._max_norm) < 1)
         flags = torch.stack((clipped, ~finite))
         pending = self._pending_flags
         self._pending_flags = flags if pending is None else pending | flags.to(pending.device)

@@ -30,6 +30,7 @@ from .base import (
     BackendStatus,
     BackendUnavailableError,
     clip_coefficient,
+    stats_dtype,
 )
 from .reference import ReferenceBackend
 
@@ -186,7 +187,7 @@ def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
     parts = [resolve(backend, device).norm_stats(
                  group, norm_type, math.inf, None if inv_scale is None else inv_scale.to(device)
              ).to(first) for device, group in groups.items()]
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    dtype = stats_dtype(parts)
     parts = torch.stack(parts).to(dtype)
     norm = torch.linalg.vector_norm(parts[:, NORM], norm_type)
     norm = torch.where(parts[:, NORM].isnan().any(), math.nan, norm)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_build
-from .base import Backend, BackendStatus, BackendUnavailableError
+from .base import Backend, BackendStatus, BackendUnavailableError, stats_dtype
 
 
 def _probe() -> BackendStatus:
@@ -124,8 +124,7 @@ class CudaBackend(Backend):
 def _norm_stats_fake(tensors: list[Tensor], norm_type: float, max_norm: float,
                      inv_scale: Tensor | None) -> Tensor:
     torch._check(len(tensors) > 0, lambda: "gradclip::norm_stats: tensors is empty")
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return tensors[0].new_empty((3,), dtype=dtype)
+    return tensors[0].new_empty((3,), dtype=stats_dtype(tensors))
 
 
 def _scale_fake(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> None:
