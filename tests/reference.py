@@ -52,3 +52,18 @@ def assert_close_or_both_nan(actual: float, expected: float, rtol: float, what: 
         return
     assert math.isclose(actual, expected, rel_tol=rtol, abs_tol=1e-30), (
         f"{what}: got {actual!r}, expected {expected!r} (rtol {rtol})")
+
+
+def assert_stats_match(stats: Tensor, tensors: list[Tensor], norm_type: float, max_norm: float,
+                       inv_scale: float | None = None) -> None:
+    """``stats`` of a backend against :func:`expected_stats`: shape, dtype, device, values."""
+    norm, coef, found = expected_stats(tensors, norm_type, max_norm, inv_scale)
+    assert stats.shape == (3,)
+    wants64 = any(t.dtype == torch.float64 for t in tensors)
+    assert stats.dtype == (torch.float64 if wants64 else torch.float32)
+    assert stats.device == tensors[0].device
+    got_norm, got_coef, got_found = stats.cpu().tolist()
+    rtol = norm_rtol(tensors)
+    assert_close_or_both_nan(got_norm, norm, rtol, "norm")
+    assert_close_or_both_nan(got_coef, coef, 2 * rtol, "coef")
+    assert got_found == found, f"found_inf: got {got_found}, expected {found}"
