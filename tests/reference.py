@@ -55,15 +55,16 @@ def assert_close_or_both_nan(actual: float, expected: float, rtol: float, what: 
 
 
 def assert_stats_match(stats: Tensor, tensors: list[Tensor], norm_type: float, max_norm: float,
-                       inv_scale: float | None = None) -> None:
-    """``stats`` of a backend against :func:`expected_stats`: shape, dtype, device, values."""
+                       inv_scale: float | None = None, rtol: float | None = None) -> None:
+    """``stats`` of a backend against :func:`expected_stats`: shape, dtype, device, values
+    (``rtol`` defaults to :func:`norm_rtol`)."""
     norm, coef, found = expected_stats(tensors, norm_type, max_norm, inv_scale)
     assert stats.shape == (3,)
     wants64 = any(t.dtype == torch.float64 for t in tensors)
     assert stats.dtype == (torch.float64 if wants64 else torch.float32)
     assert stats.device == tensors[0].device
     got_norm, got_coef, got_found = stats.cpu().tolist()
-    rtol = norm_rtol(tensors)
+    rtol = norm_rtol(tensors) if rtol is None else rtol
     assert_close_or_both_nan(got_norm, norm, rtol, "norm")
     assert_close_or_both_nan(got_coef, coef, 2 * rtol, "coef")
     assert got_found == found, f"found_inf: got {got_found}, expected {found}"

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 import torch
-from reference import assert_stats_match, storage_rtol
+from reference import assert_stats_match, expected_stats, storage_rtol
 
 import gradclip
 from gradclip.backends import cuda_build, get_backend, resolve
