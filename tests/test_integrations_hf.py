@@ -1,0 +1,311 @@
+"""gradclip.integrations.huggingface: the Trainer and Accelerate loops clip with gradclip,
+log the same grad_norm and end with the same weights as Accelerate's own clipping.
+
+Tiny models built from a config, random tokens, the CPU; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
+
+import gradclip.functional  # noqa: E402
+from gradclip.integrations import _common  # noqa: E402
+from gradclip.integrations import huggingface as gradclip_hf  # noqa: E402
+
+MAX_STEPS = 4
+# Small enough that every step of these runs clips (the tests check that it does).
+MAX_GRAD_NORM = 0.1
+ORIGINAL_CLIP_GRAD_NORM = Accelerator.__dict__["clip_grad_norm_"]
+ORIGINAL_CLIP_GRAD_VALUE = Accelerator.__dict__["clip_grad_value_"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Each test starts unpatched, with Accelerate's process-wide state reset."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    if gradclip_hf.is_patched():
+        gradclip_hf.unpatch()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class CallCounter:
+    """Replaces functions by wrappers that count calls and keep what they return."""
+
+    def __init__(self, monkeypatch):
+        self.calls: dict[str, int] = {}
+        self.returned: dict[str, list] = {}
+        self._monkeypatch = monkeypatch
+
+    def watch(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        self.calls[label], self.returned[label] = 0, []
+
+        def counted(*args, **kwargs):
+            self.calls[label] += 1
+            result = original(*args, **kwargs)
+            self.returned[label].append(result)
+            return result
+
+        self._monkeypatch.setattr(owner, name, counted)
+
+
+@pytest.fixture
+def counter(monkeypatch) -> CallCounter:
+    """Counts gradclip's and torch's clipping functions (Accelerate imports torch's at call time)."""
+    counter = CallCounter(monkeypatch)
+    counter.watch(gradclip.functional, "clip_grad_norm_", "gradclip norm")
+    counter.watch(gradclip.functional, "clip_grad_value_", "gradclip value")
+    counter.watch(torch.nn.utils, "get_total_norm", "torch norm")
+    counter.watch(torch.nn.utils, "clip_grad_norm_", "torch clip norm")
+    counter.watch(torch.nn.utils, "clip_grad_value_", "torch value")
+    return counter
+
+
+def torch_calls(counter: CallCounter) -> int:
+    return counter.calls["torch norm"] + counter.calls["torch clip norm"] + counter.calls["torch value"]
+
+
+def tiny_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      hidden_size=32, intermediate_size=64, vocab_size=64,
+                                      max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(config)
+
+
+def token_dataset(n: int = MAX_STEPS * 8, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def train(kind: str, bf16: bool, tmp_path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A Trainer run; returns the logged grad_norm of every step and the final weights."""
+    model = tiny_model(kind)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, bf16=bf16, max_steps=MAX_STEPS,
+        per_device_train_batch_size=8, learning_rate=1e-2, max_grad_norm=MAX_GRAD_NORM,
+        logging_steps=1, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
+        dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=token_dataset())
+    trainer.train()
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    return logged, {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_weights(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        # The norms may differ in the last bit (gradclip sums the per-tensor norms in
+        # another order), so the clip factor and the weights may too.
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+@pytest.mark.parametrize("kind,bf16", [("gpt2", False), ("llama", True)], ids=["gpt2-fp32", "llama-bf16"])
+def test_trainer_logs_the_same_grad_norm_and_weights(kind, bf16, tmp_path, counter):
+    expected_norms, expected_weights = train(kind, bf16, tmp_path)
+    assert counter.calls["gradclip norm"] == 0
+    assert torch_calls(counter) >= MAX_STEPS
+    assert len(expected_norms) == MAX_STEPS
+    assert min(expected_norms) > MAX_GRAD_NORM, "the run must clip at every step"
+
+    gradclip_hf.patch()
+    counter.calls["torch norm"] = counter.calls["torch clip norm"] = 0
+    norms, weights = train(kind, bf16, tmp_path)
+
+    assert counter.calls["gradclip norm"] == MAX_STEPS
+    assert torch_calls(counter) == 0
+    assert norms == pytest.approx(expected_norms, rel=1e-6)
+    assert_same_weights(expected_weights, weights)
+
+
+def test_unpatch_restores_accelerates_clipping(tmp_path, counter):
+    gradclip_hf.patch()
+    assert Accelerator.__dict__["clip_grad_norm_"] is gradclip_hf.clip_grad_norm_
+    gradclip_hf.unpatch()
+
+    assert not gradclip_hf.is_patched()
+    assert Accelerator.__dict__["clip_grad_norm_"] is ORIGINAL_CLIP_GRAD_NORM
+    assert Accelerator.__dict__["clip_grad_value_"] is ORIGINAL_CLIP_GRAD_VALUE
+    train("gpt2", False, tmp_path)
+    assert counter.calls["gradclip norm"] == 0
+    assert torch_calls(counter) >= MAX_STEPS
+
+
+def test_patched_block_restores_on_exit(counter):
+    with gradclip_hf.patched():
+        assert gradclip_hf.is_patched()
+    assert Accelerator.__dict__["clip_grad_norm_"] is ORIGINAL_CLIP_GRAD_NORM
+
+    gradclip_hf.patch(backend="auto")
+    with gradclip_hf.patched():
+        pass
+    assert gradclip_hf.is_patched(), "a patch in force before the block stays after it"
+
+
+def test_patching_twice_then_unpatching_restores_accelerate():
+    gradclip_hf.patch()
+    gradclip_hf.patch()
+    gradclip_hf.unpatch()
+    assert Accelerator.__dict__["clip_grad_norm_"] is ORIGINAL_CLIP_GRAD_NORM
+    gradclip_hf.unpatch()  # not patched: nothing to do
+
+
+def test_unpatch_refuses_to_drop_a_later_replacement(monkeypatch):
+    gradclip_hf.patch()
+
+    def someone_elses(self, parameters, max_norm, norm_type=2):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", someone_elses)
+    with pytest.raises(RuntimeError, match="replaced by something else"):
+        gradclip_hf.unpatch()
+    assert gradclip_hf.is_patched()
+    monkeypatch.undo()
+    gradclip_hf.unpatch()
+    assert Accelerator.__dict__["clip_grad_norm_"] is ORIGINAL_CLIP_GRAD_NORM
+
+
+def accelerate_loop(clip, scaler: torch.amp.GradScaler | None = None, steps: int = 3):
+    """A plain Accelerate loop over a small MLP; ``clip(accelerator, model)`` clips."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16" if scaler is not None else "no")
+    if scaler is not None:
+        # Accelerate turns fp16 AMP off on the CPU; give it torch's CPU scaler, so that
+        # the loss is scaled and unscale_gradients() has work to do, as on a GPU.
+        accelerator.native_amp, accelerator.scaler = True, scaler
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(1)
+    results = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 16, generator=generator), 10 * torch.randn(16, 1, generator=generator)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        results.append(clip(accelerator, model))
+        optimizer.step()
+        optimizer.zero_grad()
+    return results, [p.detach().clone() for p in model.parameters()]
+
+
+def clip_norm(accelerator, model):
+    return accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+
+
+def clip_value(accelerator, model):
+    return accelerator.clip_grad_value_(model.parameters(), 0.05)
+
+
+def test_accelerator_clip_grad_value_matches(counter):
+    _, expected = accelerate_loop(clip_value)
+    assert counter.calls["torch value"] == 3
+    gradclip_hf.patch()
+    _, weights = accelerate_loop(clip_value)
+    assert counter.calls["gradclip value"] == 3
+    assert counter.calls["torch value"] == 3
+    for want, got in zip(expected, weights):
+        torch.testing.assert_close(got, want)
+
+
+def test_fp16_scaler_unscales_before_gradclip(counter):
+    unscaled_norms, _ = accelerate_loop(clip_norm)
+    AcceleratorState._reset_state(True)
+    expected_norms, expected = accelerate_loop(clip_norm, torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    gradclip_hf.patch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    norms, weights = accelerate_loop(clip_norm, scaler)
+
+    assert counter.calls["gradclip norm"] == 3
+    # The norm is that of the unscaled gradients: unscale_gradients() ran first.
+    assert [n.item() for n in norms] == pytest.approx([n.item() for n in expected_norms], rel=1e-6)
+    assert min(n.item() for n in norms) > MAX_GRAD_NORM
+    # fp16 autocast changes the gradients a little; a scaled norm would be 4096 times larger.
+    assert norms[0].item() == pytest.approx(unscaled_norms[0].item(), rel=1e-3)
+    assert scaler.get_scale() == 2.0**12, "no inf/NaN step: the scale has not backed off"
+    for want, got in zip(expected, weights):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("distributed_type", ["FSDP", "XLA", "MEGATRON_LM"])
+def test_layouts_gradclip_does_not_clip_go_to_accelerate(distributed_type, monkeypatch, counter):
+    """FSDP, XLA and the like keep Accelerate's own code; here each falls through to its
+    generic path, which calls torch."""
+    gradclip_hf.patch()
+    monkeypatch.setattr(Accelerator, "distributed_type",
+                        property(lambda self: DistributedType[distributed_type]))
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model(torch.randn(2, 4)).sum().backward()
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    assert counter.calls["gradclip norm"] == 0
+    assert counter.calls["torch norm"] == 1
+
+
+def test_norm_type_zero_goes_to_accelerate(counter):
+    gradclip_hf.patch()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model(torch.randn(2, 4)).sum().backward()
+    count = accelerator.clip_grad_norm_(model.parameters(), float("inf"), norm_type=0)
+    assert count.item() == 2  # two gradients with a nonzero norm: Accelerate's meaning
+    assert counter.calls["gradclip norm"] == 0
+
+
+def test_negative_max_grad_norm_raises_instead_of_flipping_gradients():
+    gradclip_hf.patch()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model(torch.randn(2, 4)).sum().backward()
+    before = model.weight.grad.clone()
+    with pytest.raises(ValueError, match="max_norm"):
+        accelerator.clip_grad_norm_(model.parameters(), -1.0)
+    assert torch.equal(model.weight.grad, before)
+
+
+@pytest.mark.parametrize("distribution,version", [("accelerate", "0.34.2"), ("accelerate", "2.0.0"),
+                                                  ("transformers", "4.40.0")])
+def test_unsupported_versions_are_refused_at_patch_time(distribution, version, monkeypatch):
+    real_version = _common.metadata.version
+    monkeypatch.setattr(_common.metadata, "version",
+                        lambda name: version if name == distribution else real_version(name))
+    with pytest.raises(RuntimeError, match=f"supports {distribution} >= .*{version} is installed"):
+        gradclip_hf.patch()
+    assert not gradclip_hf.is_patched()
+    assert Accelerator.__dict__["clip_grad_norm_"] is ORIGINAL_CLIP_GRAD_NORM
+
+
+def test_a_changed_accelerator_signature_is_refused(monkeypatch):
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2, foreach=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip_grad_norm_)
+    with pytest.raises(RuntimeError, match="not supported"):
+        gradclip_hf.patch()
+    assert not gradclip_hf.is_patched()
+
+
+def test_missing_accelerate_names_the_extra(monkeypatch):
+    def not_installed(name):
+        raise _common.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(_common.metadata, "version", not_installed)
+    with pytest.raises(ImportError, match=r"gradclip\[hf\]"):
+        gradclip_hf.patch()
