@@ -1,0 +1,253 @@
+"""gradclip.integrations.lightning: with FusedGradientClipping, a Lightning Trainer's
+gradient_clip_val clips with gradclip and trains to the same weights as Lightning's own
+clipping: by norm and by value, in 32-true, bf16-mixed and 16-mixed, and under
+strategy="ddp" with two CPU processes.
+
+Run as a script (``python tests/test_integrations_lightning.py OUT_DIR``) this file is the
+DDP training script: Lightning's "ddp" launcher starts the second process by running it
+again, so the check below starts it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning") if __name__ != "__main__" else __import__("lightning")
+
+from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, MixedPrecision  # noqa: E402
+
+import gradclip.functional  # noqa: E402
+from gradclip.integrations import _common  # noqa: E402
+from gradclip.integrations.lightning import LIGHTNING_VERSIONS, FusedGradientClipping  # noqa: E402
+
+MAX_STEPS = 4
+# Small enough that every step clips, by norm and by value (the tests check that it does).
+CLIP_VAL = 0.05
+
+
+class Recorder:
+    """Replaces functions by wrappers that count calls and keep what they return."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+        self.returned: dict[str, list] = {}
+        self._restore: list = []
+
+    def watch(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        self.calls[label], self.returned[label] = 0, []
+
+        def counted(*args, **kwargs):
+            self.calls[label] += 1
+            result = original(*args, **kwargs)
+            self.returned[label].append(result)
+            return result
+
+        setattr(owner, name, counted)
+        self._restore.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._restore):
+            setattr(owner, name, original)
+        self._restore.clear()
+
+    def reset(self) -> None:
+        for label in self.calls:
+            self.calls[label], self.returned[label] = 0, []
+
+
+def watch_clipping() -> Recorder:
+    """Counts gradclip's and torch's clipping functions (Lightning calls torch's through
+    ``torch.nn.utils`` at call time)."""
+    recorder = Recorder()
+    recorder.watch(gradclip.functional, "clip_grad_norm_", "gradclip norm")
+    recorder.watch(gradclip.functional, "clip_grad_value_", "gradclip value")
+    recorder.watch(torch.nn.utils, "clip_grad_norm_", "torch norm")
+    recorder.watch(torch.nn.utils, "clip_grad_value_", "torch value")
+    return recorder
+
+
+@pytest.fixture
+def recorder():
+    recorder = watch_clipping()
+    yield recorder
+    recorder.restore()
+
+
+class TinyRegression(L.LightningModule):
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.fused = fused
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
+
+
+def loader(batch_size: int = 16) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(MAX_STEPS * 2 * batch_size, 16, generator=generator)
+    y = 10 * torch.randn(MAX_STEPS * 2 * batch_size, 1, generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def fit(algorithm: str, precision: str, callbacks: list, fused: bool = False, **trainer_args):
+    """Trains TinyRegression for MAX_STEPS; returns the trainer and the final weights."""
+    torch.manual_seed(0)
+    model = TinyRegression(fused)
+    if precision == "16-mixed":
+        # Lightning turns "16-mixed" into bf16 on the CPU; its fp16 plugin with torch's
+        # CPU scaler runs the GPU's code path: scale, unscale, then clip.
+        trainer_args["plugins"] = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**12))]
+    else:
+        trainer_args["precision"] = precision
+    trainer = L.Trainer(accelerator="cpu", max_steps=MAX_STEPS, gradient_clip_val=CLIP_VAL,
+                        gradient_clip_algorithm=algorithm, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **trainer_args)
+    trainer.fit(model, loader())
+    return trainer, {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_weights(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        # The norms may differ in the last bit (gradclip sums the per-tensor norms in
+        # another order), so the clip factor and the weights may too.
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+def as_floats(norms: list) -> list[float]:
+    return [float(n) for n in norms]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_norm_clipping_matches_lightning(precision, recorder):
+    _, expected = fit("norm", precision, [])
+    torch_norms = as_floats(recorder.returned["torch norm"])
+    assert len(torch_norms) == MAX_STEPS and min(torch_norms) > CLIP_VAL, "every step must clip"
+    assert recorder.calls["gradclip norm"] == 0
+
+    recorder.reset()
+    callback = FusedGradientClipping()
+    _, weights = fit("norm", precision, [callback])
+
+    assert recorder.calls["torch norm"] == 0
+    assert as_floats(recorder.returned["gradclip norm"]) == pytest.approx(torch_norms, rel=1e-6)
+    assert float(callback.last_norm) == pytest.approx(torch_norms[-1], rel=1e-6)
+    assert_same_weights(expected, weights)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_value_clipping_matches_lightning(precision, recorder):
+    _, expected = fit("value", precision, [])
+    assert recorder.calls["torch value"] == MAX_STEPS and recorder.calls["gradclip value"] == 0
+
+    recorder.reset()
+    _, weights = fit("value", precision, [FusedGradientClipping()])
+
+    assert recorder.calls["gradclip value"] == MAX_STEPS and recorder.calls["torch value"] == 0
+    assert_same_weights(expected, weights)
+
+
+def test_teardown_gives_the_plugin_back_to_lightning(recorder):
+    trainer, _ = fit("norm", "32-true", [FusedGradientClipping()])
+    plugin = trainer.precision_plugin
+    assert not {"clip_gradients", "clip_grad_by_norm", "clip_grad_by_value"} & plugin.__dict__.keys()
+
+    recorder.reset()
+    model = torch.nn.Linear(4, 4)
+    model(torch.randn(2, 4)).sum().backward()
+    plugin.clip_gradients(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, "norm")
+    assert recorder.calls["torch norm"] == 1 and recorder.calls["gradclip norm"] == 0
+
+
+def test_fused_optimizer_under_bf16_mixed_is_clipped_not_refused(recorder):
+    """Lightning refuses to clip for an optimizer that unscales in its step, even in
+    bf16-mixed where no scaler exists; with the callback it is clipped, as torch would."""
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        fit("norm", "bf16-mixed", [], fused=True)
+    _, expected = fit("norm", "bf16-mixed", [], fused=False)
+
+    recorder.reset()
+    _, weights = fit("norm", "bf16-mixed", [FusedGradientClipping()], fused=True)
+    assert recorder.calls["gradclip norm"] == MAX_STEPS
+    assert_same_weights(expected, weights)
+
+
+def test_fused_optimizer_under_16_mixed_keeps_lightnings_refusal():
+    """Under 16-mixed the scaler has not unscaled the gradients of such an optimizer, so
+    clipping them would clip scaled gradients: the refusal stands."""
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        fit("norm", "16-mixed", [FusedGradientClipping()], fused=True)
+
+
+def test_plugins_that_clip_their_own_way_are_left_alone():
+    callback = FusedGradientClipping()
+    fsdp = FSDPPrecision("32-true")
+    with pytest.warns(UserWarning, match="leaves FSDPPrecision alone"):
+        assert not callback.install(fsdp)
+    assert "clip_grad_by_norm" not in fsdp.__dict__
+
+    double = DoublePrecision()
+    assert callback.install(double)
+    assert "clip_grad_by_norm" in double.__dict__
+    callback.uninstall(double)
+    assert "clip_grad_by_norm" not in double.__dict__
+
+
+@pytest.mark.parametrize("version", ["1.9.5", "3.0.0"])
+def test_unsupported_lightning_versions_are_refused(version, monkeypatch):
+    monkeypatch.setattr(_common.metadata, "version", lambda name: version)
+    with pytest.raises(RuntimeError, match=f"supports lightning >= 2.0.0, < 3; {version} is installed"):
+        _common.require("lightning", *LIGHTNING_VERSIONS, extra="lightning")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """strategy="ddp", 2 CPU processes (gloo): the same weights as Lightning's clipping,
+    on both ranks, and gradclip clipped on both."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, cwd=repo,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["calls"]["torch norm"] == 0
+        assert rank["calls"]["gradclip norm"] == MAX_STEPS
+        assert min(rank["torch norms"]) > CLIP_VAL, "every step must clip"
+        assert rank["gradclip norms"] == pytest.approx(rank["torch norms"], rel=1e-6)
+        assert_same_weights(rank["torch weights"], rank["gradclip weights"])
+    assert ranks[0]["gradclip norms"] == ranks[1]["gradclip norms"], "DDP reduced the gradients"
+    assert_same_weights(ranks[0]["gradclip weights"], ranks[1]["gradclip weights"])
+
+
+def ddp_script(out_dir: Path) -> None:
+    """Both ranks: train with Lightning's clipping, then with the callback; save what each did."""
+    recorder = watch_clipping()
+    _, torch_weights = fit("norm", "32-true", [], strategy="ddp", devices=2)
+    torch_norms = as_floats(recorder.returned["torch norm"])
+    recorder.reset()
+    trainer, gradclip_weights = fit("norm", "32-true", [FusedGradientClipping()], strategy="ddp", devices=2)
+    torch.save({"calls": dict(recorder.calls), "torch norms": torch_norms,
+                "gradclip norms": as_floats(recorder.returned["gradclip norm"]),
+                "torch weights": torch_weights, "gradclip weights": gradclip_weights},
+               out_dir / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    ddp_script(Path(sys.argv[1]))
