@@ -28,20 +28,16 @@ std::string text(Number value) {
   return std::to_string(value);
 }
 
-std::optional<DType> dtype_code(at::ScalarType type) {
-  switch (type) {
-    case at::kHalf: return kHalf;
-    case at::kBFloat16: return kBFloat16;
-    case at::kFloat: return kFloat;
-    case at::kDouble: return kDouble;
-    default: return std::nullopt;
-  }
-}
-
-// What to do with a tensor that is not dense (a strided view such as x[:, ::2]).
-enum class Strided {
-  kCopy,      // read a contiguous copy (norm: reading is all it does)
-  kSetAside,  // leave it to ATen (pointwise ops must write the tensor itself)
+// What a call does with the tensors it packs.
+enum class Access {
+  // Reads only (norm): a tensor that is not dense (a strided view such as x[:, ::2]) is
+  // read as a contiguous copy.
+  kRead,
+  // Writes in place: a tensor that is not dense is set aside for ATen (the op must write
+  // the tensor itself), and every other one has its autograd version counter bumped, as
+  // an ATen in-place op would (the kernels write through raw pointers, which autograd
+  // cannot see; ATen bumps the ones set aside itself).
+  kWrite,
 };
 
 // Tables are 32 KB each: a call takes the thread's spare set and gives it back when done,
@@ -58,8 +54,8 @@ struct Packed {
   std::vector<TensorTable> tables;
   int num_tables = 0;
   bool any_double = false;
-  std::vector<at::Tensor> copies;   // Strided::kCopy: contiguous copies, alive until launched
-  std::vector<at::Tensor> strided;  // Strided::kSetAside: for ATen
+  std::vector<at::Tensor> copies;   // Access::kRead: contiguous copies, alive until launched
+  std::vector<at::Tensor> strided;  // Access::kWrite: the tensors that are not dense, for ATen
 
   Packed() { tables.swap(spare_tables()); }
   Packed(Packed&&) = default;
@@ -94,7 +90,7 @@ void append(Packed& packed, TensorTable*& table, void* ptr, int64_t numel, DType
 // Checks every tensor (defined, strided layout, float dtype, on `device` when given) and
 // packs the dense ones; `op` names the caller in error messages.
 Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device,
-            Strided strided) {
+            Access access) {
   Packed packed;
   TensorTable* table = nullptr;
   for (size_t k = 0; k < tensors.size(); ++k) {
@@ -109,15 +105,20 @@ Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device
                 t.device().str(), " but tensors[0] is on ", device->str(),
                 "; pass the tensors of one CUDA device per call");
     packed.any_double |= *dtype == kDouble;
-    const int64_t numel = t.numel();
-    if (numel == 0) continue;
-    const at::Tensor* source = &t;
-    if (!t.is_non_overlapping_and_dense()) {
-      // Dense tensors, permuted or not, are read as their storage span; others are not.
-      if (strided == Strided::kSetAside) {
+    // Dense tensors, permuted or not, are read as their storage span; others are not.
+    const bool dense = t.is_non_overlapping_and_dense();
+    if (access == Access::kWrite) {
+      if (!dense) {
         packed.strided.push_back(t);
         continue;
       }
+      // Raises for an inference tensor outside inference mode, as ATen's in-place ops do.
+      t.unsafeGetTensorImpl()->bump_version();
+    }
+    const int64_t numel = t.numel();
+    if (numel == 0) continue;
+    const at::Tensor* source = &t;
+    if (!dense) {
       packed.copies.push_back(t.contiguous());
       source = &packed.copies.back();
     }
@@ -245,14 +246,24 @@ PointwiseParams scale_params(const at::Tensor& scale, const std::optional<at::Te
 
 }  // namespace
 
+std::optional<DType> dtype_code(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return kFloat;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kHalf;
+    case at::kDouble: return kDouble;
+    default: return std::nullopt;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
-// The ops
+// The ops (each serves both the dispatcher and the pybind11 fast path of python.cpp)
 
 at::Tensor norm_stats_cuda(TensorRefs tensors, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale) {
   const at::Device device = check_device(tensors, "gradclip::norm_stats");
   const c10::cuda::CUDAGuard guard(device);
-  Packed packed = pack(tensors, "gradclip::norm_stats", device, Strided::kCopy);
+  Packed packed = pack(tensors, "gradclip::norm_stats", device, Access::kRead);
   return run_norm(packed, tensors[0], norm_type, max_norm, inv_scale);
 }
 
@@ -266,7 +277,7 @@ void scale_cuda(TensorRefs tensors, const at::Tensor& scale,
   if (found_inf.has_value() && found_inf->defined()) {
     skip = device_scalar(*found_inf, "gradclip::scale_", "found_inf", device);
   }
-  Packed packed = pack(tensors, "gradclip::scale_", device, Strided::kSetAside);
+  Packed packed = pack(tensors, "gradclip::scale_", device, Access::kWrite);
   run_pointwise(packed, device, Pointwise::kScale, scale_params(s, skip));
   scale_strided(packed.strided, s, skip);
 }
@@ -276,7 +287,7 @@ void clamp_cuda(TensorRefs tensors, double clip_value) {
   TORCH_CHECK(clip_value >= 0, "gradclip::clamp_: clip_value must be >= 0, got ", text(clip_value));
   const at::Device device = check_device(tensors, "gradclip::clamp_");
   const c10::cuda::CUDAGuard guard(device);
-  Packed packed = pack(tensors, "gradclip::clamp_", device, Strided::kSetAside);
+  Packed packed = pack(tensors, "gradclip::clamp_", device, Access::kWrite);
   PointwiseParams params{};
   params.clip_value = clip_value;
   run_pointwise(packed, device, Pointwise::kClamp, params);
@@ -287,15 +298,15 @@ void clamp_cuda(TensorRefs tensors, double clip_value) {
 // skipped on the device when an inf/NaN was found.
 at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale) {
-  const char* op = "gradclip clip_grads_";
+  const char* op = "gradclip::clip_grads_";
   const at::Device device = check_device(grads, op);
   const c10::cuda::CUDAGuard guard(device);
-  Packed packed = pack(grads, op, device, Strided::kSetAside);
+  Packed packed = pack(grads, op, device, Access::kWrite);
   at::Tensor stats;
   if (packed.strided.empty()) {
     stats = run_norm(packed, grads[0], norm_type, max_norm, inv_scale);
   } else {
-    Packed reading = pack(grads, op, device, Strided::kCopy);  // rare: non-dense grads
+    Packed reading = pack(grads, op, device, Access::kRead);  // rare: non-dense grads
     stats = run_norm(reading, grads[0], norm_type, max_norm, inv_scale);
   }
   const bool amp = inv_scale.has_value() && inv_scale->defined();
@@ -307,10 +318,14 @@ at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
   return stats;
 }
 
+int64_t pack_for_writing(TensorRefs tensors) {
+  return static_cast<int64_t>(pack(tensors, "pack_for_writing", std::nullopt, Access::kWrite).strided.size());
+}
+
 // For tests without a GPU: only the tensors' addresses and sizes are used.
 SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay) {
   TORCH_CHECK(grid > 0, "simulate_split: grid must be > 0, got ", text(grid));
-  Packed packed = pack(tensors, "simulate_split", std::nullopt, Strided::kCopy);
+  Packed packed = pack(tensors, "simulate_split", std::nullopt, Access::kRead);
   TORCH_CHECK(packed.copies.empty(), "simulate_split: pass dense tensors");
   SplitReplay result;
   result.launches = packed.num_tables;
@@ -347,6 +362,7 @@ TORCH_LIBRARY(gradclip, m) {
   m.def("norm_stats(Tensor[] tensors, float norm_type, float max_norm, Tensor? inv_scale) -> Tensor");
   m.def("scale_(Tensor(a!)[] tensors, Tensor scale, Tensor? found_inf) -> ()");
   m.def("clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
+  m.def("clip_grads_(Tensor(a!)[] grads, float norm_type, float max_norm, Tensor? inv_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
@@ -360,5 +376,9 @@ TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
   });
   m.impl("clamp_", [](at::TensorList tensors, double clip_value) {
     gradclip::clamp_cuda(tensors, clip_value);
+  });
+  m.impl("clip_grads_", [](at::TensorList grads, double norm_type, double max_norm,
+                           const std::optional<at::Tensor>& inv_scale) {
+    return gradclip::clip_grads_cuda(grads, norm_type, max_norm, inv_scale);
   });
 }

@@ -15,8 +15,9 @@
 
 namespace gradclip {
 
-// Element types, in the order of their codes in TensorTable::dtype.
-enum DType : uint8_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+// Element types by their codes in TensorTable::dtype: the codes of the Triton backend's table
+// (gradclip.backends.base.DTYPE_CODES), so both fused backends read one table; a test pins them.
+enum DType : uint8_t { kFloat = 0, kBFloat16 = 1, kHalf = 2, kDouble = 3 };
 
 GRADCLIP_HOST_DEVICE constexpr int dtype_size(int dtype) {
   return dtype == kHalf || dtype == kBFloat16 ? 2 : dtype == kFloat ? 4 : 8;

@@ -1,5 +1,5 @@
-// The ops' C++ entry points, shared by gradclip.cpp (which implements and registers them)
-// and python.cpp (the pybind11 fast path).
+// The ops' C++ entry points: one function per op, which gradclip.cpp implements and
+// registers with the dispatcher and python.cpp calls from its pybind11 fast path.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <optional>
 #include <vector>
+
+#include "kernels.h"
 
 namespace gradclip {
 
@@ -28,15 +30,19 @@ class TensorRefs {
   size_t size_ = 0;
 };
 
-// gradclip::norm_stats, gradclip::scale_ and gradclip::clamp_ on CUDA tensors.
+// The code of a supported dtype in the kernels' tables, or nullopt.
+std::optional<DType> dtype_code(at::ScalarType type);
+
+// gradclip::norm_stats, gradclip::scale_ and gradclip::clamp_ on CUDA tensors. The ops that
+// write bump the autograd version counter of every tensor they may write.
 at::Tensor norm_stats_cuda(TensorRefs tensors, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale);
 void scale_cuda(TensorRefs tensors, const at::Tensor& scale,
                 const std::optional<at::Tensor>& found_inf);
 void clamp_cuda(TensorRefs tensors, double clip_value);
 
-// norm_stats then scale_ by stats[COEF] (skipped when stats[FOUND_INF] is set and
-// inv_scale is given), with the tensor list packed once for both launches.
+// gradclip::clip_grads_: norm_stats then scale_ by stats[COEF] (skipped when
+// stats[FOUND_INF] is set and inv_scale is given), with the list packed once for both.
 at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale);
 
@@ -49,5 +55,10 @@ struct SplitReplay {
 };
 // With replay false, only packs (to time the host-side packing without a GPU).
 SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay = true);
+
+// For tests on any device: checks and packs `tensors` as an op that writes them does,
+// bumping the version counters of those the kernels would write; returns how many are set
+// aside for ATen (not dense), whose counters ATen bumps when it writes them.
+int64_t pack_for_writing(TensorRefs tensors);
 
 }  // namespace gradclip

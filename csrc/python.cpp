@@ -1,8 +1,15 @@
 // The pybind11 module: eager fast paths that take a whole Python list at once, so that no
 // per-tensor work happens in Python (a list comprehension over 2000 .grad costs more than
-// the kernels). Kept apart from gradclip.cpp: torch's Python headers are slow to compile.
+// the kernels) and the dispatcher does not box the list. Each calls the same C++ function
+// as its dispatcher op (ops.h). Kept apart from gradclip.cpp: Python headers are slow to
+// compile.
+//
+// Only torch's public header for Python bindings, torch/python.h. The list loop unpacks
+// each item with THPVariable_Check/THPVariable_Unpack from it, which give a reference to
+// the at::Tensor inside the Python object (no reference-count round trip per tensor);
+// tests/test_cuda_backend.py::test_fast_path_sees_the_python_tensors pins them.
 
-#include <torch/csrc/autograd/python_variable.h>
+#include <torch/python.h>
 
 #include <optional>
 #include <vector>
@@ -13,131 +20,154 @@
 namespace gradclip {
 namespace {
 
-bool supported_dtype(at::ScalarType type) {
-  return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
-}
+using Refs = std::vector<const at::Tensor*>;
 
-// A plain dense-layout CUDA float tensor (not a tensor subclass such as DTensor or a fake
-// tensor) on `device` (set by the first one).
-bool takes(const at::Tensor& t, std::optional<at::Device>& device) {
-  if (!t.is_cuda() || t.layout() != at::kStrided || !supported_dtype(t.scalar_type()) ||
-      !t.has_storage() || t.unsafeGetTensorImpl()->is_python_dispatch()) {
-    return false;
-  }
-  if (!device.has_value()) device = t.device();
-  return t.device() == *device;
-}
+// What a fast path returns when it does not take its input: the caller then calls the
+// dispatcher op, which takes everything the op supports (tensor subclasses included).
+py::object not_taken() { return py::reinterpret_borrow<py::object>(Py_NotImplemented); }
 
-// The tensors of a Python list or tuple (or their .grad, skipping None) into `out`; false
-// when the fast path does not take them, and the caller then goes the general way.
-bool collect(py::handle sequence, bool take_grad, std::vector<const at::Tensor*>& out) {
+// The tensors of a Python list or tuple, or with take_grad the .grad of each (None skipped),
+// by reference into `out`; false if it is not a list or tuple of tensors.
+bool unpack(py::handle sequence, bool take_grad, Refs& out) {
   PyObject* seq = sequence.ptr();
   if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
-  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
-  if (tensor_type == nullptr) return false;
   out.reserve(static_cast<size_t>(n));
-  std::optional<at::Device> device;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    // A C-level subtype check: isinstance() would go through the metaclass.
-    if (!PyObject_TypeCheck(items[i], tensor_type)) return false;
+    // Exact torch.Tensor and nn.Parameter are checked without going through isinstance.
+    if (!THPVariable_Check(items[i])) return false;
     const at::Tensor& item = THPVariable_Unpack(items[i]);
-    if (take_grad) {
-      const at::Tensor& grad = item.grad();
-      if (!grad.defined()) continue;
-      if (!takes(grad, device)) return false;
-      out.push_back(&grad);
-    } else {
-      if (!takes(item, device)) return false;
+    if (!take_grad) {
       out.push_back(&item);
+    } else if (item.grad().defined()) {
+      out.push_back(&item.grad());
     }
   }
-  return !out.empty();
-}
-
-py::object wrap(const at::Tensor& t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(t)); }
-
-std::optional<at::Tensor> optional_tensor(py::handle h, const char* name) {
-  if (h.is_none()) return std::nullopt;
-  TORCH_CHECK(PyObject_TypeCheck(h.ptr(), reinterpret_cast<PyTypeObject*>(THPVariableClass)),
-              name, " must be a tensor or None");
-  return THPVariable_Unpack(h.ptr());
-}
-
-py::object clip_parameters(py::handle params, double norm_type, double max_norm, py::handle inv_scale) {
-  std::vector<const at::Tensor*> grads;
-  if (!collect(params, /*take_grad=*/true, grads)) return py::none();
-  return wrap(clip_grads_cuda(TensorRefs(grads), norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
-}
-
-py::object clip_grads(py::handle grads, double norm_type, double max_norm, py::handle inv_scale) {
-  std::vector<const at::Tensor*> tensors;
-  if (!collect(grads, /*take_grad=*/false, tensors)) return py::none();
-  return wrap(clip_grads_cuda(TensorRefs(tensors), norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
-}
-
-py::object norm_stats(py::handle tensors, double norm_type, double max_norm, py::handle inv_scale) {
-  std::vector<const at::Tensor*> list;
-  if (!collect(tensors, /*take_grad=*/false, list)) return py::none();
-  return wrap(norm_stats_cuda(TensorRefs(list), norm_type, max_norm, optional_tensor(inv_scale, "inv_scale")));
-}
-
-bool scale(py::handle tensors, py::handle scale, py::handle found_inf) {
-  std::vector<const at::Tensor*> list;
-  if (!collect(tensors, /*take_grad=*/false, list)) return false;
-  const std::optional<at::Tensor> factor = optional_tensor(scale, "scale");
-  TORCH_CHECK(factor.has_value(), "scale must be a tensor");
-  scale_cuda(TensorRefs(list), *factor, optional_tensor(found_inf, "found_inf"));
   return true;
 }
 
-bool clamp(py::handle tensors, double clip_value) {
-  std::vector<const at::Tensor*> list;
-  if (!collect(tensors, /*take_grad=*/false, list)) return false;
-  clamp_cuda(TensorRefs(list), clip_value);
+bool supported_dtype(at::ScalarType type) { return dtype_code(type).has_value(); }
+
+// Whether the kernels take every tensor as it is: plain dense-layout CUDA float tensors (no
+// tensor subclass such as DTensor or a fake tensor) of one device, at least one.
+bool kernels_take(const Refs& tensors) {
+  if (tensors.empty()) return false;
+  const at::Device device = tensors[0]->device();
+  for (const at::Tensor* t : tensors) {
+    if (!t->is_cuda() || t->device() != device || t->layout() != at::kStrided ||
+        !supported_dtype(t->scalar_type()) || !t->has_storage() ||
+        t->unsafeGetTensorImpl()->is_python_dispatch()) {
+      return false;
+    }
+  }
   return true;
 }
 
-bool accepts(py::handle tensors) {
-  std::vector<const at::Tensor*> list;
-  return collect(tensors, /*take_grad=*/false, list);
+// The list (or the .grad of its parameters) when the fast path takes it, else nullopt.
+std::optional<Refs> collect(py::handle sequence, bool take_grad) {
+  Refs tensors;
+  if (!unpack(sequence, take_grad, tensors) || !kernels_take(tensors)) return std::nullopt;
+  return tensors;
 }
 
-py::tuple simulate_split_py(py::handle tensors, int64_t grid, bool replay_split) {
-  std::vector<const at::Tensor*> list;
-  for (py::handle item : tensors) list.push_back(&THPVariable_Unpack(item.ptr()));
-  const SplitReplay replay = gradclip::simulate_split(TensorRefs(list), grid, replay_split);
+py::object norm_stats(py::handle tensors, double norm_type, double max_norm,
+                      const std::optional<at::Tensor>& inv_scale) {
+  const auto list = collect(tensors, /*take_grad=*/false);
+  if (!list) return not_taken();
+  return py::cast(norm_stats_cuda(TensorRefs(*list), norm_type, max_norm, inv_scale));
+}
+
+py::object scale(py::handle tensors, const at::Tensor& scale, const std::optional<at::Tensor>& found_inf) {
+  const auto list = collect(tensors, /*take_grad=*/false);
+  if (!list) return not_taken();
+  scale_cuda(TensorRefs(*list), scale, found_inf);
+  return py::none();
+}
+
+py::object clamp(py::handle tensors, double clip_value) {
+  const auto list = collect(tensors, /*take_grad=*/false);
+  if (!list) return not_taken();
+  clamp_cuda(TensorRefs(*list), clip_value);
+  return py::none();
+}
+
+py::object clip_grads(py::handle grads, double norm_type, double max_norm,
+                      const std::optional<at::Tensor>& inv_scale) {
+  const auto list = collect(grads, /*take_grad=*/false);
+  if (!list) return not_taken();
+  return py::cast(clip_grads_cuda(TensorRefs(*list), norm_type, max_norm, inv_scale));
+}
+
+py::object clip_parameters(py::handle params, double norm_type, double max_norm,
+                           const std::optional<at::Tensor>& inv_scale) {
+  const auto grads = collect(params, /*take_grad=*/true);
+  if (!grads) return not_taken();
+  return py::cast(clip_grads_cuda(TensorRefs(*grads), norm_type, max_norm, inv_scale));
+}
+
+bool accepts(py::handle tensors) { return collect(tensors, /*take_grad=*/false).has_value(); }
+
+// Test helpers (no GPU needed).
+
+py::object unpacked(py::handle sequence, bool take_grad) {
+  Refs tensors;
+  if (!unpack(sequence, take_grad, tensors)) return py::none();
+  py::list out;
+  for (const at::Tensor* t : tensors) out.append(py::cast(*t));
+  return out;
+}
+
+int64_t pack_for_writing_py(const std::vector<at::Tensor>& tensors) {
+  return pack_for_writing(at::TensorList(tensors));
+}
+
+py::tuple simulate_split_py(const std::vector<at::Tensor>& tensors, int64_t grid, bool replay_split) {
+  const SplitReplay replay = simulate_split(at::TensorList(tensors), grid, replay_split);
   return py::make_tuple(replay.ok, replay.launches, replay.min_visits, replay.max_visits);
+}
+
+py::dict dtype_codes() {
+  py::dict codes;
+  for (const at::ScalarType type : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    codes[py::cast(type)] = static_cast<int>(*dtype_code(type));
+  }
+  return codes;
 }
 
 }  // namespace
 }  // namespace gradclip
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gradclip's CUDA extension. The ops are torch.ops.gradclip.*; these are eager fast paths.";
-  m.def("clip_parameters", &gradclip::clip_parameters, py::arg("params"), py::arg("norm_type"),
-        py::arg("max_norm"), py::arg("inv_scale") = py::none(),
-        "Norm then rescale of the .grad of a list of parameters (None grads skipped); returns "
-        "stats, or None when the grads are not all dense-layout CUDA float tensors of one "
-        "device (then take the general path).");
-  m.def("clip_grads", &gradclip::clip_grads, py::arg("grads"), py::arg("norm_type"),
-        py::arg("max_norm"), py::arg("inv_scale") = py::none(),
-        "clip_parameters over a list of the gradients themselves.");
+  m.doc() = "gradclip's CUDA extension. The ops are torch.ops.gradclip.*; the functions here are "
+            "their eager fast paths, which return NotImplemented for a list they do not take "
+            "(see accepts); the caller then calls the op.";
   m.def("norm_stats", &gradclip::norm_stats, py::arg("tensors"), py::arg("norm_type"),
-        py::arg("max_norm"), py::arg("inv_scale") = py::none(),
-        "gradclip::norm_stats without the dispatcher; None when the fast path does not take the list.");
+        py::arg("max_norm"), py::arg("inv_scale") = py::none(), "gradclip::norm_stats on a list or tuple.");
   m.def("scale_", &gradclip::scale, py::arg("tensors"), py::arg("scale"), py::arg("found_inf") = py::none(),
-        "gradclip::scale_ without the dispatcher; False when the fast path does not take the list.");
+        "gradclip::scale_ on a list or tuple.");
   m.def("clamp_", &gradclip::clamp, py::arg("tensors"), py::arg("clip_value"),
-        "gradclip::clamp_ without the dispatcher; False when the fast path does not take the list.");
+        "gradclip::clamp_ on a list or tuple.");
+  m.def("clip_grads_", &gradclip::clip_grads, py::arg("grads"), py::arg("norm_type"),
+        py::arg("max_norm"), py::arg("inv_scale") = py::none(), "gradclip::clip_grads_ on a list or tuple.");
+  m.def("clip_parameters_", &gradclip::clip_parameters, py::arg("params"), py::arg("norm_type"),
+        py::arg("max_norm"), py::arg("inv_scale") = py::none(),
+        "gradclip::clip_grads_ on the .grad of a list of parameters (None grads skipped), read in C++.");
   m.def("accepts", &gradclip::accepts, py::arg("tensors"),
         "Whether the fast paths take this list or tuple whole: dense-layout CUDA float tensors "
         "of one device, no tensor subclasses.");
+  m.def("unpacked", &gradclip::unpacked, py::arg("sequence"), py::arg("take_grad") = false,
+        "Test helper: the tensors the fast paths read from a list or tuple (with take_grad, the "
+        "defined .grad of each parameter), as Python objects; None when it is not one of tensors.");
+  m.def("pack_for_writing", &gradclip::pack_for_writing_py, py::arg("tensors"),
+        "Test helper: check and pack tensors of any device as an op that writes them does, "
+        "bumping the version counters of those the kernels would write; returns how many are "
+        "left to ATen (not dense).");
   m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
         py::arg("replay") = true,
         "Test helper: replay on the host how the kernels split a list among blocks; returns "
         "(ok, launches, min_visits, max_visits). With replay=False it only packs the list.");
+  m.attr("DTYPE_CODES") = gradclip::dtype_codes();
   m.attr("MAX_TENSORS_PER_LAUNCH") = gradclip::kMaxTensorsPerLaunch;
   m.attr("CHUNK_BYTES") = gradclip::kChunkBytes;
   m.attr("BLOCK_THREADS") = gradclip::kBlockThreads;

@@ -3,8 +3,10 @@
 Without a GPU (CI has nvcc but no GPU) this builds the extension and checks what can be
 checked on the host: the registered ops and their schemas, their fake implementations
 (``opcheck`` on meta tensors), that ``torch.compile(fullgraph=True)`` traces a clip into the
-ops, the build command, and, replayed on the host, how the kernels split a tensor list among
-blocks and threads (every element read once, vectors aligned, 64-bit sizes).
+ops, the build command and its first-use warning, the dtype codes shared with Triton, how the
+fast path unpacks Python tensors, the version-counter bookkeeping of the ops that write, and,
+replayed on the host, how the kernels split a tensor list among blocks and threads (every
+element read once, vectors aligned, 64-bit sizes).
 
 With a GPU (``-m gpu``) the kernels run against the float64 oracle of ``reference.py``:
 mixed dtypes, sizes around the chunk edges, misaligned views, empty tensors, more than 2**31
@@ -19,8 +21,11 @@ import argparse
 import math
 import os
 import random
+import re
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -28,17 +33,19 @@ from reference import assert_stats_match, expected_stats, storage_rtol
 
 import gradclip
 from gradclip.backends import cuda_build, get_backend, resolve
-from gradclip.backends.base import COEF, FOUND_INF, NORM
+from gradclip.backends.base import COEF, DTYPE_CODES, FOUND_INF, NORM, coef_of
 from gradclip.backends.cuda import CudaBackend
 
 HAS_CUDA = torch.cuda.is_available()
 CAN_BUILD = cuda_build.build_problem() is None or cuda_build.prebuilt_available()
-OPS = ("clamp_", "norm_stats", "scale_")
+OPS = ("clamp_", "clip_grads_", "norm_stats", "scale_")
 SCHEMAS = {
     "norm_stats": "gradclip::norm_stats(Tensor[] tensors, float norm_type, float max_norm, "
                   "Tensor? inv_scale) -> Tensor",
     "scale_": "gradclip::scale_(Tensor(a!)[] tensors, Tensor scale, Tensor? found_inf) -> ()",
     "clamp_": "gradclip::clamp_(Tensor(a!)[] tensors, float clip_value) -> ()",
+    "clip_grads_": "gradclip::clip_grads_(Tensor(a!)[] grads, float norm_type, float max_norm, "
+                   "Tensor? inv_scale) -> Tensor",
 }
 NORM_TYPES = [2.0, 1.0, math.inf, 0.5, 3.0]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -136,6 +143,78 @@ def test_sources_are_found():
     for name in ("kernels.cu", "kernels.h", "device_helpers.cuh"):
         text = (folder / name).read_text()
         assert "#include <torch" not in text and "#include <ATen" not in text, name
+    # The binding uses torch's public headers only (torch/csrc/ is torch's internals).
+    for name in ("gradclip.cpp", "python.cpp", "ops.h"):
+        assert "#include <torch/csrc/" not in (folder / name).read_text(), name
+
+
+def test_backend_module_is_not_imported_by_the_build_module():
+    # cuda.py imports cuda_build (to load the extension), never the other way round.
+    code = ("import sys, gradclip.backends.cuda_build; "
+            "print('gradclip.backends.cuda' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def _stand_in_builder(monkeypatch, tmp_path, cached, log):
+    """cuda_build with torch's builder replaced by one that appends "compile" to ``log``."""
+    from torch.utils import cpp_extension
+
+    def load(**kwargs):
+        log.append("compile")
+        return "module"
+
+    monkeypatch.setattr(cuda_build, "build_problem", lambda: None)
+    monkeypatch.setattr(cuda_build, "find_cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_use_cuda_home", lambda home: None)
+    monkeypatch.setattr(cuda_build, "source_dir", lambda: tmp_path)
+    monkeypatch.setattr(cuda_build, "jit_build_is_cached", lambda folder: cached)
+    monkeypatch.setattr(cpp_extension, "load", load)
+
+
+def test_jit_build_warns_before_it_compiles(monkeypatch, tmp_path):
+    log: list = []
+    _stand_in_builder(monkeypatch, tmp_path, cached=False, log=log)
+
+    def show(message, category, *args, **kwargs):
+        log.append((category, str(message)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        assert cuda_build._jit_build(verbose=False) == "module"
+    assert len(log) == 2 and log[1] == "compile", log
+    category, message = log[0]
+    assert category is cuda_build.JitBuildWarning
+    assert "python -m gradclip build" in message and "GRADCLIP_BUILD_CUDA=1" in message
+
+
+@pytest.mark.parametrize("cached, announce", [(True, True), (False, False)])
+def test_jit_build_is_quiet_when_cached_or_told(monkeypatch, tmp_path, cached, announce):
+    log: list = []
+    _stand_in_builder(monkeypatch, tmp_path, cached=cached, log=log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cuda_build.JitBuildWarning)
+        assert cuda_build._jit_build(verbose=False, announce=announce) == "module"
+    assert log == ["compile"]
+
+
+def test_jit_cache_is_fresh_only_when_newer_than_every_source(monkeypatch, tmp_path):
+    sources, cache = tmp_path / "csrc", tmp_path / "cache"
+    sources.mkdir()
+    cache.mkdir()
+    for name in cuda_build.SOURCES + cuda_build.HEADERS:
+        (sources / name).write_text("//")
+    monkeypatch.setattr(cuda_build, "jit_cache_dir", lambda: cache)
+    assert not cuda_build.jit_build_is_cached(sources)  # nothing built yet
+    library = cache / f"{cuda_build.JIT_NAME}.so"
+    library.write_bytes(b"")
+    now = time.time()
+    os.utime(library, (now, now))
+    assert cuda_build.jit_build_is_cached(sources)
+    os.utime(sources / "kernels.cu", (now + 10, now + 10))  # a source edited since
+    assert not cuda_build.jit_build_is_cached(sources)
 
 
 @needs_build
@@ -146,13 +225,86 @@ def test_extension_builds_and_registers_every_op(ext):
 
 
 @needs_build
+def test_same_op_set_as_the_triton_backend(ext):
+    pytest.importorskip("triton")
+    import gradclip.backends.triton  # noqa: F401  (registers gradclip_triton::*)
+
+    triton_ops = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("gradclip_triton::")}
+    assert triton_ops and triton_ops <= set(OPS), triton_ops - set(OPS)
+    for op in triton_ops:  # the same schema, namespace and alias-set names aside
+        ours, theirs = (re.sub(r"\(a\d*!\)", "(a!)", str(getattr(namespace, op).default._schema).split("::")[1])
+                        for namespace in (torch.ops.gradclip, torch.ops.gradclip_triton))
+        assert ours == theirs
+
+
+@needs_build
 def test_schemas_mark_what_is_written(ext):
-    for op, writes in (("norm_stats", False), ("scale_", True), ("clamp_", True)):
+    for op, writes in (("norm_stats", False), ("scale_", True), ("clamp_", True), ("clip_grads_", True)):
         schema = getattr(torch.ops.gradclip, op).default._schema
         tensors = schema.arguments[0]
-        assert tensors.name == "tensors"
+        assert tensors.name == ("grads" if op == "clip_grads_" else "tensors")
         assert (tensors.alias_info is not None and tensors.alias_info.is_write) == writes
         assert all(a.alias_info is None for a in schema.arguments[1:])
+
+
+@needs_build
+def test_dtype_codes_are_the_triton_codes(ext):
+    # One table: the CUDA extension's TensorTable codes are base.DTYPE_CODES, as Triton's.
+    assert ext.DTYPE_CODES == DTYPE_CODES
+
+
+@needs_build
+def test_fast_path_sees_the_python_tensors(ext):
+    """Pins how the fast path unpacks a Python list (THPVariable_Check/Unpack from
+    torch/python.h): it must see the very tensors, and each parameter's .grad, that Python
+    sees. A torch that changes the unpacking fails here, on the CPU."""
+    tensors = [torch.ones(3), torch.nn.Parameter(torch.zeros(2)), torch.empty(0, dtype=torch.bfloat16)]
+    for sequence in (tensors, tuple(tensors)):
+        seen = ext.unpacked(sequence)
+        assert len(seen) == len(tensors) and all(a is b for a, b in zip(seen, tensors))
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2)),
+              torch.nn.Parameter(torch.ones(5))]
+    params[0].grad, params[2].grad = torch.full((4,), 2.0), torch.full((5,), 3.0)
+    grads = ext.unpacked(params, take_grad=True)
+    assert len(grads) == 2 and grads[0] is params[0].grad and grads[1] is params[2].grad
+    assert ext.unpacked(iter(tensors)) is None  # not a list or tuple: the general path
+    assert ext.unpacked(tensors + [3.0]) is None
+    assert ext.accepts(tensors) is False  # CPU tensors: the kernels do not take them
+
+
+@needs_build
+def test_ops_that_write_bump_the_version_counters(ext):
+    """The kernels write through raw pointers, which autograd cannot see: the ops bump the
+    version counter of every tensor they may write, as ATen's in-place ops do (ATen bumps
+    the non-dense ones it writes itself). The same packing runs on any device."""
+    # (Views share their base's counter: each view here has a base of its own.)
+    dense, permuted, empty, strided = torch.ones(5), torch.zeros(6, 8).t(), torch.empty(0), torch.zeros(6, 8)[:, ::2]
+    tensors = [dense, permuted, empty, strided]
+    before = [t._version for t in tensors]
+    assert ext.pack_for_writing(tensors) == 1  # the strided view is left to ATen
+    assert [t._version - b for t, b in zip(tensors, before)] == [1, 1, 1, 0]
+    with torch.inference_mode():
+        frozen = torch.ones(3)
+        assert ext.pack_for_writing([frozen]) == 0  # no counter inside inference mode
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        ext.pack_for_writing([frozen])  # as frozen.mul_(2) raises outside it
+
+
+def test_fakes_are_registered_whichever_module_loads_the_extension():
+    if not CAN_BUILD:
+        pytest.skip(f"cannot build: {cuda_build.build_problem()}")
+    # The backend module imported first, the extension loaded by the build module after.
+    code = ("import torch, gradclip.backends.cuda; from gradclip.backends import cuda_build; "
+            "cuda_build.load_extension(announce=False); "
+            "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "with FakeTensorMode():\n"
+            "    t = [torch.empty(4, dtype=torch.float64, device='cuda')]\n"
+            "    print(torch.ops.gradclip.clip_grads_(t, 2.0, 1.0, None).dtype)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=900, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch.float64"
 
 
 @needs_build
@@ -170,7 +322,8 @@ def test_opcheck_on_meta_tensors(ext, op):
                torch.empty(3, 2, dtype=torch.bfloat16, device="meta")]
     args = {"norm_stats": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
             "scale_": (tensors, torch.empty(1, device="meta"), torch.empty(1, device="meta")),
-            "clamp_": (tensors, 0.5)}[op]
+            "clamp_": (tensors, 0.5),
+            "clip_grads_": (tensors, 2.0, 1.0, torch.empty(1, device="meta"))}[op]
     result = torch.library.opcheck(getattr(torch.ops.gradclip, op).default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -194,11 +347,12 @@ def ops_on_cpu(ext, monkeypatch):
     traced instead: registering and destroying CPU kernels mid-session is for CPU machines."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the tests on the real kernels cover this")
-    reference = get_backend("torch")
+    reference = get_backend("reference")
     lib = torch.library.Library("gradclip", "IMPL")
     lib.impl("norm_stats", lambda t, p, m, i: reference.norm_stats(list(t), p, m, i), "CPU")
     lib.impl("scale_", lambda t, s, f: reference.scale_(list(t), s, f), "CPU")
     lib.impl("clamp_", lambda t, c: reference.clamp_(list(t), c), "CPU")
+    lib.impl("clip_grads_", lambda g, p, m, i: reference.clip_grads_(list(g), p, m, i), "CPU")
     backend = get_backend("cuda")
     monkeypatch.setattr(backend, "supports", lambda device: True)
     monkeypatch.setattr(backend, "status", lambda: gradclip.BackendStatus(True, "test"))
@@ -233,7 +387,7 @@ def test_compile_traces_clip_grad_norm_into_the_ops(ops_on_cpu, gen):
         p.grad.copy_(e)
 
     result, ops = _traced_ops(lambda ps: gradclip.clip_grad_norm_(ps, 1.0, backend="cuda"), params)
-    assert "gradclip.norm_stats" in ops and "gradclip.scale_" in ops, ops
+    assert "gradclip.clip_grads_" in ops, ops
     torch.testing.assert_close(result, norm)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e / (norm + 1e-6))
@@ -244,8 +398,12 @@ def test_compile_traces_the_backend_ops(ops_on_cpu, gen):
     grads = [torch.randn(n, generator=gen) for n in (4, 1000)]
     expected_norm = torch.linalg.vector_norm(torch.cat(grads), 2.0)
     stats, ops = _traced_ops(lambda g: ops_on_cpu.clip_grads_(g, 2.0, 1.0), grads)
-    assert "gradclip.norm_stats" in ops and "gradclip.scale_" in ops, ops
+    assert "gradclip.clip_grads_" in ops, ops
     torch.testing.assert_close(stats[NORM], expected_norm)
+    stats, ops = _traced_ops(lambda g: ops_on_cpu.norm_stats(g, 2.0, 1.0), grads)
+    assert ops == ["gradclip.norm_stats"], ops
+    _, ops = _traced_ops(lambda g: ops_on_cpu.scale_(g, coef_of(stats)), grads)
+    assert "gradclip.scale_" in ops, ops
 
 
 def _meta_tensors(rng, count, max_numel=70_000, offsets=True):
@@ -619,18 +777,19 @@ def test_fast_path_reads_grads_in_cpp(gen):
     params.insert(2, torch.nn.Parameter(torch.empty(7, device="cuda")))  # no grad: skipped
     for p, g in zip([params[0], params[1], params[3]], grads):
         p.grad = g.clone()
-    stats = ext.clip_parameters(params, 2.0, 1.0)
+    stats = ext.clip_parameters_(params, 2.0, 1.0)
     assert_stats_match(stats, grads, 2.0, 1.0)
     coef = stats[COEF].item()
     for p, g in zip([params[0], params[1], params[3]], grads):
         torch.testing.assert_close(p.grad, (g.float() * coef).to(g.dtype), rtol=storage_rtol(g.dtype), atol=0)
-    # What the fast path does not take goes the general way (None).
-    assert ext.clip_parameters([torch.nn.Parameter(torch.empty(3))], 2.0, 1.0) is None
+    # What the fast path does not take goes the general way (NotImplemented).
+    assert ext.clip_parameters_([torch.nn.Parameter(torch.empty(3))], 2.0, 1.0) is NotImplemented
     cpu = torch.nn.Parameter(torch.empty(3))
     cpu.grad = torch.ones(3)
-    assert ext.clip_parameters(params + [cpu], 2.0, 1.0) is None
-    assert ext.clip_parameters([params[2]], 2.0, 1.0) is None  # no grads at all
-    assert ext.clip_parameters(iter(params), 2.0, 1.0) is None
+    assert ext.clip_parameters_(params + [cpu], 2.0, 1.0) is NotImplemented
+    assert ext.clip_parameters_([params[2]], 2.0, 1.0) is NotImplemented  # no grads at all
+    assert ext.clip_parameters_(iter(params), 2.0, 1.0) is NotImplemented
+    assert _cuda().clip_parameters_(iter(params), 2.0, 1.0) is None
 
 
 @on_gpu
@@ -651,10 +810,36 @@ def test_dispatcher_ops_and_fast_path_agree(gen):
     torch.ops.gradclip.clamp_(copies, 0.2)
     assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
     stats = backend.clip_grads_(tensors, 2.0, 0.5)
-    reference = torch.ops.gradclip.norm_stats(copies, 2.0, 0.5, None)
-    torch.ops.gradclip.scale_(copies, reference[COEF:FOUND_INF], None)
-    assert torch.equal(stats, reference)
+    assert torch.equal(stats, torch.ops.gradclip.clip_grads_(copies, 2.0, 0.5, None))
     assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+    reference = torch.ops.gradclip.norm_stats(copies, 2.0, 0.5, None)
+    torch.ops.gradclip.scale_(copies, coef_of(reference), None)
+    assert torch.equal(backend.clip_grads_(tensors, 2.0, 0.5), reference)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+
+
+@on_gpu
+@pytest.mark.parametrize("path", ["fast path", "dispatcher"])
+@pytest.mark.parametrize("op", ["scale_", "clamp_", "clip_grads_", "clip_parameters_"])
+def test_every_write_bumps_the_grads_version(gen, path, op):
+    """As torch's mul_ does, so that autograd sees a gradient changed in place."""
+    if op == "clip_parameters_" and path == "dispatcher":
+        pytest.skip("clip_parameters_ is a fast path only")
+    params = [torch.nn.Parameter(torch.empty(n, device="cuda")) for n in (1000, 70_001, 0)]
+    grads = _random_list(gen, [1000, 70_001, 0], [torch.float32, torch.bfloat16], scale=3.0)
+    for p, g in zip(params, grads):
+        p.grad = g
+    grads.append(_random_list(gen, [4000], [torch.float32])[0].view(40, 100)[:, ::3])  # to ATen
+    before = [g._version for g in grads]
+    ext = cuda_build.load_extension()
+    call = {"scale_": lambda f: f(grads, torch.tensor([0.5], device="cuda"), None),
+            "clamp_": lambda f: f(grads, 0.1),
+            "clip_grads_": lambda f: f(grads, 2.0, 1.0, None),
+            "clip_parameters_": lambda f: f(params, 2.0, 1.0, None)}[op]
+    result = call(getattr(ext, op) if path == "fast path" else getattr(torch.ops.gradclip, op))
+    assert result is not NotImplemented
+    written = grads[:3] if op == "clip_parameters_" else grads
+    assert all(g._version > b for g, b in zip(written, before)), [g._version for g in grads]
 
 
 @on_gpu

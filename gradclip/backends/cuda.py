@@ -1,10 +1,14 @@
 """The CUDA backend: the Python face of the C++/CUDA extension in ``csrc/``.
 
 The ops are declared once, in C++ (``torch.ops.gradclip.norm_stats``, ``scale_``,
-``clamp_``); this module calls them and registers their fake implementations, so that
-``torch.compile`` can trace them and CUDA graphs capture them. Eager calls take the
-extension's pybind11 fast path instead, which reads the gradients of a whole parameter
-list in C++ and packs the kernel metadata once for both kernels.
+``clamp_``, ``clip_grads_``); this module calls them and registers their fake
+implementations, so that ``torch.compile`` can trace them and CUDA graphs capture them.
+Eager calls first offer the list to the extension's pybind11 fast path of the same op (the
+same C++ function without the dispatcher's per-tensor boxing), which reads the gradients of
+a whole parameter list in C++; what it does not take goes to the op.
+
+Finding, building and loading the extension is :mod:`gradclip.backends.cuda_build`'s job;
+it knows nothing of this module.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from torch import Tensor
 
 from . import cuda_build
 from .base import Backend, BackendStatus, BackendUnavailableError, stats_dtype
+
+# What the extension's fast paths return for a list they do not take.
+_NOT_TAKEN = NotImplemented
 
 
 def _probe() -> BackendStatus:
@@ -78,45 +85,37 @@ class CudaBackend(Backend):
         return self._ext
 
     def accepts(self, tensors):
-        # Checked in C++; compiled code goes the general way, through the torch.library ops.
+        # Checked in C++; compiled code splits the list in Python and calls the ops.
         return not torch.compiler.is_compiling() and self._module().accepts(tensors)
 
-    # Eager calls take the extension's pybind11 entry points, which skip the dispatcher's
-    # per-tensor boxing of the list; compiled code (and any list they do not take: tensor
-    # subclasses, CPU tensors) goes through the torch.library ops.
+    def _run(self, op: str, *args):
+        """Op ``op``: eagerly through the extension's fast path when it takes the list,
+        else (compiled code, tensor subclasses, CPU tensors) through the dispatcher."""
+        ext = self._module()
+        if not torch.compiler.is_compiling():
+            result = getattr(ext, op)(*args)
+            if result is not _NOT_TAKEN:
+                return result
+        return getattr(torch.ops.gradclip, op)(*args)
 
     def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
-        ext = self._module()
-        if not torch.compiler.is_compiling():
-            stats = ext.norm_stats(tensors, float(norm_type), float(max_norm), inv_scale)
-            if stats is not None:
-                return stats
-        return torch.ops.gradclip.norm_stats(tensors, float(norm_type), float(max_norm), inv_scale)
+        return self._run("norm_stats", tensors, float(norm_type), float(max_norm), inv_scale)
 
     def scale_(self, tensors, scale, found_inf=None):
-        ext = self._module()
-        if not torch.compiler.is_compiling() and ext.scale_(tensors, scale, found_inf):
-            return
-        torch.ops.gradclip.scale_(tensors, scale, found_inf)
+        self._run("scale_", tensors, scale, found_inf)
 
     def clamp_(self, tensors, clip_value):
-        ext = self._module()
-        if not torch.compiler.is_compiling() and ext.clamp_(tensors, float(clip_value)):
-            return
-        torch.ops.gradclip.clamp_(tensors, float(clip_value))
+        self._run("clamp_", tensors, float(clip_value))
 
     def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
-        if not torch.compiler.is_compiling():
-            stats = self._module().clip_grads(grads, float(norm_type), float(max_norm), inv_scale)
-            if stats is not None:
-                return stats
-        return super().clip_grads_(grads, norm_type, max_norm, inv_scale)
+        return self._run("clip_grads_", grads, float(norm_type), float(max_norm), inv_scale)
 
     def clip_parameters_(self, params, norm_type, max_norm, inv_scale=None):
-        # Compiled code goes the general way, through the torch.library ops.
+        # Reads .grad in C++: eager calls only (None: the caller goes the general way).
         if torch.compiler.is_compiling():
             return None
-        return self._module().clip_parameters(params, float(norm_type), float(max_norm), inv_scale)
+        stats = self._module().clip_parameters_(params, float(norm_type), float(max_norm), inv_scale)
+        return None if stats is _NOT_TAKEN else stats
 
 
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor.
@@ -135,15 +134,23 @@ def _clamp_fake(tensors: list[Tensor], clip_value: float) -> None:
     return None
 
 
-_FAKES = {"norm_stats": _norm_stats_fake, "scale_": _scale_fake, "clamp_": _clamp_fake}
+def _clip_grads_fake(grads: list[Tensor], norm_type: float, max_norm: float,
+                     inv_scale: Tensor | None) -> Tensor:
+    torch._check(len(grads) > 0, lambda: "gradclip::clip_grads_: grads is empty")
+    return grads[0].new_empty((3,), dtype=stats_dtype(grads))
+
+
+_FAKES = {"norm_stats": _norm_stats_fake, "scale_": _scale_fake, "clamp_": _clamp_fake,
+          "clip_grads_": _clip_grads_fake}
 _fakes_registered = False
 
 
 def register_fakes() -> None:
     """Register the fake implementations; the ops must exist (the extension loaded).
 
-    The C++ library names this module (``set_python_module``), so torch imports it when it
-    needs a fake implementation of an op loaded by other means.
+    Called at import when the ops exist, and by ``cuda_build`` once it loads the extension
+    (the hook below). The C++ library names this module (``set_python_module``), so torch
+    imports it when it needs a fake implementation of an op loaded by other means.
     """
     global _fakes_registered
     if _fakes_registered:
@@ -163,3 +170,5 @@ def _ops_defined() -> bool:
 
 if _ops_defined():
     register_fakes()
+else:
+    cuda_build.when_loaded(register_fakes)

@@ -8,6 +8,9 @@ The extension is looked for in this order:
    (a minute or two), cached under ``$TORCH_EXTENSIONS_DIR`` (default
    ``~/.cache/torch_extensions``) and rebuilt only when a source or flag changes.
 
+A JIT build that has to compile says so first, with a :class:`JitBuildWarning` naming the
+ways to build ahead of time.
+
 The JIT build needs ``nvcc`` and the CUDA toolkit root (the folder with
 ``include/cuda_runtime.h`` and ``lib64/libcudart.so``): ``$CUDA_HOME`` or ``$CUDA_PATH``
 when they point to one, else found from ``nvcc`` and the usual install folders. The GPU
@@ -26,6 +29,8 @@ import shutil
 import sys
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +47,15 @@ JIT_ENV = "GRADCLIP_CUDA_JIT"
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
+_load_hooks: list[Callable[[], None]] = []
+
+PREBUILD_HINT = ("to build it ahead of time, run `python -m gradclip build` once (it is then "
+                 "cached), or install with `GRADCLIP_BUILD_CUDA=1 pip install --no-build-isolation "
+                 "gradclip`")
+
+
+class JitBuildWarning(UserWarning):
+    """The CUDA extension is being compiled on first use (a minute or two, once)."""
 
 
 def _is_toolkit_root(path: str | os.PathLike | None) -> bool:
@@ -162,7 +176,30 @@ def _use_cuda_home(home: str) -> None:
     cpp_extension.CUDA_HOME = home
 
 
-def _jit_build(verbose: bool) -> ModuleType:
+def jit_cache_dir() -> Path | None:
+    """The folder of the JIT build (under ``$TORCH_EXTENSIONS_DIR``), or ``None`` if torch
+    does not say (it is torch's private helper)."""
+    from torch.utils import cpp_extension
+
+    try:
+        return Path(cpp_extension._get_build_directory(JIT_NAME, verbose=False))
+    except Exception:  # a torch that renamed or changed it: only the message depends on it
+        return None
+
+
+def jit_build_is_cached(folder: Path) -> bool:
+    """Whether the JIT cache holds a build newer than the sources in ``folder`` and than
+    this torch, so that loading takes seconds. For the message only: ninja decides."""
+    cache = jit_cache_dir()
+    library = cache / f"{JIT_NAME}.so" if cache is not None else None
+    if library is None or not library.is_file():
+        return False
+    inputs = [folder / name for name in SOURCES + HEADERS] + [Path(torch.__file__).parent / "version.py"]
+    built = library.stat().st_mtime
+    return all(path.stat().st_mtime <= built for path in inputs if path.is_file())
+
+
+def _jit_build(verbose: bool, announce: bool = True) -> ModuleType:
     problem = build_problem()
     if problem is not None:
         raise BackendUnavailableError(f"cannot build the CUDA extension: {problem}")
@@ -173,6 +210,10 @@ def _jit_build(verbose: bool) -> ModuleType:
 
     folder = source_dir()
     assert folder is not None
+    if announce and not jit_build_is_cached(folder):
+        warnings.warn(f"gradclip: compiling the CUDA extension now, on first use (1-2 min on a "
+                      f"few cores, then cached in {jit_cache_dir()}); {PREBUILD_HINT}",
+                      JitBuildWarning, stacklevel=2)
     cxx, nvcc = compile_flags()
     try:
         return cpp_extension.load(
@@ -188,12 +229,13 @@ def _jit_build(verbose: bool) -> ModuleType:
         raise BackendUnavailableError(f"building the CUDA extension failed: {error}") from error
 
 
-def load_extension(verbose: bool = False, jit: bool = False) -> ModuleType:
+def load_extension(verbose: bool = False, jit: bool = False, announce: bool = True) -> ModuleType:
     """The loaded extension module (its ops are then ``torch.ops.gradclip.*``).
 
     Loads the ahead-of-time build if present (unless ``jit``), else JIT-builds (or reuses
-    the cache). Raises :class:`BackendUnavailableError` with the reason, the compiler's
-    output included, when it cannot.
+    the cache); a build that must compile warns first (:class:`JitBuildWarning`) unless
+    ``announce`` is false. Raises :class:`BackendUnavailableError` with the reason, the
+    compiler's output included, when it cannot.
     """
     global _module
     if _module is not None:
@@ -208,11 +250,21 @@ def load_extension(verbose: bool = False, jit: bool = False) -> ModuleType:
                         f"the prebuilt extension {PREBUILT_NAME} does not load ({error}); rebuild it "
                         f"for this torch, or set {JIT_ENV}=1 to JIT-build instead") from error
             else:
-                _module = _jit_build(verbose)
-            from .cuda import register_fakes
-
-            register_fakes()
+                _module = _jit_build(verbose, announce)
+            for hook in _load_hooks:
+                hook()
+            _load_hooks.clear()
     return _module
+
+
+def when_loaded(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` once the extension is loaded: now if it is, else right after it loads
+    (the backend module registers its fake implementations so)."""
+    with _lock:
+        if _module is None:
+            _load_hooks.append(hook)
+            return
+    hook()
 
 
 def loaded_module() -> ModuleType | None:
@@ -242,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        module = load_extension(verbose=args.verbose, jit=args.jit)
+        module = load_extension(verbose=args.verbose, jit=args.jit, announce=False)
     except BackendUnavailableError as error:
         print(f"gradclip build: {error}", file=sys.stderr)
         return 1
