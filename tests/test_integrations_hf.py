@@ -7,6 +7,8 @@ Tiny models built from a config, random tokens, the CPU; nothing is downloaded.
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +36,8 @@ ORIGINAL_CLIP_GRAD_VALUE = Accelerator.__dict__["clip_grad_value_"]
 @pytest.fixture(autouse=True)
 def fresh_state():
     """Each test starts unpatched, with Accelerate's process-wide state reset."""
+    if gradclip_hf.is_patched():
+        gradclip_hf.unpatch()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     yield
@@ -309,3 +313,20 @@ def test_missing_accelerate_names_the_extra(monkeypatch):
     monkeypatch.setattr(_common.metadata, "version", not_installed)
     with pytest.raises(ImportError, match=r"gradclip\[hf\]"):
         gradclip_hf.patch()
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+HF_EXAMPLES = [block for block in re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+               if "gradclip.integrations.huggingface" in block]
+
+
+def test_the_docs_show_the_trainer_and_an_accelerate_loop():
+    assert any("transformers.Trainer" in code for code in HF_EXAMPLES)
+    assert any("accelerator.clip_grad_norm_" in code for code in HF_EXAMPLES)
+
+
+@pytest.mark.parametrize("code", HF_EXAMPLES, ids=[f"example-{i}" for i in range(len(HF_EXAMPLES))])
+def test_documented_example_runs(code, counter):
+    exec(compile(code, str(DOCS), "exec"), {"__name__": "__example__"})
+    assert counter.calls["gradclip norm"] >= 4
+    assert not gradclip_hf.is_patched(), "the example undoes its patch"

@@ -11,6 +11,7 @@ again, so the check below starts it in a subprocess.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,21 @@ def test_unsupported_lightning_versions_are_refused(version, monkeypatch):
     monkeypatch.setattr(_common.metadata, "version", lambda name: version)
     with pytest.raises(RuntimeError, match=f"supports lightning >= 2.0.0, < 3; {version} is installed"):
         _common.require("lightning", *LIGHTNING_VERSIONS, extra="lightning")
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+EXAMPLES = [block for block in re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+            if "gradclip.integrations.lightning" in block]
+
+
+def test_the_docs_show_the_callback():
+    assert any("callbacks=[" in code and "gradient_clip_val" in code for code in EXAMPLES)
+
+
+@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example-{i}" for i in range(len(EXAMPLES))])
+def test_documented_example_runs(code, recorder):
+    exec(compile(code, str(DOCS), "exec"), {"__name__": "__example__"})
+    assert recorder.calls["gradclip norm"] == 4 and recorder.calls["torch norm"] == 0
 
 
 @pytest.mark.slow
