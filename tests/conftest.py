@@ -24,9 +24,9 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def runnable_backends() -> list[tuple[str, str]]:
     """(backend, device) pairs to test. On a GPU machine every fused backend must run:
     one that cannot fails its tests instead of being skipped."""
-    pairs = [("torch", "cpu")]
+    pairs = [("reference", "cpu")]
     if HAS_CUDA:
-        return pairs + [("torch", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+        return pairs + [("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
     if get_backend("triton").status().available:
         pairs.append(("triton", "cpu"))
     return pairs

@@ -10,7 +10,7 @@ import torch
 from conftest import HAS_CUDA
 
 import gradclip
-from gradclip import backends as dispatch
+from gradclip.backends import dispatch
 from gradclip.backends.base import Backend, BackendStatus, BackendUnavailableError
 
 
@@ -23,11 +23,11 @@ def fresh_dispatch(monkeypatch):
 
 def test_available_backends_explains_every_backend():
     statuses = gradclip.available_backends()
-    assert list(statuses) == ["cuda", "triton", "torch"]
+    assert list(statuses) == ["cuda", "triton", "reference"]
     for name, status in statuses.items():
         assert isinstance(status, BackendStatus)
         assert len(status.reason) > 10, f"{name}: say why, not just yes or no"
-    assert statuses["torch"].available
+    assert statuses["reference"].available
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the reasons given without a GPU")
@@ -40,28 +40,35 @@ def test_without_gpu_the_cuda_backend_says_why():
 def test_backends_command_prints_each_backend():
     out = subprocess.run([sys.executable, "-m", "gradclip", "backends"], capture_output=True,
                          text=True, check=True).stdout
-    for name in ("cuda", "triton", "torch"):
+    for name in ("cuda", "triton", "reference"):
         assert any(line.startswith(name) for line in out.splitlines()), out
 
 
 def test_auto_on_cpu_tensors_picks_the_reference():
-    assert dispatch.resolve("auto", torch.device("cpu")).name == "torch"
+    assert dispatch.resolve("auto", torch.device("cpu")).name == "reference"
 
 
 def test_environment_variable_chooses_for_auto(monkeypatch):
     calls = []
-    reference = dispatch.get_backend("torch")
+    reference = dispatch.get_backend("reference")
     monkeypatch.setattr(reference, "norm_stats",
                         lambda *args, **kwargs: calls.append(1) or torch.zeros(3))
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     gradclip.get_total_norm([torch.randn(4)])
     assert calls == [1]
-    assert dispatch.requested_backend("auto") == "torch"
+    assert dispatch.requested_backend("auto") == "reference"
+
+
+def test_torch_is_the_reference_backends_former_name(monkeypatch):
+    assert dispatch.get_backend("torch") is dispatch.get_backend("reference")
+    assert dispatch.requested_backend("torch") == "reference"
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.requested_backend("auto") == "reference"
 
 
 def test_explicit_argument_overrides_the_environment(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    assert dispatch.requested_backend("torch") == "torch"
+    assert dispatch.requested_backend("reference") == "reference"
 
 
 def test_unknown_backend_in_environment_is_a_value_error(monkeypatch):
@@ -92,10 +99,10 @@ class _Broken(Backend):
 
 def test_auto_falls_back_with_a_warning_when_a_backend_fails_to_load(monkeypatch):
     monkeypatch.setitem(dispatch._instances, "cuda", _Broken())
-    monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ("cuda", "torch"))
+    monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ("cuda", "reference"))
     with pytest.warns(RuntimeWarning, match="nvcc exited"):
         chosen = dispatch.resolve("auto", torch.device("cpu"))
-    assert chosen.name == "torch"
+    assert chosen.name == "reference"
 
 
 def test_explicit_backend_that_fails_to_load_raises(monkeypatch):
@@ -123,7 +130,7 @@ def test_auto_choice_is_remembered_per_device():
 class _TakesWholeLists(Backend):
     """Accepts any list whole, and records what each op was given."""
 
-    name = "torch"
+    name = "reference"
 
     def __init__(self):
         self.calls = []
@@ -150,16 +157,16 @@ class _TakesWholeLists(Backend):
 
 def test_a_backend_that_accepts_the_list_gets_it_whole_without_the_python_split(monkeypatch):
     double = _TakesWholeLists()
-    monkeypatch.setitem(dispatch._instances, "torch", double)
+    monkeypatch.setitem(dispatch._instances, "reference", double)
 
     def no_split(*args):
         raise AssertionError("the list was split in Python")
 
-    monkeypatch.setattr(dispatch, "_split_by_device", no_split)
+    monkeypatch.setattr(dispatch, "_split", no_split)
     tensors = [torch.randn(3) for _ in range(5)]
-    dispatch.norm_stats(tensors, 2.0, 1.0, backend="torch")
-    dispatch.scale_(tensors, torch.ones(1), backend="torch")
-    dispatch.clip_grads_(tensors, 2.0, 1.0, backend="torch")
-    dispatch.clamp_(tensors, 1.0, backend="torch")
+    dispatch.norm_stats(tensors, 2.0, 1.0, backend="reference")
+    dispatch.scale_(tensors, torch.ones(1), backend="reference")
+    dispatch.clip_grads_(tensors, 2.0, 1.0, backend="reference")
+    dispatch.clamp_(tensors, 1.0, backend="reference")
     assert double.calls == [("norm_stats", 5), ("scale_", 5), ("norm_stats", 5), ("scale_", 5),
                             ("clamp_", 5)]
