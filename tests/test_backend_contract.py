@@ -142,7 +142,7 @@ def test_agrees_with_reference_backend(backend_device, gen):
     name, device = backend_device
     tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
     ours = _backend(name, device).norm_stats(tensors, 2.0, 1.0)
-    reference = get_backend("torch").norm_stats(tensors, 2.0, 1.0)
+    reference = get_backend("reference").norm_stats(tensors, 2.0, 1.0)
     torch.testing.assert_close(ours, reference, rtol=2e-5, atol=0)
 
 
@@ -161,14 +161,58 @@ def test_scale_multiplies_every_tensor(backend_device, gen, mix):
         torch.testing.assert_close(t, expected, rtol=storage_rtol(t.dtype), atol=atol)
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(_SAME_SIZE_INT[t.element_size()])
+
+
+def _plant_nan_payloads(tensors):
+    """A signalling NaN with a payload in each non-empty tensor: any multiply quiets it."""
+    payloads = {2: 0x7C01, 4: 0x7F800123, 8: 0x7FF0000000000123}
+    for t in tensors:
+        if t.numel():
+            _bits(t)[0] = payloads[t.element_size()] if t.dtype != torch.bfloat16 else 0x7F81
+
+
 def test_scale_by_one_leaves_tensors_bitwise_untouched(backend_device, gen):
     name, device = backend_device
     tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
+    _plant_nan_payloads(tensors)
+    before = [t.clone() for t in tensors]
+    versions = [t._version for t in tensors]
+    _backend(name, device).scale_(tensors, torch.ones(1, device=tensors[0].device))
+    if name == "reference" and device != "cpu":
+        # Documented in base.py: on a GPU the reference multiplies by 1 (no host sync),
+        # which keeps every value but may quiet NaNs.
+        for t, b in zip(tensors, before):
+            assert torch.equal(t.nan_to_num(), b.nan_to_num()) and torch.equal(t.isnan(), b.isnan())
+        return
+    for t, b in zip(tensors, before):
+        assert torch.equal(_bits(t), _bits(b)), f"{t.dtype} {tuple(t.shape)} was rewritten"
+    assert all(t._version >= v for t, v in zip(tensors, versions))
+
+
+def test_scale_bumps_the_autograd_version_of_what_it_may_write(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
+    versions = [t._version for t in tensors]
+    _backend(name, device).scale_(tensors, torch.tensor([0.5], device=tensors[0].device))
+    assert all(t._version > v for t, v in zip(tensors, versions)), \
+        "an in-place write must bump the version counter, as torch's mul_ does"
+
+
+def test_clamp_clamps_in_one_call_and_bumps_versions(backend_device, gen):
+    name, device = backend_device
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"], scale=3.0)
     tensors[3].view(-1)[0] = math.nan
     before = [t.clone() for t in tensors]
-    _backend(name, device).scale_(tensors, torch.ones(1, device=tensors[0].device))
+    versions = [t._version for t in tensors]
+    _backend(name, device).clamp_(tensors, 0.75)
     for t, b in zip(tensors, before):
-        assert torch.equal(t.nan_to_num(), b.nan_to_num()) and torch.equal(t.isnan(), b.isnan())
+        torch.testing.assert_close(t, b.clamp(-0.75, 0.75), rtol=0, atol=0, equal_nan=True)
+    assert all(t._version > v for t, v in zip(tensors, versions))
 
 
 def test_scale_skips_when_found_inf_is_set(backend_device, gen):

@@ -21,8 +21,12 @@ and float64, and provides two ops:
 ``scale_(tensors, scale, found_inf) -> None``
     Multiplies every tensor in place by the one-element device tensor ``scale``, unless
     ``scale`` is exactly 1 or ``found_inf`` (optional, one element) is nonzero: then no
-    tensor is touched. Fused backends decide this on the device, so that the common
-    no-clip step costs no memory traffic and no host synchronisation.
+    tensor is touched, bit for bit. Fused backends decide this on the device, so that the
+    common no-clip step costs no memory traffic and no host synchronisation; the
+    reference backend decides on the host for CPU tensors (nothing to synchronise with)
+    and elsewhere multiplies by 1, which keeps every value but not NaN payloads.
+    Every backend bumps the autograd version counter of the tensors it may write, as
+    torch's in-place ops do.
 
 ``clamp_(tensors, clip_value) -> None``
     Clamps every tensor in place to ``[-clip_value, clip_value]``. The base class does it
@@ -45,6 +49,21 @@ from torch import Tensor
 NORM, COEF, FOUND_INF = 0, 1, 2
 EPS = 1e-6
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Complex gradients are clipped by the reference backend only (the norm of |z|, as torch).
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+# The dtype code of each supported dtype in the fused kernels' tensor tables (Triton's
+# chunk table and the CUDA extension's TensorTable use the same codes; tests pin both).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+def coef_of(stats: Tensor) -> Tensor:
+    """``stats[COEF]`` as a one-element view: the ``scale`` argument of ``scale_``."""
+    return stats[COEF:COEF + 1]
+
+
+def found_inf_of(stats: Tensor) -> Tensor:
+    """``stats[FOUND_INF]`` as a one-element view: the ``found_inf`` argument of ``scale_``."""
+    return stats[FOUND_INF:FOUND_INF + 1]
 
 
 @dataclass(frozen=True)
@@ -108,8 +127,7 @@ class Backend:
         Without it, a non-finite norm rescales by NaN, exactly as torch does.
         """
         stats = self.norm_stats(grads, norm_type, max_norm, inv_scale)
-        skip = stats[FOUND_INF:] if inv_scale is not None else None
-        self.scale_(grads, stats[COEF:FOUND_INF], skip)
+        self.scale_(grads, coef_of(stats), found_inf_of(stats) if inv_scale is not None else None)
         return stats
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
@@ -117,7 +135,6 @@ class Backend:
         for group in group_by_dtype(tensors).values():
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)
-
 
     def clip_parameters_(
         self,
@@ -139,8 +156,9 @@ def group_by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
 
 
 def stats_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """float64 if any tensor is float64, else float32: the dtype of ``norm_stats``."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """float64 if any tensor is float64 (or complex128), else float32: the dtype of ``norm_stats``."""
+    wide = (torch.float64, torch.complex128)
+    return torch.float64 if any(t.dtype in wide for t in tensors) else torch.float32
 
 
 def clip_coefficient(norm: Tensor, max_norm: float, inv_scale: Tensor | None = None) -> Tensor:

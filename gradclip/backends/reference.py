@@ -2,8 +2,21 @@
 
 It computes what ``torch.nn.utils.clip_grad_norm_`` computes (per-tensor norms with
 ``torch._foreach_norm``, then the norm of those norms), except that 16-bit tensors are
-reduced in float32 and the result stays float32. It moves more bytes than the fused
-backends: an extra read for the inf/NaN flag, and a multiply even when nothing is clipped.
+reduced in float32 and the result stays float32. It is also what ``auto`` runs on the
+CPU, so it moves no more bytes than it must there:
+
+- CPU tensors: the host decides (there is no device to synchronise with). The inf/NaN
+  flag costs an extra pass only when the norm is not finite (a finite norm proves every
+  element finite), and ``scale_`` by exactly 1 touches nothing: a step with nothing to
+  clip is one read, against torch's read plus read/write.
+- Other devices: everything stays on the device. The flag takes an extra 1-norm and
+  inf-norm pass, and ``scale_`` multiplies even by 1 (every value is kept; NaN payloads
+  may change). The fused backends are the fast path there.
+
+Under AMP the norm is of the unscaled gradients, unscaled before the power is taken (a
+scale of 2**16 would otherwise overflow an 8-norm of ordinary gradients): in batches of
+bounded size, each tensor is multiplied by ``inv_scale`` into a temporary, in float32 for
+16-bit tensors, as torch's ``unscale_`` would for float32 ones, and its norm taken.
 """
 
 from __future__ import annotations
@@ -13,19 +26,50 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
+from .base import COMPLEX_DTYPES, Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
+
+_ACCUMULATE_IN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_UNSCALE_BATCH_ELEMENTS = 1 << 24  # bounds the temporaries of the AMP norm (64 MiB in float32)
 
 
-def _per_tensor_norms(tensors: list[Tensor], norm_type: float, dtype: torch.dtype) -> Tensor:
-    """Norms of each non-empty tensor, reduced in float32 (float64 for float64 inputs),
-    as one ``dtype`` vector. Empty tensors add nothing to any norm, and torch's inf norm
-    refuses them; the leading zero keeps the vector non-empty."""
+def _decides_on_host(device: torch.device) -> bool:
+    """CPU tensors, outside a traced graph: a Python branch on a value costs nothing."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _per_tensor_norms(tensors: list[Tensor], norm_type: float, dtype: torch.dtype,
+                      inv_scale: Tensor | None = None) -> Tensor:
+    """Norms of each non-empty tensor (times ``inv_scale``) as one ``dtype`` vector, each
+    reduced in float32 (float64 for float64 inputs; complex tensors in their real
+    precision). Empty tensors add nothing to any norm, and torch's inf norm refuses them;
+    the leading zero keeps the vector non-empty."""
     norms: list[Tensor] = [torch.zeros((), dtype=dtype, device=tensors[0].device)]
     nonempty = [t for t in tensors if t.numel() > 0]
     for dtype_in, group in group_by_dtype(nonempty).items():
-        accumulate = None if dtype_in in (torch.float32, torch.float64) else torch.float32
-        norms.extend(n.to(dtype) for n in torch._foreach_norm(group, norm_type, dtype=accumulate))
-    return torch.stack(norms)
+        accumulate = _ACCUMULATE_IN.get(dtype_in)
+        if inv_scale is None:
+            norms.extend(torch._foreach_norm(group, norm_type, dtype=accumulate))
+            continue
+        for batch in _bounded_batches(group):
+            if accumulate is not None:
+                batch = [t.to(accumulate) for t in batch]
+            scaled = torch._foreach_mul(batch, inv_scale.to(batch[0].dtype))
+            norms.extend(torch._foreach_norm(scaled, norm_type))
+    return torch.stack([n.to(dtype) for n in norms])
+
+
+def _bounded_batches(tensors: list[Tensor]):
+    """``tensors`` in consecutive batches of at most ``_UNSCALE_BATCH_ELEMENTS`` elements
+    (or one tensor, when it alone is larger)."""
+    batch, size = [], 0
+    for t in tensors:
+        if batch and size + t.numel() > _UNSCALE_BATCH_ELEMENTS:
+            yield batch
+            batch, size = [], 0
+        batch.append(t)
+        size += t.numel()
+    if batch:
+        yield batch
 
 
 def _nan_and_inf_flags(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -39,7 +83,7 @@ def _nan_and_inf_flags(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tenso
 
 
 class ReferenceBackend(Backend):
-    name = "torch"
+    name = "reference"
 
     def status(self) -> BackendStatus:
         return BackendStatus(True, f"pure torch {torch.__version__}, any device (the reference)")
@@ -52,19 +96,24 @@ class ReferenceBackend(Backend):
         device = tensors[0].device
         if inv_scale is not None:
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
-        norm = torch.linalg.vector_norm(_per_tensor_norms(tensors, norm_type, dtype), norm_type)
-        has_nan, has_inf = _nan_and_inf_flags(tensors, dtype)
-        # Not every max reduction propagates NaN; the contract says it must.
-        norm = torch.where(has_nan, math.nan, norm)
-        found_inf = (has_nan | has_inf).to(dtype)
-        if inv_scale is not None:
-            norm = norm * inv_scale.abs()
+        norms = _per_tensor_norms(tensors, norm_type, dtype, inv_scale)
+        norm = torch.linalg.vector_norm(norms, norm_type)
+        if _decides_on_host(device) and bool(norm.isfinite()):
+            found_inf = torch.zeros((), dtype=dtype)
+        else:
+            has_nan, has_inf = _nan_and_inf_flags(tensors, dtype)
+            # Not every max reduction propagates NaN; the contract says it must.
+            norm = torch.where(has_nan, math.nan, norm)
+            found_inf = (has_nan | has_inf).to(dtype)
         coef = clip_coefficient(norm, max_norm, inv_scale)
         return torch.stack([norm, coef, found_inf])
 
     def scale_(self, tensors, scale, found_inf=None):
         factor = scale.reshape(())
-        if found_inf is not None:
+        if _decides_on_host(factor.device):
+            if factor.item() == 1.0 or (found_inf is not None and found_inf.item() != 0):
+                return
+        elif found_inf is not None:
             factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(factor), factor)
         for group in group_by_dtype(tensors).values():
             torch._foreach_mul_(group, factor)
