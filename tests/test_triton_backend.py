@@ -136,6 +136,9 @@ def test_status_says_why(monkeypatch):
         assert status.available and "interpreter" in status.reason
         assert backend.supports(torch.device("cpu"))
         assert not backend.supports(torch.device("cuda"))
+    from gradclip.backends import triton as triton_module
+
+    monkeypatch.setattr(triton_module, "_STATUS_CACHE", {})  # what is cached here stays here
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     status = backend.status()
@@ -499,3 +502,56 @@ def test_torch_compile_reduce_overhead():
         torch.testing.assert_close(stats.clone(), ref, rtol=1e-4, atol=0)
         for x, y in zip(grads, expected):
             assert_scaled_close(x, y)
+
+
+# ---------------------------------------------------------------------------------------
+# Faults and host-side costs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="interrupts a launch in the interpreter")
+def test_an_interrupted_norm_launch_does_not_change_later_results(monkeypatch):
+    """Programs that ran before a launch failed took tickets; the next launch on the same
+    (cached) table must still wait for all of its own programs."""
+    from gradclip.backends import triton_kernels
+
+    backend = fresh_backend(torch.device("cpu"))
+    tensors = make_tensors(torch.device("cpu"), dtypes=(torch.float32,), sizes=[300, 70, 5])
+    expected = backend.norm_stats(tensors, 2.0, 1.0)
+    real = triton_kernels.norm_kernel
+
+    class Interrupted:
+        def __getitem__(self, grid):
+            def launch(meta, *args, **kwargs):
+                meta[:1] += grid[0] - 1  # all programs but the last took their ticket
+                raise RuntimeError("interrupted")
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "norm_kernel", Interrupted())
+    with pytest.raises(RuntimeError, match="interrupted"):
+        backend.norm_stats(tensors, 2.0, 1.0)
+    monkeypatch.setattr(triton_kernels, "norm_kernel", real)
+    assert torch.equal(backend.norm_stats(tensors, 2.0, 1.0), expected)
+    assert backend.cache_info()["misses"] == 1, "the same cached table served every call"
+
+
+def test_status_is_looked_up_once(monkeypatch):
+    import importlib.util
+
+    from gradclip.backends import triton as triton_module
+
+    calls = []
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(triton_module, "_STATUS_CACHE", {})
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: calls.append(name) or find_spec(name, *args))
+    backend = TritonBackend()
+    for _ in range(5):
+        assert backend.status().available
+    p = torch.nn.Parameter(torch.randn(8, device="cuda" if torch.cuda.is_available() else "cpu"))
+    p.grad = torch.randn_like(p)
+    import gradclip
+
+    for _ in range(3):
+        gradclip.clip_grad_norm_([p], 1.0, backend="triton")
+    assert calls.count("triton") == 1

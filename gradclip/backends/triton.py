@@ -2,8 +2,9 @@
 
 A clip is two launches whatever the mix of dtypes: ``norm_kernel`` reads every gradient
 once and finalises ``stats`` (norm, coefficient, found_inf) on the device, then
-``scale_kernel`` rescales in place, or returns before touching memory when the
-coefficient is exactly 1. Nothing synchronises with the host.
+``pointwise_kernel`` rescales in place, or returns before touching memory when the
+coefficient is exactly 1 (it also clamps, for ``clip_grad_value_``, in one pass).
+Nothing synchronises with the host.
 
 Both kernels read a chunk table (layout in :mod:`gradclip.backends.triton_kernels`) built
 on the host in one pass over the tensors, copied to the device once and cached: a later
@@ -41,15 +42,26 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
-from .base import COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError, stats_dtype
+from .base import (
+    COEF,
+    DTYPE_CODES,
+    FOUND_INF,
+    Backend,
+    BackendStatus,
+    BackendUnavailableError,
+    stats_dtype,
+)
 from .reference import ReferenceBackend
 
-# dtype codes and norm kinds as in triton_kernels (F32.., NORM_2..)
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+# The kernels' HAS_<NAME> flags per dtype, and element sizes by dtype code.
 _CODE_NAMES = (("F32", torch.float32), ("BF16", torch.bfloat16), ("F16", torch.float16),
                ("F64", torch.float64))
-_ELEMENT_SIZES = (4, 2, 2, 8)
+_ELEMENT_SIZES = tuple(dtype.itemsize for dtype, _ in sorted(DTYPE_CODES.items(), key=lambda kv: kv[1]))
+# norm kinds and pointwise ops as in triton_kernels (NORM_2.., SCALE, CLAMP)
 _NORM_2, _NORM_1, _NORM_INF, _NORM_P = 0, 1, 2, 3
+_SCALE, _CLAMP = 0, 1
+# The interpreter runs kernels in Python over shared state: one launch at a time.
+_INTERPRETER_LOCK = threading.Lock()
 _MAX_CACHED_TABLES = 8
 _CONFIG_ENV = "GRADCLIP_TRITON_CONFIG"
 
@@ -191,18 +203,17 @@ class TritonBackend(Backend):
     # -- availability -------------------------------------------------------------------
 
     def status(self) -> BackendStatus:
-        if importlib.util.find_spec("triton") is None:
-            return BackendStatus(False, "triton is not installed (pip install triton; Linux with "
-                                        "an NVIDIA or AMD GPU)")
-        version = _triton_version()
-        if _interpreting():
-            return BackendStatus(True, f"triton {version} interpreter on CPU tensors "
-                                       "(TRITON_INTERPRET=1), slow: for tests")
-        if torch.cuda.is_available():
-            return BackendStatus(True, f"triton {version} on {torch.cuda.get_device_name()}")
-        return BackendStatus(False, f"triton {version} is installed but there is no CUDA GPU; "
-                                    "set TRITON_INTERPRET=1 before importing triton to run its "
-                                    "kernels on the CPU (slowly, for tests)")
+        # Looking triton up costs 0.3-1 ms, and an explicit backend="triton" asks per call.
+        # The answer changes only with TRITON_INTERPRET, so it is cached per its value.
+        key = _interpreting()
+        status = _STATUS_CACHE.get(key)
+        if status is None:
+            status = _STATUS_CACHE[key] = _find_status()
+        return status
+
+    def supports(self, device: torch.device) -> bool:
+        # The interpreter reads the table's raw addresses on the host: CPU tensors only.
+        return device.type == ("cpu" if _interpreting() else "cuda")
 
     def supports(self, device: torch.device) -> bool:
         # The interpreter reads the table's raw addresses on the host: CPU tensors only.
@@ -223,6 +234,8 @@ class TritonBackend(Backend):
                 "before gradclip.backends.triton_kernels is first imported")
 
     # -- the ops ------------------------------------------------------------------------
+    # Eager calls launch directly (the custom ops below cost dispatcher time); traced
+    # calls go through the ops, whose fakes describe the outputs.
 
     def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
         if torch.compiler.is_compiling():
@@ -231,7 +244,8 @@ class TritonBackend(Backend):
         table = self._table(tensors)
         if table is None:
             return self._fallback.norm_stats(tensors, norm_type, max_norm, inv_scale)
-        return self._norm(table, tensors[0].device, norm_type, max_norm, inv_scale)
+        with _launching():
+            return self._norm(table, tensors[0].device, norm_type, max_norm, inv_scale)
 
     def scale_(self, tensors, scale, found_inf=None):
         if torch.compiler.is_compiling():
@@ -242,7 +256,9 @@ class TritonBackend(Backend):
         device = tensors[0].device
         scale = _one_element(scale, device, "scale")
         found = None if found_inf is None else _one_element(found_inf, device, "found_inf")
-        self._scale(table, device, scale, 0, found, 0)
+        with _launching():
+            self._pointwise(table, device, _SCALE, scale, 0, found, 0)
+        torch.autograd.graph.increment_version(tensors)
 
     def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
         if torch.compiler.is_compiling():
@@ -252,9 +268,23 @@ class TritonBackend(Backend):
         if table is None:
             return self._fallback.clip_grads_(grads, norm_type, max_norm, inv_scale)
         device = grads[0].device
-        stats = self._norm(table, device, norm_type, max_norm, inv_scale)
-        self._scale(table, device, stats, COEF, stats if inv_scale is not None else None, FOUND_INF)
+        with _launching():
+            stats = self._norm(table, device, norm_type, max_norm, inv_scale)
+            found = stats if inv_scale is not None else None
+            self._pointwise(table, device, _SCALE, stats, COEF, found, FOUND_INF)
+        torch.autograd.graph.increment_version(grads)
         return stats
+
+    def clamp_(self, tensors, clip_value):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.clamp_(tensors, float(clip_value))
+        table = self._table(tensors)
+        if table is None:
+            return self._fallback.clamp_(tensors, clip_value)
+        with _launching():
+            self._pointwise(table, tensors[0].device, _CLAMP, None, 0, None, 0,
+                            clamp_bits=_float_bits(float(clip_value)))
+        torch.autograd.graph.increment_version(tensors)
 
     # -- launches -----------------------------------------------------------------------
 
@@ -276,24 +306,31 @@ class TritonBackend(Backend):
             inv_scale = _one_element(inv_scale, device, "inv_scale")
         config = self._config(device)
         grid = table.norm_programs
-        with _on_device(device):
-            kernels.norm_kernel[(grid,)](
-                table.dev, table.n_chunks, table.partials, stats,
-                stats if inv_scale is None else inv_scale,
-                _float_bits(float(max_norm)), _float_bits(norm_type) if kind == _NORM_P else 0,
-                ACC=tl.float64 if table.acc_dtype == torch.float64 else tl.float32,
-                NORM_KIND=kind, HAS_SCALE=inv_scale is not None, **table.present,
-                BLOCK=config.block, FIN_BLOCK=triton_next_pow2(grid), num_warps=config.num_warps)
+        try:
+            with _on_device(device):
+                kernels.norm_kernel[(grid,)](
+                    table.dev, table.n_chunks, table.partials, stats,
+                    stats if inv_scale is None else inv_scale,
+                    _float_bits(float(max_norm)), _float_bits(norm_type) if kind == _NORM_P else 0,
+                    ACC=tl.float64 if table.acc_dtype == torch.float64 else tl.float32,
+                    NORM_KIND=kind, HAS_SCALE=inv_scale is not None, **table.present,
+                    BLOCK=config.block, FIN_BLOCK=triton_next_pow2(grid), num_warps=config.num_warps)
+        except BaseException:
+            # Programs that ran took tickets the last one never returned: without this,
+            # every later launch on this table would finalise early from stale partials.
+            table.dev[:1].zero_()
+            raise
         return stats
 
-    def _scale(self, table: _Table, device, scale: Tensor, scale_at: int,
-               found: Tensor | None, found_at: int) -> None:
+    def _pointwise(self, table: _Table, device, op: int, scale: Tensor | None, scale_at: int,
+                   found: Tensor | None, found_at: int, clamp_bits: int = 0) -> None:
         kernels = _load_kernels()
         config = self._config(device)
         with _on_device(device):
-            kernels.scale_kernel[(table.scale_programs,)](
-                table.dev, table.n_chunks, scale, scale if found is None else found,
-                SCALE_AT=scale_at, FOUND_AT=found_at, HAS_FOUND=found is not None,
+            kernels.pointwise_kernel[(table.scale_programs,)](
+                table.dev, table.n_chunks, table.dev if scale is None else scale,
+                table.dev if found is None else found, clamp_bits,
+                SCALE_AT=scale_at, FOUND_AT=found_at, HAS_FOUND=found is not None, OP=op,
                 **table.present, BLOCK=config.scale_block, EXACT_BF16=device.type == "cpu",
                 num_warps=config.scale_num_warps)
 
@@ -360,7 +397,7 @@ class TritonBackend(Backend):
         for ptr, numel, dtype in zip(ptrs, numels, dtypes):
             if numel == 0:
                 continue
-            code = _CODES[dtype]
+            code = DTYPE_CODES[dtype]
             step = chunk * _ELEMENT_SIZES[code]
             count = -(-numel // chunk)
             bases.extend(range(ptr, ptr + count * step, step))
@@ -409,6 +446,11 @@ class TritonBackend(Backend):
             state.last_key = state.last_table = None
 
 
+def _launching():
+    """The interpreter lock when kernels run in Triton's interpreter (not re-entrant)."""
+    return _INTERPRETER_LOCK if _interpreting() else contextlib.nullcontext()
+
+
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -432,6 +474,24 @@ def _triton_version() -> str:
         return version("triton")
     except Exception:
         return "(unknown version)"
+
+
+_STATUS_CACHE: dict[bool, BackendStatus] = {}
+
+
+def _find_status() -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed (pip install triton; Linux with "
+                                    "an NVIDIA or AMD GPU)")
+    version = _triton_version()
+    if _interpreting():
+        return BackendStatus(True, f"triton {version} interpreter on CPU tensors "
+                                   "(TRITON_INTERPRET=1), slow: for tests")
+    if torch.cuda.is_available():
+        return BackendStatus(True, f"triton {version} on {torch.cuda.get_device_name()}")
+    return BackendStatus(False, f"triton {version} is installed but there is no CUDA GPU; "
+                                "set TRITON_INTERPRET=1 before importing triton to run its "
+                                "kernels on the CPU (slowly, for tests)")
 
 
 _SHARED = _State(None)
@@ -470,3 +530,13 @@ def _clip_grads_op(grads: list[Tensor], norm_type: float, max_norm: float,
 @_clip_grads_op.register_fake
 def _clip_grads_fake(grads, norm_type, max_norm, inv_scale):
     return grads[0].new_empty(3, dtype=stats_dtype(grads))
+
+
+@torch.library.custom_op("gradclip_triton::clamp_", mutates_args=("tensors",))
+def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
+    _OPS_BACKEND.clamp_(tensors, clip_value)
+
+
+@_clamp_op.register_fake
+def _clamp_fake(tensors, clip_value):
+    return None

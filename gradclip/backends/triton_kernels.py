@@ -20,10 +20,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# dtype codes in the chunk table (the low 3 bits of ``packed``; ``_CODES`` in triton.py)
+# dtype codes in the chunk table (the low 3 bits of ``packed``; ``base.DTYPE_CODES``)
 F32, BF16, F16, F64 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # norm kinds (``_NORM_*`` in triton.py): each its own inner loop
 NORM_2, NORM_1, NORM_INF, NORM_P = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+# what ``pointwise_kernel`` does to each element (``_SCALE``, ``_CLAMP`` in triton.py)
+SCALE, CLAMP = tl.constexpr(0), tl.constexpr(1)
 
 
 @triton.jit
@@ -204,7 +206,16 @@ def _round(y, ELEM: tl.constexpr, EXACT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scale(base, length, c, ELEM: tl.constexpr, BLOCK: tl.constexpr,
+def _apply(x, c, OP: tl.constexpr):
+    """``x * c`` (SCALE) or ``x`` clamped to ``[-c, c]`` (CLAMP, NaN kept, as torch.clamp)."""
+    y = x.to(c.dtype)
+    if OP == CLAMP:
+        return tl.where(y != y, y, tl.minimum(tl.maximum(y, -c), c))
+    return y * c
+
+
+@triton.jit
+def _chunk_apply(base, length, c, OP: tl.constexpr, ELEM: tl.constexpr, BLOCK: tl.constexpr,
                  EXACT_BF16: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     n_full = (length // BLOCK).to(tl.int32)
@@ -213,35 +224,40 @@ def _chunk_scale(base, length, c, ELEM: tl.constexpr, BLOCK: tl.constexpr,
         aligned = tl.multiple_of(base.to(tl.pointer_type(ELEM)), 16)
         for b in range(n_full):
             at = aligned + b * BLOCK + offs
-            tl.store(at, _round(tl.load(at).to(c.dtype) * c, ELEM, EXACT_BF16))
+            tl.store(at, _round(_apply(tl.load(at), c, OP), ELEM, EXACT_BF16))
     else:
         for b in range(n_full):
             at = ptr + b * BLOCK + offs
-            tl.store(at, _round(tl.load(at).to(c.dtype) * c, ELEM, EXACT_BF16))
+            tl.store(at, _round(_apply(tl.load(at), c, OP), ELEM, EXACT_BF16))
     if n_full * BLOCK < length:
         tail = n_full * BLOCK + offs
         live = tail < length
         x = tl.load(ptr + tail, mask=live, other=0.0)
-        tl.store(ptr + tail, _round(x.to(c.dtype) * c, ELEM, EXACT_BF16), mask=live)
+        tl.store(ptr + tail, _round(_apply(x, c, OP), ELEM, EXACT_BF16), mask=live)
 
 
-@triton.jit(do_not_specialize=["n_chunks"])
-def scale_kernel(meta_ptr, n_chunks, scale_ptr, found_ptr, SCALE_AT: tl.constexpr,
-                 FOUND_AT: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_F32: tl.constexpr,
-                 HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr, HAS_F64: tl.constexpr,
-                 BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """Multiply every chunk in place by ``scale_ptr[SCALE_AT]``, in float32 (float64 for float64).
+@triton.jit(do_not_specialize=["n_chunks", "clamp_bits"])
+def pointwise_kernel(meta_ptr, n_chunks, scale_ptr, found_ptr, clamp_bits, SCALE_AT: tl.constexpr,
+                     FOUND_AT: tl.constexpr, HAS_FOUND: tl.constexpr, OP: tl.constexpr,
+                     HAS_F32: tl.constexpr, HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr,
+                     HAS_F64: tl.constexpr, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """One in-place pass over every chunk, in float32 (float64 for float64).
 
-    Reads and writes each gradient byte once when it runs; when the factor is exactly 1,
-    or ``found_ptr[FOUND_AT]`` is set, every program returns after two scalar loads and the
-    gradients are not touched.
+    SCALE: multiply by ``scale_ptr[SCALE_AT]``. When the factor is exactly 1, or
+    ``found_ptr[FOUND_AT]`` is set, every program returns after two scalar loads and the
+    gradients are not touched. CLAMP: clamp to ``[-v, v]``, ``v`` the float64 whose bits
+    are ``clamp_bits``; reads and writes each byte once (torch's foreach clamp: twice).
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    c = tl.load(scale_ptr + SCALE_AT)
-    run = c != 1.0
-    if HAS_FOUND:
-        run = run & (tl.load(found_ptr + FOUND_AT) == 0)
+    if OP == CLAMP:
+        c = clamp_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        run = c == c
+    else:
+        c = tl.load(scale_ptr + SCALE_AT)
+        run = c != 1.0
+        if HAS_FOUND:
+            run = run & (tl.load(found_ptr + FOUND_AT) == 0)
     if run:
         c32 = c.to(tl.float32)
         c64 = c.to(tl.float64)
@@ -259,13 +275,13 @@ def scale_kernel(meta_ptr, n_chunks, scale_ptr, found_ptr, SCALE_AT: tl.constexp
             code = packed & 7
             if HAS_F32:
                 if code == F32:
-                    _chunk_scale(base, length, c32, tl.float32, BLOCK, EXACT_BF16)
+                    _chunk_apply(base, length, c32, OP, tl.float32, BLOCK, EXACT_BF16)
             if HAS_BF16:
                 if code == BF16:
-                    _chunk_scale(base, length, c32, tl.bfloat16, BLOCK, EXACT_BF16)
+                    _chunk_apply(base, length, c32, OP, tl.bfloat16, BLOCK, EXACT_BF16)
             if HAS_F16:
                 if code == F16:
-                    _chunk_scale(base, length, c32, tl.float16, BLOCK, EXACT_BF16)
+                    _chunk_apply(base, length, c32, OP, tl.float16, BLOCK, EXACT_BF16)
             if HAS_F64:
                 if code == F64:
-                    _chunk_scale(base, length, c64, tl.float64, BLOCK, EXACT_BF16)
+                    _chunk_apply(base, length, c64, OP, tl.float64, BLOCK, EXACT_BF16)
