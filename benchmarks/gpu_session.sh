@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages, with logs under $OUT (default ./gpu-session).
 # Run from the repository root on a machine with a CUDA GPU, no install needed:
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh build cuda-tests sanitizer cuda-quick
-# Stages: build cuda-tests triton-tests optimizer-tests all-tests sanitizer
-#         cuda-quick triton-quick amp-quick host-overhead bench pytest-bench
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh build all-tests sanitizer check bench
+# Stages: build cuda-tests triton-tests optimizer-tests all-tests sanitizer check bench
+#         host quick
+# Every check and timing goes through `python -m gradclip bench` (docs/bench.md).
 # Each stage has a time cap so a session fits the device's 10-minute calls.
 set -uo pipefail
 OUT=${OUT:-gpu-session}
@@ -21,6 +22,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a cap, log to $OUT/NAME.log
 }
 
 pytest_gpu=(python -m pytest -q -rfE --tb=short -p no:cacheprovider --durations=8)
+bench=(python -m gradclip bench --no-progress)
+# The kernels' edge cases (empty, tiny and chunk-edge sizes, several launches), checked
+# against the float64 oracle: small enough for the sanitizers. No CUDA graph here, so the
+# caching allocator can be off (memcheck then sees every allocation).
+edge_check=("${bench[@]}" --check-only --workloads odd-sizes --dtypes fp32,bf16,fp16 --backends cuda --out "")
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
@@ -33,14 +39,17 @@ for name in "$@"; do
         optimizer-tests) stage optimizer-tests 300 "${pytest_gpu[@]}" tests/test_optimizer.py tests/test_amp.py ;;
         all-tests) stage all-tests 540 "${pytest_gpu[@]}" tests ;;
         sanitizer)
-            PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 60 "$sanitizer" --tool memcheck python benchmarks/cuda_quick.py --sanitize
-            stage racecheck 60 "$sanitizer" --tool racecheck python benchmarks/cuda_quick.py --sanitize ;;
-        cuda-quick) TAIL=45 stage cuda-quick 200 python benchmarks/cuda_quick.py --json "$OUT/cuda_quick.json" ;;
-        triton-quick) TAIL=45 stage triton-quick 200 python benchmarks/triton_quick.py --json "$OUT/triton_quick.json" ;;
-        amp-quick) TAIL=30 stage amp-quick 200 python benchmarks/amp_quick.py --json "$OUT/amp_quick.json" ;;
-        host-overhead) TAIL=40 stage host-overhead 120 python benchmarks/host_overhead.py ;;
-        bench) TAIL=60 stage bench 420 python -m gradclip bench --no-progress --out "$OUT/bench" ;;
-        pytest-bench) stage pytest-bench 300 python -m pytest benchmarks/test_bench.py --benchmark-only -q --benchmark-json="$OUT/pytest-bench.json" ;;
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 120 "$sanitizer" --tool memcheck "${edge_check[@]}"
+            stage racecheck 120 "$sanitizer" --tool racecheck "${edge_check[@]}" ;;
+        # Every gradclip backend against the oracle on the four workloads and the edge cases.
+        check) TAIL=30 stage check 300 "${bench[@]}" --check-only --dtypes fp32,bf16,fp16 \
+                   --workloads llama-1b,gpt2,resnet50,2000x4096,odd-sizes --out "$OUT/check" ;;
+        # Everything, graph and eager, with the ceilings and torch's rows of the same run.
+        bench) TAIL=80 stage bench 480 "${bench[@]}" --out "$OUT/bench" ;;
+        # Host time per call (what CUDA graphs remove), where it matters most.
+        host) TAIL=40 stage host 240 "${bench[@]}" --timing host --workloads resnet50,2000x4096 \
+                  --modes norm,no-clip,clip,amp,amp-step --out "$OUT/bench-host" ;;
+        quick) TAIL=40 stage quick 240 "${bench[@]}" --quick --check --out "$OUT/bench-quick" ;;
         *) echo "unknown stage $name" >&2; exit 2 ;;
     esac
 done

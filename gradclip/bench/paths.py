@@ -11,11 +11,17 @@ Modes (the data is set up so each one does what its name says):
   runs) then ``clip_grad_norm_``; gradclip: ``clip_grads_`` with ``inv_scale`` (one fused path).
 - ``amp-adamw``: a whole AMP optimizer step with ``AdamW(fused=True)``, eager. torch:
   ``scaler.unscale_``, ``clip_grad_norm_``, ``scaler.step``, ``scaler.update``; gradclip:
-  ``ClippedOptimizer`` (and ``gradclip.GradScaler`` when it exists), ``scaler.step``,
-  ``scaler.update``.
-- ``adamw``: torch's fused AdamW step alone (the reference the ``amp-adamw`` rows add to).
+  ``ClippedOptimizer`` and ``gradclip.GradScaler``, ``scaler.step``, ``scaler.update``.
+- ``amp-step``: a whole AMP step with an optimizer whose step does nothing, eager: the
+  unscale, clip and scaler bookkeeping alone. torch: ``scaler.unscale_``,
+  ``clip_grad_norm_``, ``scaler.step``, ``scaler.update``; gradclip: ``ClippedOptimizer`` and
+  ``gradclip.GradScaler``, ``scaler.step``, ``scaler.update``.
+- ``adamw``: torch's fused AdamW step alone (the baseline the ``amp-adamw`` rows add to).
+- ``adamw-scaled``: the same step with ``grad_scale`` and ``found_inf`` set, as AMP hands
+  them to a fused optimizer (it then also writes the unscaled gradients back).
 
-AMP modes run on float32 gradients only (AMP keeps float32 master gradients).
+AMP modes run on float32 gradients only (AMP keeps float32 master gradients). ``torch``
+below is ``torch.nn.utils`` itself; gradclip's pure-torch backend is ``reference``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import gradclip
-from gradclip import backends as dispatch
+from gradclip.backends import dispatch
 
 from .workloads import Workload, fill_grads_, make_grads
 
@@ -44,30 +50,33 @@ class Mode:
     mutates: bool           # the call changes the gradients: restore them before each sample
     methods: tuple[str, ...]
     floor_passes: tuple[int, int]   # (reads, read/writes) of the gradient bytes the ideal path needs
+    torch_only: bool = False        # a baseline: torch's own step, no gradclip path
 
 
 MODES: dict[str, Mode] = {m.key: m for m in (
-    Mode("norm", 0.5, False, False, ("graph", "eager"), (1, 0)),
-    Mode("no-clip", 0.5, False, False, ("graph", "eager"), (1, 0)),
-    Mode("clip", 4.0, False, True, ("graph", "eager"), (1, 1)),
-    Mode("amp", 0.5, True, True, ("graph", "eager"), (1, 1)),
+    Mode("norm", 0.5, False, False, ("graph", "eager", "host"), (1, 0)),
+    Mode("no-clip", 0.5, False, False, ("graph", "eager", "host"), (1, 0)),
+    Mode("clip", 4.0, False, True, ("graph", "eager", "host"), (1, 1)),
+    Mode("amp", 0.5, True, True, ("graph", "eager", "host"), (1, 1)),
+    Mode("amp-step", 0.5, True, True, ("eager", "host"), (1, 1)),
     # The ideal AMP step: one read for the norm, then the fused AdamW step (it reads the
     # gradients and reads and writes parameters and both moments).
-    Mode("amp-adamw", 0.5, True, True, ("eager",), (2, 3)),
-    Mode("adamw", 0.5, False, False, ("eager",), (1, 3)),
+    Mode("amp-adamw", 0.5, True, True, ("eager", "host"), (2, 3)),
+    Mode("adamw", 0.5, False, False, ("eager", "host"), (1, 3), torch_only=True),
+    Mode("adamw-scaled", 0.5, False, False, ("eager", "host"), (1, 3), torch_only=True),
 )}
 
 # Passes each kind of path makes over the gradient bytes, by the pass model of
-# docs/performance.md: (reads, read/writes). "fused" is gradclip's cuda and triton backends.
+# docs/performance.md: (reads, read/writes); None leaves GB/s blank. The keys of each kind
+# are the modes it has a path for. "fused" is gradclip's cuda and triton backends.
 _PASSES = {
     "torch": {"norm": (1, 0), "no-clip": (1, 1), "clip": (1, 1), "amp": (1, 2),
-              "amp-adamw": (2, 5), "adamw": (1, 3)},
+              "amp-step": (1, 2), "amp-adamw": (2, 5), "adamw": (1, 3), "adamw-scaled": (0, 4)},
     "fused": {"norm": (1, 0), "no-clip": (1, 0), "clip": (1, 1), "amp": (1, 1),
-              "amp-adamw": (2, 3)},
-    # gradclip's reference backend: two extra reads for the inf/NaN flags; always multiplies.
-    # Its wrapper step has no pass count here (GB/s left blank).
-    "reference": {"norm": (3, 0), "no-clip": (3, 1), "clip": (3, 1), "amp": (3, 1),
-                  "amp-adamw": None},
+              "amp-step": (1, 1), "amp-adamw": (2, 3)},
+    # gradclip's reference backend: its passes depend on the device and on the data (it is
+    # being reworked, issue 9 item 7), so no count is claimed and GB/s stays blank.
+    "reference": dict.fromkeys(("norm", "no-clip", "clip", "amp", "amp-step", "amp-adamw")),
     # apex / TransformerEngine as Megatron uses them: the host reads the factor and skips the
     # scale kernel when it is 1.
     "multi-tensor": {"norm": (1, 0), "no-clip": (1, 0), "clip": (1, 1), "amp": (1, 1)},
@@ -130,6 +139,16 @@ class Buffers:
         return params
 
 
+class _NoStep(torch.optim.Optimizer):
+    """An optimizer whose step does nothing: isolates the unscale and clip work of a step."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None):
+        return None
+
+
 def _scaler(device: torch.device, cls=None):
     cls = cls or torch.amp.GradScaler
     # A fixed scale: growth would change the data's scale over thousands of samples.
@@ -150,9 +169,21 @@ def _torch_path(b: Buffers, mode: str) -> Callable[[], object]:
             clip(b.params, b.max_norm, foreach=True)
         return unscale_and_clip
     params = b.fresh_params()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if mode == "amp-step":
+        optimizer = _NoStep(params)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     if mode == "adamw":
         return optimizer.step
+    if mode == "adamw-scaled":
+        ones = torch.ones((), device=b.device)
+        zero = torch.zeros((), device=b.device)
+
+        def scaled_step():
+            optimizer.grad_scale, optimizer.found_inf = ones, zero
+            optimizer.step()
+            del optimizer.grad_scale, optimizer.found_inf
+        return scaled_step
     scaler = _scaler(b.device)
 
     def amp_step():
@@ -171,14 +202,12 @@ def _gradclip_path(name: str) -> Callable[[Buffers, str], Callable[[], object]]:
             return lambda: gradclip.clip_grad_norm_(b.params, b.max_norm, backend=name)
         if mode == "amp":
             return lambda: dispatch.clip_grads_(b.grads, 2.0, b.max_norm, b.inv_scale, backend=name)
-        if mode == "amp-adamw":
-            wrapper = getattr(gradclip, "ClippedOptimizer", None)
-            if wrapper is None:
-                raise Unsupported("gradclip.ClippedOptimizer is not in this checkout")
+        if mode in ("amp-step", "amp-adamw"):
             params = b.fresh_params()
-            optimizer = wrapper(torch.optim.AdamW(params, lr=1e-4, fused=True), b.max_norm,
-                                backend=name)
-            scaler = _scaler(b.device, getattr(gradclip, "GradScaler", None))
+            inner = (_NoStep(params) if mode == "amp-step"
+                     else torch.optim.AdamW(params, lr=1e-4, fused=True))
+            optimizer = gradclip.ClippedOptimizer(inner, b.max_norm, backend=name)
+            scaler = _scaler(b.device, gradclip.GradScaler)
 
             def amp_step():
                 scaler.step(optimizer)
@@ -245,25 +274,26 @@ class Backend:
 
     def path(self, b: Buffers, mode: str) -> Callable[[], object]:
         if mode not in _PASSES[self.kind]:
-            raise Unsupported(f"{mode} is measured for torch only")
+            raise Unsupported(f"no {mode} path for {self.name}")
         return self.build(b, mode)
 
 
+# "torch" is torch.nn.utils itself; cuda, triton and reference are gradclip's backends.
 BACKEND_NAMES = ("torch", "cuda", "triton", "reference", "apex", "te")
 
 
 def cases(workloads, dtypes, modes, backends, methods):
     """(workload, dtype, mode, backend, method) to time, in run order: AMP modes and the
-    AdamW reference on fp32 only, the AdamW reference for torch only, each mode with the
+    AdamW baselines on fp32 only, the AdamW baselines for torch only, each mode with the
     timing methods it has (``cpu`` stands for all)."""
     for w in workloads:
         for dtype in dtypes:
             for mode_key in modes:
                 mode = MODES[mode_key]
-                if (mode.amp or mode_key == "adamw") and dtype != "fp32":
+                if (mode.amp or mode.torch_only) and dtype != "fp32":
                     continue
                 for backend in backends:
-                    if mode_key == "adamw" and backend != "torch":
+                    if mode.torch_only and backend != "torch":
                         continue
                     for method in methods:
                         if method == "cpu" or method in mode.methods:
@@ -286,20 +316,22 @@ def select_backends(names: list[str], device: torch.device) -> list[Backend]:
 
 
 def _gradclip_backend(name: str, device: torch.device) -> Backend:
-    real = "torch" if name == "reference" else name
     kind = "reference" if name == "reference" else "fused"
-    status = gradclip.available_backends()[real]
+    try:
+        status = dispatch.get_backend(name).status()
+    except Exception as error:  # a module that fails to import must not stop the other rows
+        return Backend(name, kind, None, skipped=f"cannot import: {type(error).__name__}: {error}")
     if not status.available:
         return Backend(name, kind, None, skipped=status.reason)
-    if device.type == "cpu" and real != "torch":
+    if device.type == "cpu" and name != "reference":
         return Backend(name, kind, None, skipped="CPU run: the fused backends are timed on CUDA only")
     started = time.perf_counter()
     try:
-        dispatch.resolve(real, device)
+        dispatch.resolve(name, device)
     except Exception as error:  # a failed build or load must not stop the other rows
         return Backend(name, kind, None, skipped=f"cannot load: {error}")
-    note = f"gradclip backend {real!r}, loaded in {time.perf_counter() - started:.1f} s"
-    return Backend(name, kind, _gradclip_path(real), note=note)
+    note = f"gradclip backend {name!r}, loaded in {time.perf_counter() - started:.1f} s"
+    return Backend(name, kind, _gradclip_path(name), note=note)
 
 
 def _library_backend(name: str, device: torch.device) -> Backend:

@@ -11,23 +11,34 @@ from pathlib import Path
 from .timing import Ceilings
 
 
-def workload_entry(workload, dtype: str, nbytes: int, ceilings: Ceilings) -> dict:
+# Why a CPU run reports no floor: the ceilings measured there do not bound its calls (a
+# "read" ceiling below the read+write one was seen; one thread's bandwidth depends on caches
+# and prefetchers, not on the memory alone).
+CPU_FLOOR_NOTE = ("% floor: not given on the CPU, where the measured ceilings do not bound a "
+                  "call (read can come out below read+write)")
+
+
+def workload_entry(workload, dtype: str, nbytes: int, ceilings: Ceilings | None) -> dict:
+    """A workload's description in bench.json; its floors only with ``ceilings`` (a GPU run)."""
     return {"key": workload.key, "title": workload.title, "dtype": dtype,
             "tensors": workload.n_tensors, "params": workload.numel, "bytes": nbytes,
-            "floor_1_read_us": ceilings.floor_us(1, 0, nbytes),
-            "floor_3_passes_us": ceilings.floor_us(1, 1, nbytes)}
+            "floor_1_read_us": ceilings.floor_us(1, 0, nbytes) if ceilings else None,
+            "floor_3_passes_us": ceilings.floor_us(1, 1, nbytes) if ceilings else None}
 
 
-def derive(row: dict, passes, floor_passes, nbytes: int, ceilings: Ceilings) -> None:
-    """Add bytes moved, GB/s, the floor and % of it to a measured row."""
-    row["floor_us"] = ceilings.floor_us(*floor_passes, nbytes)
+def derive(row: dict, passes, floor_passes, nbytes: int, ceilings: Ceilings | None) -> None:
+    """Add bytes moved and GB/s to a measured row (when ``passes`` is known), and the floor
+    and % of it when ``ceilings`` bound the run (a GPU run; ``None`` on the CPU)."""
+    if ceilings is not None:
+        row["floor_us"] = ceilings.floor_us(*floor_passes, nbytes)
     if "median_us" not in row:
         return
     us = row["median_us"]
     if passes is not None:
         row["bytes_moved"] = (passes[0] + 2 * passes[1]) * nbytes
         row["gbs"] = row["bytes_moved"] / us / 1e3
-    row["pct_floor"] = 100.0 * row["floor_us"] / us
+    if ceilings is not None:
+        row["pct_floor"] = 100.0 * row["floor_us"] / us
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -108,38 +119,34 @@ def _grouped(result: dict):
     return [(entries[k], v) for k, v in groups.items()]
 
 
+def _floors(entry: dict) -> str:
+    if entry["floor_1_read_us"] is None:
+        return ""
+    return f"; floor 1 read {entry['floor_1_read_us']:.0f} us, 3 passes {entry['floor_3_passes_us']:.0f} us"
+
+
 def terminal_table(result: dict) -> str:
     """One line per mode and backend: the first timing method with GB/s, % of floor and
-    speedup; the second (eager) with its time and speedup."""
+    speedup; each further method (eager, host) with its time and speedup. A mode that has
+    no row for the first method shows its first timed one there, named after the line."""
     env, c = result["environment"], result["ceilings"]
     methods = result["settings"]["methods"]
-    first, second = methods[0], (methods[1] if len(methods) > 1 else None)
+    first, others = methods[0], methods[1:]
+    cpu = env["device"] == "cpu"
     out = [("CPU RUN: the numbers below time this CPU, not a GPU; they are not meaningful "
-            "for GPU performance.") if env["device"] == "cpu"
+            "for GPU performance.") if cpu
            else f"{env['gpu']}, torch {env['torch']}, {env['date']}",
            f"ceilings on {c['buffer_bytes'] / 2**30:.2f} GiB: read {c['read_gbs']:.0f} GB/s, "
            f"read/write {c['read_write_gbs']:.0f} GB/s, copy {c['copy_gbs']:.0f} GB/s"]
-    head = f"{'mode':<10}{'backend':<10}{first + ' us':>10}{'GB/s':>7}{'%floor':>7}{'x torch':>8}"
-    if second:
-        head += f"{second + ' us':>11}{'x torch':>8}"
+    if cpu:
+        out.append(CPU_FLOOR_NOTE)
+    head = f"{'mode':<13}{'backend':<10}{first + ' us':>10}{'GB/s':>7}{'%floor':>7}{'x torch':>8}"
+    head += "".join(f"{m + ' us':>11}{'x torch':>8}" for m in others)
     for entry, rows in _grouped(result):
         out += ["", f"{entry['title']} {entry['dtype']}: {entry['tensors']} tensors, "
-                f"{entry['params'] / 1e6:.1f}M params, {entry['bytes'] / 1e6:.0f} MB; floor 1 read "
-                f"{entry['floor_1_read_us']:.0f} us, 3 passes {entry['floor_3_passes_us']:.0f} us", head]
+                f"{entry['params'] / 1e6:.1f}M params, {entry['bytes'] / 1e6:.0f} MB" + _floors(entry), head]
         for (mode, backend), by_method in rows.items():
-            main, other, tag = by_method.get(first), by_method.get(second), ""
-            if main is None:  # a mode timed with the second method only (eager)
-                main, other, tag = other, None, f" ({second})"
-            line = f"{mode:<10}{backend:<10}"
-            if "median_us" in main:
-                line += (f"{main['median_us']:>10.1f}{_fmt(main.get('gbs'), '.0f'):>7}"
-                         f"{_fmt(main.get('pct_floor'), '.1f'):>7}{_fmt(main.get('speedup'), '.2f'):>8}")
-            else:
-                line += f"{'n/a':>10}{'':>22}"
-            if other is not None:
-                line += f"{_fmt(other.get('median_us'), '.1f', 'n/a'):>11}{_fmt(other.get('speedup'), '.2f'):>8}"
-            errors = [r["error"] for r in (main, other) if r is not None and "error" in r]
-            out.append(line + tag + (f"  {errors[0][:60]}" if errors else ""))
+            out.append(_terminal_line(mode, backend, by_method, methods))
     skipped = [b for b in result["backends"] if b["skipped"]]
     if skipped:
         out += ["", "skipped: " + "; ".join(f"{b['name']} ({b['skipped']})" for b in skipped)]
@@ -148,7 +155,26 @@ def terminal_table(result: dict) -> str:
     return "\n".join(out)
 
 
-# docs/performance.md's baseline columns: (header, mode, method, backend).
+def _terminal_line(mode: str, backend: str, by_method: dict, methods: list[str]) -> str:
+    shown = [m for m in methods if m in by_method]
+    main_method, tag = shown[0], ""
+    if main_method != methods[0]:  # an eager-only mode: its first timed method comes first
+        tag = f" ({main_method})"
+    main = by_method[main_method]
+    line = f"{mode:<13}{backend:<10}"
+    if "median_us" in main:
+        line += (f"{main['median_us']:>10.1f}{_fmt(main.get('gbs'), '.0f'):>7}"
+                 f"{_fmt(main.get('pct_floor'), '.1f'):>7}{_fmt(main.get('speedup'), '.2f'):>8}")
+    else:
+        line += f"{'n/a':>10}{'':>22}"
+    for m in shown[1:]:
+        other = by_method[m]
+        line += f"{_fmt(other.get('median_us'), '.1f', 'n/a'):>11}{_fmt(other.get('speedup'), '.2f'):>8}"
+    errors = [by_method[m]["error"] for m in shown if "error" in by_method[m]]
+    return line + tag + (f"  {errors[0][:60]}" if errors else "")
+
+
+# docs/performance.md's baseline columns: (header, mode, method).
 _BASELINE = (
     ("torch clip, graph", "clip", "graph"),
     ("torch clip when no clip needed, graph", "no-clip", "graph"),
@@ -174,10 +200,13 @@ def markdown(result: dict) -> str:
            f"`copy_` {c['copy_gbs']:.0f} GB/s.", "",
            "Times in microseconds, median of per-call samples; " +
            ("graph = CUDA graph replay (device time), eager = plain calls from an idle device "
-            "(host overhead included)." if "graph" in methods else "CPU perf_counter.") +
+            "(host overhead included), host = host time per call queued back to back."
+            if env["device"] == "cuda" else "CPU perf_counter.") +
            " GB/s counts the bytes each path moves; % floor = floor / time; x torch = torch's time / this time.",
            ""]
-    cols = [m for m in ("graph", "eager", "cpu") if m in methods]
+    if env["device"] == "cpu":
+        out += [CPU_FLOOR_NOTE + ".", ""]
+    cols = [m for m in ("graph", "eager", "host", "cpu") if m in methods]
     header = "| workload | dtype | mode | backend | " + " | ".join(
         f"{m} us | GB/s | % floor | x torch" for m in cols) + " |"
     out += [header, "|" + "---|" * (4 + 4 * len(cols))]
@@ -204,8 +233,9 @@ def markdown(result: dict) -> str:
             method = method if method in methods else methods[0]
             r = torch_rows.get((entry["key"], entry["dtype"], mode, method))
             cells.append(f"{r['median_us']:.0f}" if r else "–")
+        floors = [_fmt(entry["floor_1_read_us"], ".0f", "–"), _fmt(entry["floor_3_passes_us"], ".0f", "–")]
         out.append(f"| {entry['title']} {entry['dtype']} | {entry['tensors']} | {_params(entry['params'])} | "
-                   f"{entry['floor_1_read_us']:.0f} | {entry['floor_3_passes_us']:.0f} | " + " | ".join(cells) + " |")
+                   + " | ".join(floors + cells) + " |")
     notes = [b for b in result["backends"] if b["skipped"] or b["note"]]
     if notes:
         out += ["", "Backends:", ""]
@@ -223,7 +253,8 @@ def _params(n: int) -> str:
 
 def plots(result: dict, out: Path) -> list[Path]:
     """bench.png: % of floor per mode and backend, one panel per workload and dtype (graph
-    timing where there is one); bench-eager.png: eager times, log scale."""
+    timing where there is one; on the CPU, which has no floor, the times on a log scale);
+    bench-eager.png: eager times, log scale."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -235,9 +266,11 @@ def plots(result: dict, out: Path) -> list[Path]:
     backends = [b["name"] for b in result["backends"] if not b["skipped"]]
     methods = result["settings"]["methods"]
     written = []
+    main = (("bench.png", "median_us", "time, us (log scale, lower is better)", None)
+            if result["environment"]["device"] == "cpu"
+            else ("bench.png", "pct_floor", "% of the memory floor (higher is better)", None))
     for name, value, ylabel, only in (
-            ("bench.png", "pct_floor", "% of the memory floor (higher is better)", None),
-            ("bench-eager.png", "median_us", "eager time, us (log scale, lower is better)", "eager")):
+            main, ("bench-eager.png", "median_us", "eager time, us (log scale, lower is better)", "eager")):
         if only and only not in methods:
             continue
         cols = min(4, len(groups))
@@ -257,7 +290,7 @@ def plots(result: dict, out: Path) -> list[Path]:
             ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(modes))])
             ax.set_xticklabels(modes, rotation=30, ha="right", fontsize=8)
             ax.set_title(f"{entry['title']} {entry['dtype']}", fontsize=9)
-            if only:
+            if value == "median_us":
                 ax.set_yscale("log")
             else:
                 ax.axhline(100, color="gray", lw=0.8, ls="--")

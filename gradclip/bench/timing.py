@@ -1,4 +1,4 @@
-"""Timing one call, on a GPU or (for a smoke run) the CPU.
+"""Timing one call, on a GPU or on the CPU: the one timer of the bench.
 
 Every sample times one call and the result is the median of many samples:
 
@@ -8,6 +8,10 @@ Every sample times one call and the result is the median of many samples:
 - ``eager``: the call itself, as user code makes it. The device is synchronised first and
   events bracket the call, so host overhead (Python, argument packing, launches) counts
   whenever it exceeds the device work.
+- ``host``: host time alone: ``HOST_CALLS`` calls queued back to back without a
+  synchronisation, timed with ``time.perf_counter_ns`` and divided by their number (the
+  device work overlaps; inputs are restored once per sample, not per call). What Python,
+  argument packing and launches cost per call: the part of ``eager`` that CUDA graphs remove.
 - ``cpu``: ``time.perf_counter_ns`` around the call (no GPU; numbers say nothing about GPUs).
 
 Before each sample a read of a scratch buffer four times the size of the L2 cache evicts the
@@ -27,7 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-METHODS = ("graph", "eager")
+METHODS = ("graph", "eager", "host")
+HOST_CALLS = 20
 
 
 @dataclass
@@ -80,7 +85,7 @@ def time_call(fn: Callable[[], object], *, method: str, device: torch.device,
 
     Args:
         fn: the call to time; for ``graph`` it must be capturable (no host synchronisation).
-        method: ``"graph"``, ``"eager"`` or ``"cpu"`` (see the module docstring).
+        method: ``"graph"``, ``"eager"``, ``"host"`` or ``"cpu"`` (see the module docstring).
         device: where ``fn`` runs.
         repeats: samples to take; warmup: untimed calls first (compilation, caches, lazy state).
         reset: restores ``fn``'s inputs; run untimed before every call, warm-up included.
@@ -92,6 +97,8 @@ def time_call(fn: Callable[[], object], *, method: str, device: torch.device,
         return _time_cpu(fn, repeats, warmup, reset, evict, max_seconds)
     if device.type != "cuda":
         raise ValueError(f"method {method!r} needs a CUDA device; use method='cpu' on {device}")
+    if method == "host":
+        return _time_host(fn, device, repeats, warmup, reset, max_seconds)
     if method == "graph":
         call = capture_graph(fn, warmup, reset)
     elif method == "eager":
@@ -138,6 +145,25 @@ def capture_graph(fn: Callable[[], object], warmup: int = 3,
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def _time_host(fn, device, repeats, warmup, reset, max_seconds) -> Measurement:
+    for _ in range(warmup):
+        reset()
+        fn()
+    samples = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(repeats):
+        reset()
+        _sync(device)
+        t0 = time.perf_counter_ns()
+        for _ in range(HOST_CALLS):
+            fn()
+        samples.append((time.perf_counter_ns() - t0) / 1e3 / HOST_CALLS)
+        _sync(device)
+        if len(samples) >= 5 and time.perf_counter() > deadline:
+            break
+    return summarise("host", samples)
 
 
 def _time_cpu(fn, repeats, warmup, reset, evict, max_seconds) -> Measurement:

@@ -1,4 +1,4 @@
-"""The gradient lists the benchmark times: defined once, used by the CLI and by ``benchmarks/``.
+"""The gradient lists the benchmark times and checks: defined once, used by every part of it.
 
 A workload is a list of parameter shapes. The four of ``docs/performance.md``:
 
@@ -7,6 +7,10 @@ A workload is a list of parameter shapes. The four of ``docs/performance.md``:
 - ``gpt2``: GPT-2 small (124M, tied head, 1024 positions): 148 tensors.
 - ``resnet50``: torchvision's ResNet-50: 161 tensors, 25.6M parameters.
 - ``2000x4096``: 2000 tensors of 4096 elements (many small tensors: host overhead).
+
+and ``odd-sizes``, for ``--check`` and sanitizer runs rather than timing: sizes around the
+kernels' chunk and launch limits, empty tensors first and last, and thousands of small
+tensors (several launches' worth).
 
 Others come from ``--shapes FILE`` (JSON) or ``--model NAME`` (a torchvision model, one of the
 above, or ``package.module:factory``).
@@ -103,15 +107,28 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
+
+def odd_sizes_shapes(small_tensors: int = 3000) -> list[Shape]:
+    """Empty first and last; 1 and 7 elements; either side of 16384 and 65536 (chunk
+    sizes); a million and 3; then ``small_tensors`` tensors of 0 to 2999 elements."""
+    sizes = [0, 1, 7, 16383, 16384, 16385, 65537, 1_000_003]
+    sizes += [(i * 7919) % 3000 for i in range(small_tensors)]
+    return [(n,) for n in sizes + [0]]
+
+
+ODD_SIZES = Workload("odd-sizes", "odd sizes", tuple(odd_sizes_shapes()))
+# Every --workloads key: the four timed by default, then the edge cases.
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, ODD_SIZES.key: ODD_SIZES}
+
 # --model names served without torchvision: the built-in lists above.
 _LOCAL_MODELS = {"resnet50": "resnet50", "gpt2": "gpt2", "llama-1b": "llama-1b"}
 
 
 def get_workload(key: str) -> Workload:
     try:
-        return WORKLOADS[key]
+        return ALL_WORKLOADS[key]
     except KeyError:
-        raise ValueError(f"unknown workload {key!r}; choose from {', '.join(WORKLOADS)}, "
+        raise ValueError(f"unknown workload {key!r}; choose from {', '.join(ALL_WORKLOADS)}, "
                          "or pass --shapes FILE / --model NAME") from None
 
 
@@ -155,9 +172,15 @@ def model_workload(name: str) -> Workload:
     """
     if ":" in name:
         module_name, _, attr = name.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"--model {name!r}: cannot find {attr!r} in {module_name!r}: {error}") from None
         with torch.device("meta"):
             model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--model {name!r}: the factory returned a {type(model).__name__}, "
+                             "not a torch.nn.Module")
         return Workload(f"model:{name}", name, _module_shapes(model))
     try:
         import torchvision
