@@ -6,6 +6,7 @@ Tiny models built from a config, random tokens, the CPU; nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -330,3 +331,27 @@ def test_documented_example_runs(code, counter):
     exec(compile(code, str(DOCS), "exec"), {"__name__": "__example__"})
     assert counter.calls["gradclip norm"] >= 4
     assert not gradclip_hf.is_patched(), "the example undoes its patch"
+
+
+@contextlib.contextmanager
+def one_process_group(tmp_path):
+    """A gloo group of one process, for DTensor gradients on a mesh of one CPU."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_dtensor_gradients_go_to_accelerate(tmp_path, counter):
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    gradclip_hf.patch()
+    accelerator = Accelerator(cpu=True)
+    with one_process_group(tmp_path) as mesh:
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        weight.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh, [Replicate()])
+        norm = accelerator.clip_grad_norm_([weight], 1.0)
+        assert counter.calls["gradclip norm"] == 0 and counter.calls["torch norm"] == 1
+        assert float(norm) == pytest.approx(8.0)
+        torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (8.0 + 1e-6)))

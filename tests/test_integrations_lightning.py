@@ -10,6 +10,7 @@ again, so the check below starts it in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ import torch
 
 L = pytest.importorskip("lightning") if __name__ != "__main__" else __import__("lightning")
 
-from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, MixedPrecision  # noqa: E402
+from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, MixedPrecision, Precision  # noqa: E402
 
 import gradclip.functional  # noqa: E402
 from gradclip.integrations import _common  # noqa: E402
@@ -205,6 +206,29 @@ def test_plugins_that_clip_their_own_way_are_left_alone():
     assert "clip_grad_by_norm" in double.__dict__
     callback.uninstall(double)
     assert "clip_grad_by_norm" not in double.__dict__
+
+
+@contextlib.contextmanager
+def one_process_group(tmp_path):
+    """A gloo group of one process, for DTensor gradients on a mesh of one CPU."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_dtensor_gradients_go_to_torch(tmp_path, recorder):
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    plugin = Precision()
+    assert FusedGradientClipping().install(plugin)
+    with one_process_group(tmp_path) as mesh:
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        weight.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh, [Replicate()])
+        plugin.clip_gradients(torch.optim.SGD([weight], lr=0.1), 1.0, "norm")
+        assert recorder.calls["torch norm"] == 1 and recorder.calls["gradclip norm"] == 0
+        torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (8.0 + 1e-6)))
 
 
 @pytest.mark.parametrize("version", ["1.9.5", "3.0.0"])
