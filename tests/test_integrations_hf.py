@@ -54,14 +54,16 @@ class CallCounter:
     def __init__(self, monkeypatch):
         self.calls: dict[str, int] = {}
         self.returned: dict[str, list] = {}
+        self.backends: dict[str, list] = {}
         self._monkeypatch = monkeypatch
 
     def watch(self, owner, name: str, label: str) -> None:
         original = getattr(owner, name)
-        self.calls[label], self.returned[label] = 0, []
+        self.calls[label], self.returned[label], self.backends[label] = 0, [], []
 
         def counted(*args, **kwargs):
             self.calls[label] += 1
+            self.backends[label].append(kwargs.get("backend"))
             result = original(*args, **kwargs)
             self.returned[label].append(result)
             return result
@@ -188,12 +190,12 @@ def test_unpatch_refuses_to_drop_a_later_replacement(monkeypatch):
     assert Accelerator.__dict__["clip_grad_norm_"] is ORIGINAL_CLIP_GRAD_NORM
 
 
-def accelerate_loop(clip, scaler: torch.amp.GradScaler | None = None, steps: int = 3):
+def accelerate_loop(clip, scaler: torch.amp.GradScaler | None = None, steps: int = 3, device: str = "cpu"):
     """A plain Accelerate loop over a small MLP; ``clip(accelerator, model)`` clips."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    accelerator = Accelerator(cpu=True, mixed_precision="fp16" if scaler is not None else "no")
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="fp16" if scaler is not None else "no")
     if scaler is not None:
         # Accelerate turns fp16 AMP off on the CPU; give it torch's CPU scaler, so that
         # the loss is scaled and unscale_gradients() has work to do, as on a GPU.
@@ -202,7 +204,8 @@ def accelerate_loop(clip, scaler: torch.amp.GradScaler | None = None, steps: int
     generator = torch.Generator().manual_seed(1)
     results = []
     for _ in range(steps):
-        x, y = torch.randn(16, 16, generator=generator), 10 * torch.randn(16, 1, generator=generator)
+        x = torch.randn(16, 16, generator=generator).to(accelerator.device)
+        y = 10 * torch.randn(16, 1, generator=generator).to(accelerator.device)
         loss = torch.nn.functional.mse_loss(model(x), y)
         accelerator.backward(loss)
         results.append(clip(accelerator, model))
@@ -217,6 +220,20 @@ def clip_norm(accelerator, model):
 
 def clip_value(accelerator, model):
     return accelerator.clip_grad_value_(model.parameters(), 0.05)
+
+
+def test_each_backend_clips_the_accelerate_loop_as_accelerate_does(backend_device, counter):
+    backend, device = backend_device
+    expected_norms, expected = accelerate_loop(clip_norm, device=device)
+    AcceleratorState._reset_state(True)
+    gradclip_hf.patch(backend=backend)
+    norms, weights = accelerate_loop(clip_norm, device=device)
+
+    assert counter.backends["gradclip norm"] == [backend] * 3
+    assert min(n.item() for n in norms) > MAX_GRAD_NORM
+    assert [n.item() for n in norms] == pytest.approx([n.item() for n in expected_norms], rel=1e-6)
+    for want, got in zip(expected, weights):
+        torch.testing.assert_close(got, want)
 
 
 def test_accelerator_clip_grad_value_matches(counter):
