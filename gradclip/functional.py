@@ -22,8 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from . import backends as dispatch
-from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient
+from .backends import dispatch
+from .backends.base import NORM, clip_coefficient, coef_of, found_inf_of
 
 TensorOrTensors = Tensor | Iterable[Tensor]
 
@@ -34,6 +34,7 @@ def _as_list(tensors: TensorOrTensors, *, warn_if_empty_generator: bool = False)
     is_generator = isinstance(tensors, types.GeneratorType)
     tensors = list(tensors)
     if warn_if_empty_generator and is_generator and not tensors:
+        # stacklevel 3: this function, the public function, then the caller's line.
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                       stacklevel=3)
     return tensors
@@ -72,8 +73,9 @@ def _raise_if_nonfinite(norm: Tensor, norm_type: float) -> None:
     if not torch.isfinite(norm).item():
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is "
-            "non-finite, so it cannot be clipped. To disable this error and scale the "
-            "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+            "non-finite, so it cannot be clipped; no gradient was changed. To disable this "
+            "error and scale the gradients by the non-finite norm anyway, as torch does, set "
+            "`error_if_nonfinite=False`")
 
 
 def _zero_norm() -> Tensor:
@@ -81,7 +83,38 @@ def _zero_norm() -> Tensor:
     return torch.tensor(0.0)
 
 
-@torch.no_grad()
+def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
+               params: list[Tensor] | None = None, inv_scale: Tensor | None = None,
+               found_inf: Tensor | None = None, error_if_nonfinite: bool = False,
+               backend: str = "auto") -> Tensor:
+    """The one global-norm clip behind :func:`clip_grad_norm_` and ``ClippedOptimizer``.
+
+    Scales ``grads`` (non-empty) in place by ``stats[COEF]`` and returns ``stats``
+    (:mod:`gradclip.backends.base`). ``inv_scale``: the grads are scaled by a GradScaler;
+    the norm is of the unscaled grads, the factor unscales too, and nothing is written
+    when an inf/NaN is found. ``found_inf``: a flag already known (the scaler unscaled);
+    nothing is written when it is set. ``max_norm=inf`` only measures (and unscales).
+    ``params``: the grads' parameters, for a backend's fast path that finds the grads in
+    C++. ``error_if_nonfinite`` reads the norm on the host and raises before any write.
+    """
+    only_measures = math.isinf(max_norm) and inv_scale is None
+    if error_if_nonfinite or only_measures or found_inf is not None:
+        stats = dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(stats[NORM], norm_type)
+        if not only_measures:
+            skip = found_inf
+            if skip is None and inv_scale is not None:
+                skip = found_inf_of(stats)
+            dispatch.scale_(grads, coef_of(stats), skip, backend)
+        return stats
+    if params is not None and inv_scale is None:
+        stats = dispatch.clip_parameters_(params, norm_type, max_norm, None, backend)
+        if stats is not None:
+            return stats
+    return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
+
+
 def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
                    error_if_nonfinite: bool = False, foreach: bool | None = None, *,
                    backend: str = "auto") -> Tensor:
@@ -96,7 +129,7 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
         error_if_nonfinite (bool): raise ``RuntimeError`` if the norm is NaN or inf (this
             costs a host synchronisation). Default: False
         foreach (bool, optional): accepted for compatibility; has no effect.
-        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. Default: ``"auto"``
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
 
     Returns:
         The total norm as a 0-d float32 tensor (float64 if any tensor is float64) on the
@@ -111,13 +144,13 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
     norm_type = check_norm_type(norm_type)
     if not tensors:
         return _zero_norm()
-    norm = dispatch.norm_stats(tensors, norm_type, math.inf, None, backend)[NORM]
+    with torch.no_grad():
+        norm = dispatch.norm_stats(tensors, norm_type, math.inf, None, backend)[NORM]
     if error_if_nonfinite:
         _raise_if_nonfinite(norm, norm_type)
     return norm
 
 
-@torch.no_grad()
 def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_norm: Tensor,
                           foreach: bool | None = None, *, backend: str = "auto") -> None:
     r"""Scale the gradients by ``min(1, max_norm / (total_norm + 1e-6))``, in place.
@@ -131,7 +164,7 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
         max_norm (float): the largest norm allowed, >= 0.
         total_norm (Tensor): the norm to clip by, e.g. from :func:`get_total_norm`.
         foreach (bool, optional): accepted for compatibility; has no effect.
-        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. Default: ``"auto"``
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
 
     Example::
 
@@ -146,10 +179,10 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(_as_float(total_norm, "total_norm", "pass the tensor that "
                                             "get_total_norm returned"), device=grads[0].device)
-    dispatch.scale_(grads, clip_coefficient(total_norm, max_norm).reshape(1), None, backend)
+    with torch.no_grad():
+        dispatch.scale_(grads, clip_coefficient(total_norm, max_norm).reshape(1), None, backend)
 
 
-@torch.no_grad()
 def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None, *,
                     backend: str = "auto") -> Tensor:
@@ -168,7 +201,7 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
         error_if_nonfinite (bool): raise ``RuntimeError``, before touching any gradient,
             if the norm is NaN or inf (costs a host synchronisation). Default: False
         foreach (bool, optional): accepted for compatibility; has no effect.
-        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. Default: ``"auto"``
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
 
     Returns:
         The total norm of the gradients before clipping, a 0-d float32 tensor (float64
@@ -183,22 +216,19 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
     parameters = _as_list(parameters, warn_if_empty_generator=True)
     max_norm = check_max_norm(max_norm)
     norm_type = check_norm_type(norm_type)
-    if not error_if_nonfinite:
-        stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
-        if stats is not None:
-            return stats[NORM]
-    grads = _grads(parameters)
-    if not grads:
-        return _zero_norm()
-    if not error_if_nonfinite:
-        return dispatch.clip_grads_(grads, norm_type, max_norm, None, backend)[NORM]
-    stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
-    _raise_if_nonfinite(stats[NORM], norm_type)
-    dispatch.scale_(grads, stats[COEF:FOUND_INF], None, backend)
-    return stats[NORM]
+    with torch.no_grad():
+        if not error_if_nonfinite:
+            # The fast path finds the grads in C++; it declines (None) what it cannot take.
+            stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
+            if stats is not None:
+                return stats[NORM]
+        grads = _grads(parameters)
+        if not grads:
+            return _zero_norm()
+        return clip_norm_(grads, norm_type, max_norm, error_if_nonfinite=error_if_nonfinite,
+                          backend=backend)[NORM]
 
 
-@torch.no_grad()
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
                      foreach: bool | None = None, *, backend: str = "auto") -> None:
     r"""Clamp the gradients of ``parameters`` to ``[-clip_value, clip_value]``, in place.
@@ -209,7 +239,7 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
         parameters (Tensor or iterable of Tensors): parameters whose ``.grad`` to clamp.
         clip_value (float): the largest magnitude allowed, >= 0.
         foreach (bool, optional): accepted for compatibility; has no effect.
-        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. Default: ``"auto"``
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
 
     Example::
 
@@ -222,7 +252,8 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
                          "would swap the clamp bounds and set every gradient to it")
     grads = _grads(parameters)
     if grads:
-        dispatch.clamp_(grads, value, backend)
+        with torch.no_grad():
+            dispatch.clamp_(grads, value, backend)
 
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]

@@ -28,7 +28,6 @@ same read as the norm, and records the flag for ``update()``.
 from __future__ import annotations
 
 import inspect
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -37,9 +36,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends as dispatch
-from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient
-from .functional import check_max_norm, check_norm_type
+from .backends import dispatch
+from .backends.base import COEF, EPS, FOUND_INF, NORM, stats_dtype
+from .functional import check_max_norm, check_norm_type, clip_norm_
 
 _STATE_KEY = "gradclip"
 _COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps")
@@ -130,12 +129,13 @@ class ClippedOptimizer(Optimizer):
             touching the gradients when their norm is NaN or inf (costs a host
             synchronisation per step). Under AMP inf/NaN steps are expected: they are
             skipped and counted, never raised. Default: False
-        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. Default: ``"auto"``
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
 
     Attributes:
         optimizer: the wrapped optimizer.
-        last_norm (Tensor or None): the pre-clip norm of the unscaled gradients at the last
-            step, a 0-d tensor on the gradients' device (``None`` before the first step).
+        last_norm (Tensor): the pre-clip norm of the unscaled gradients at the last step, a
+            0-d tensor on the first parameter's device, updated in place (0 before the
+            first step and after a step without gradients).
 
     Example::
 
@@ -163,11 +163,15 @@ class ClippedOptimizer(Optimizer):
         self.norm_type = norm_type
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.backend = backend
-        self.last_norm: Tensor | None = None
         self._folds_scale = _takes_folded_scale(optimizer)
-        self._counters = torch.zeros(len(_COUNTER_NAMES), dtype=torch.int64,
-                                     device=self._first_param_device())
-        self._pending_flags: Tensor | None = None
+        # What a step updates lives in device tensors allocated once and updated in place:
+        # no host synchronisation, and torch.compile keeps the updates (it drops attribute
+        # writes on optimizers).
+        device = self._first_param_device()
+        self._counters = torch.zeros(len(_COUNTER_NAMES), dtype=torch.int64, device=device)
+        self._last_norm = torch.zeros((), dtype=self._norm_dtype(), device=device)
+        self._pending = torch.zeros(2, dtype=torch.int64, device=device)  # a closure's evaluations
+        self._in_closure = False
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         # Optimizer.__init__ is not called (it would build param_groups of our own): this
@@ -242,20 +246,23 @@ class ClippedOptimizer(Optimizer):
             What the inner optimizer's ``step`` returns (the loss, with a closure).
         """
         request = self._scaler_request()
-        self._pending_flags = None  # what an earlier step that raised may have left
         if closure is not None:
             if request is not None:
                 raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
             return self._step_with_closure(closure)
         grads = self._grads()
-        if request is None:
-            with torch.no_grad():
-                self._clip(grads)
-            result = self.optimizer.step()
-        else:
-            result = self._scaled_step(grads, request)
-        self._count_step()
-        return result
+        if request is not None:
+            return self._scaled_step(grads, request)
+        with torch.no_grad():
+            self._clip(grads)
+        return self.optimizer.step()
+
+    @property
+    def last_norm(self) -> Tensor:
+        """The pre-clip norm of the unscaled gradients at the last step: a 0-d tensor on the
+        first parameter's device, updated in place (0 before the first step, and after a
+        step without gradients, as torch's norm of nothing)."""
+        return self._last_norm
 
     def stats(self) -> dict[str, int]:
         """The counters as ints, read with one host synchronisation.
@@ -284,7 +291,7 @@ class ClippedOptimizer(Optimizer):
             "norm_type": self._norm_type,
             "error_if_nonfinite": self.error_if_nonfinite,
             "counters": self._counters.clone(),
-            "last_norm": None if self.last_norm is None else self.last_norm.clone(),
+            "last_norm": self._last_norm.clone(),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -308,13 +315,13 @@ class ClippedOptimizer(Optimizer):
             self.error_if_nonfinite = bool(own["error_if_nonfinite"])
             self._counters.copy_(torch.as_tensor(own["counters"], dtype=torch.int64))
             last = own.get("last_norm")
-            self.last_norm = None if last is None else last.to(self._counters.device).clone()
+            self._last_norm.copy_(0.0 if last is None else last)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         keep = ("optimizer", "_max_norm", "_norm_type", "error_if_nonfinite", "backend",
-                "last_norm", "_folds_scale", "_counters", "_pending_flags")
+                "_folds_scale", "_counters", "_last_norm", "_pending", "_in_closure")
         return {key: self.__dict__[key] for key in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -336,6 +343,13 @@ class ClippedOptimizer(Optimizer):
                 return p.device
         return torch.device("cpu")
 
+    def _norm_dtype(self) -> torch.dtype:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return stats_dtype(params)
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _grads(self) -> list[Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
 
@@ -353,63 +367,57 @@ class ClippedOptimizer(Optimizer):
     def _clip(self, grads: list[Tensor]) -> None:
         """Clip gradients that are not scaled (no AMP, or after the scaler unscaled them)."""
         if not grads:
+            self._record(None)
             return
-        norm_type, max_norm, backend = self._norm_type, self._max_norm, self.backend
-        if math.isinf(max_norm) or self.error_if_nonfinite:
-            stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
-            if self.error_if_nonfinite and not torch.isfinite(stats[NORM]).item():
-                raise RuntimeError(
-                    f"The total norm of order {norm_type} of the gradients is non-finite, so "
-                    "it cannot be clipped; the gradients and parameters were left untouched. "
-                    "To scale them by the non-finite norm anyway, as torch does, build the "
-                    "ClippedOptimizer with error_if_nonfinite=False")
-            if not math.isinf(max_norm):
-                dispatch.scale_(grads, stats[COEF:FOUND_INF], None, backend)
-        else:
-            params = [p for group in self.param_groups for p in group["params"]]
-            stats = dispatch.clip_parameters_(params, norm_type, max_norm, None, backend)
-            if stats is None:
-                stats = dispatch.clip_grads_(grads, norm_type, max_norm, None, backend)
+        stats = clip_norm_(grads, self._norm_type, self._max_norm, params=self._params(),
+                           error_if_nonfinite=self.error_if_nonfinite, backend=self.backend)
         self._record(stats[NORM])
 
     def _scaled_step(self, grads: list[Tensor], request: ScalerRequest):
         """One AMP step: unscale (unless done), clip, and skip the step on inf/NaN."""
         scale = request.scale
-        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
         if not grads:
             if request.found_inf_out is None and scale is not None:
                 request.found_inf_out = torch.zeros((), dtype=torch.float32, device=scale.device)
+            self._record(None)
             return self.optimizer.step()
-        norm_type, max_norm, backend = self._norm_type, self._max_norm, self.backend
-        with torch.no_grad():
-            if self._folds_scale:
-                # One read: the norm of the unscaled grads and the inf flag. The fused step
-                # divides the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips
-                # the update where found_inf is set: nothing for us to write.
-                stats = dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
-                found_inf = self._found_inf(request, stats)
-                self.optimizer.grad_scale = torch.reciprocal(stats[COEF]).float()
-                self.optimizer.found_inf = found_inf
-            else:
-                if inv_scale is not None and any(g.dtype == torch.float16 for g in grads):
-                    raise ValueError("Attempting to unscale FP16 gradients.")
-                if inv_scale is not None:
-                    stats = dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
-                else:
-                    stats = dispatch.norm_stats(grads, norm_type, max_norm, None, backend)
-                    if not math.isinf(max_norm):
-                        dispatch.scale_(grads, stats[COEF:FOUND_INF], request.found_inf, backend)
-                found_inf = self._found_inf(request, stats)
-            self._record(stats[NORM])
         if self._folds_scale:
-            try:
-                return self.optimizer.step()
-            finally:
-                del self.optimizer.grad_scale, self.optimizer.found_inf
+            return self._folded_step(grads, request)
+        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
+        if inv_scale is not None and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("Attempting to unscale FP16 gradients.")
+        with torch.no_grad():
+            stats = clip_norm_(grads, self._norm_type, self._max_norm, inv_scale=inv_scale,
+                               found_inf=None if inv_scale is not None else request.found_inf,
+                               backend=self.backend)
+            found_inf = self._found_inf(request, stats)
+            self._record(stats[NORM])
         # A non-fused optimizer cannot skip on a device flag: read it, as torch does.
         if found_inf.item():
             return None
         return self.optimizer.step()
+
+    # Traced by torch.compile, the attributes set on the inner optimizer would not reach
+    # its fused step: this runs eagerly (that step is one fused kernel already).
+    @torch._dynamo.disable
+    def _folded_step(self, grads: list[Tensor], request: ScalerRequest):
+        """One read: the norm of the unscaled grads and the inf flag. The fused step divides
+        the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips the update where
+        found_inf is set: nothing for us to write."""
+        scale = request.scale
+        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
+        with torch.no_grad():
+            stats = dispatch.norm_stats(grads, self._norm_type, self._max_norm, inv_scale,
+                                        self.backend)
+            found_inf = self._found_inf(request, stats)
+            self._record(stats[NORM])
+        inner = self.optimizer
+        inner.grad_scale = torch.reciprocal(stats[COEF]).float()
+        inner.found_inf = found_inf
+        try:
+            return inner.step()
+        finally:
+            del inner.grad_scale, inner.found_inf
 
     @staticmethod
     def _found_inf(request: ScalerRequest, stats: Tensor) -> Tensor:
@@ -428,27 +436,34 @@ class ClippedOptimizer(Optimizer):
                 self._clip(self._grads())
             return loss
 
-        result = self.optimizer.step(clipped_closure)
-        self._count_step()
+        self._pending.zero_()
+        self._in_closure = True
+        try:
+            result = self.optimizer.step(clipped_closure)
+        finally:
+            self._in_closure = False
+        self._counters[1:].add_(self._pending)
+        self._counters[0].add_(1)
         return result
 
-    def _record(self, norm: Tensor) -> None:
-        """Keep the norm; note on the device whether it clipped and whether it was finite."""
-        self.last_norm = norm
-        finite = torch.isfinite(norm)
-        clipped = finite & (clip_coefficient(norm, self._max_norm) < 1)
-        flags = torch.stack((clipped, ~finite))
-        pending = self._pending_flags
-        self._pending_flags = flags if pending is None else pending | flags.to(pending.device)
-
-    def _count_step(self) -> None:
-        flags, self._pending_flags = self._pending_flags, None
-        if flags is None:
-            self._counters[0] += 1
-            return
-        if self._counters.device != flags.device:
-            self._counters = self._counters.to(flags.device)
-        self._counters += torch.cat((flags.new_ones(1), flags))
+    @torch.no_grad()
+    def _record(self, norm: Tensor | None) -> None:
+        """Keep the norm (0 for a step without gradients, torch's norm of nothing) and
+        count the step on the device: clipped (finite norm above max_norm), non-finite."""
+        state = self._last_norm
+        if norm is None:
+            state.zero_()
+            flags = torch.zeros(2, dtype=torch.int64, device=state.device)
+        else:
+            state.copy_(norm)
+            finite = state.isfinite()
+            over = torch.reciprocal(state + EPS) * self._max_norm < 1
+            flags = torch.stack((finite & over, ~finite))
+        if self._in_closure:
+            torch.maximum(self._pending, flags, out=self._pending)
+        else:
+            self._counters[1:].add_(flags)
+            self._counters[0].add_(1)
 
 
 __all__ = ["ClippedOptimizer"]

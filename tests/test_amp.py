@@ -34,7 +34,7 @@ from test_optimizer import (
 )
 
 import gradclip
-import gradclip.backends as dispatch
+from gradclip.backends import dispatch
 
 INF_STEPS = {3, 7}
 SCALERS = {"torch": torch.amp.GradScaler, "gradclip": gradclip.GradScaler}
@@ -117,7 +117,7 @@ def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name,
     assert 0 < clipped < n_steps
 
 
-def assert_params_close_all(ours, theirs, device, backend="torch"):
+def assert_params_close_all(ours, theirs, device, backend="reference"):
     for i, (p, q) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(p.detach(), q.detach(), **tolerance(device, backend),
                                    msg=lambda m, i=i: f"parameter {i}: {m}")
@@ -395,3 +395,34 @@ def test_fused_path_with_gradclip_scaler_never_syncs(gen, name):
             torch.cuda.set_sync_debug_mode("default")
     assert opt.stats()["nonfinite_steps"] >= 1
 
+
+
+@pytest.mark.parametrize("norm_type", [3.5, 8.0])
+@pytest.mark.parametrize("scaler_kind, inner", [("gradclip", "sgd"), ("gradclip", "adamw"),
+                                                ("torch", "adamw_fused"), ("gradclip", "adamw_fused")])
+def test_large_scale_and_high_norm_type_match_torch(scaler_kind, inner, norm_type):
+    """The reproducer of the AMP overflow: scale 65536, an 8-norm of ordinary gradients.
+    torch's unscale_ + clip_grad_norm_ + step gives norm 1.778 and p = -1 (SGD)."""
+    make_inner = {"sgd": lambda ps: torch.optim.SGD(ps, lr=1.0),
+                  "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1),
+                  "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True)}[inner]
+    ours, theirs = torch.nn.Parameter(torch.zeros(100)), torch.nn.Parameter(torch.zeros(100))
+    opt = gradclip.ClippedOptimizer(make_inner([ours]), max_norm=10.0, norm_type=norm_type)
+    ref_opt = make_inner([theirs])
+    scaler, ref_scaler = make_scaler(scaler_kind, "cpu"), make_scaler("torch", "cpu")
+    for step in range(3):
+        for p, s in ((ours, scaler), (theirs, ref_scaler)):
+            s.scale((p.sum() + (step + 1) * 40.0 * p[:3].sum())).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_scaler.unscale_(ref_opt)
+        ref_norm = torch.nn.utils.clip_grad_norm_([theirs], 10.0, norm_type)
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+        assert math.isfinite(ref_norm.item())
+        assert opt.last_norm.item() == pytest.approx(ref_norm.item(), rel=1e-5)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert opt.stats()["nonfinite_steps"] == 0
+    assert scaler.get_scale() == ref_scaler.get_scale()

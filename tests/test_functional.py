@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -164,8 +165,9 @@ def test_no_gradients_give_a_zero_norm_like_torch(backend_device, gen):
 
 def test_empty_generator_warns_like_torch(backend_device):
     backend, _ = backend_device
-    with pytest.warns(UserWarning, match="empty generator"):
+    with pytest.warns(UserWarning, match="empty generator") as caught:
         gradclip.clip_grad_norm_((p for p in []), 1.0, backend=backend)
+    assert caught[0].filename == __file__, "the warning must point at the caller's line"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -293,3 +295,84 @@ def test_amp_stats_over_several_devices_match_one_device(gen):
     stats = norm_stats(tensors, 2.0, 1.0, inv_scale)
     expected = norm_stats([t.cuda() for t in tensors], 2.0, 1.0, inv_scale)
     torch.testing.assert_close(stats.cuda(), expected, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# In-place writes are visible to autograd; threads; complex gradients
+# ---------------------------------------------------------------------------------------
+
+
+def test_clipping_a_grad_saved_for_double_backward_is_detected_like_torch(backend_device, gen):
+    """torch's clip bumps the version counter of what it writes, so a gradient saved by a
+    create_graph=True backward cannot then be used silently after clipping."""
+    backend, device = backend_device
+    for clip in (torch.nn.utils.clip_grad_norm_,
+                 lambda ps, m: gradclip.clip_grad_norm_(ps, m, backend=backend)):
+        x = torch.nn.Parameter(random_tensors(gen, [(5,)], torch.float32, on_device(device))[0])
+        (x ** 3).sum().backward(create_graph=True)
+        penalty = (x.grad ** 2).sum()  # saves x.grad for its backward
+        clip([x], 1e-3)  # clips: the grad is written
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            penalty.backward()
+
+
+def test_clip_grad_value_bumps_versions(backend_device, gen):
+    backend, device = backend_device
+    params = _params(gen, device, torch.float32, scale=3.0)
+    versions = [p.grad._version for p in params]
+    gradclip.clip_grad_value_(params, 0.5, backend=backend)
+    assert all(p.grad._version > v for p, v in zip(params, versions))
+
+
+def test_threads_clipping_different_models_get_serial_results(backend_device, gen):
+    """Each thread clips its own model; every result must equal the one-thread run."""
+    backend, device = backend_device
+    models = [_params(gen, device, [torch.float32, torch.bfloat16], scale=2.0) for _ in range(4)]
+    expected = []
+    for params in models:
+        twin = _twin(params)
+        norms = [gradclip.clip_grad_norm_(twin, 0.5 + i, backend=backend) for i in range(3)]
+        expected.append((norms, [p.grad for p in twin]))
+    results, errors = [None] * len(models), []
+
+    def work(i):
+        try:
+            norms = [gradclip.clip_grad_norm_(models[i], 0.5 + k, backend=backend) for k in range(3)]
+            results[i] = norms
+        except Exception as error:  # surfaced below, with the thread's traceback
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for params, norms, (want_norms, want_grads) in zip(models, results, expected):
+        assert [n.item() for n in norms] == [n.item() for n in want_norms]
+        for p, g in zip(params, want_grads):
+            assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+def test_complex_gradients_are_clipped_like_torch(gen, norm_type):
+    real = _params(gen, "cpu", torch.float32, shapes=[(4, 3), (5,)], scale=3.0)
+    params = [torch.nn.Parameter(torch.complex(p.detach(), p.detach().flip(0))) for p in real]
+    for p, r in zip(params, real):
+        p.grad = torch.complex(r.grad, 2 * r.grad)
+    params.append(torch.nn.Parameter(torch.randn(3, generator=gen)))
+    params[-1].grad = torch.randn(3, generator=gen)  # a real one in the same call
+    theirs = _twin(params)
+    norm = gradclip.clip_grad_norm_(params, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-5)
+    _assert_grads_close(params, theirs, rtol=1e-5)
+
+
+def test_complex_gradients_are_refused_by_fused_backends_and_clamp(gen):
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        gradclip.clip_grad_norm_([p], 1.0, backend="triton")
+    with pytest.raises(TypeError, match="complex"):
+        gradclip.clip_grad_value_([p], 1.0)
