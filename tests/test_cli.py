@@ -190,6 +190,14 @@ def test_check_passes_the_reference_backend_on_the_cpu(tmp_path, capsys, tiny_sh
     assert "rows" not in result  # --check-only times nothing
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run skips the fused backends")
+def test_check_that_checks_nothing_fails(tmp_path, capsys, tiny_shapes):
+    assert main(["bench", "--check-only", "--shapes", str(tiny_shapes), "--backends", "cuda",
+                 "--out", "", "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    assert "check: cuda skipped" in text and "nothing was checked" in text
+
+
 @pytest.mark.parametrize("fault, failing", [
     ("norm", {"norm", "no-clip", "clip", "amp"}),        # a norm 1% too large
     ("writes", {"no-clip", "clip", "amp", "nonfinite"}),  # every rescale nudges the gradients

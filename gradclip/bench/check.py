@@ -52,7 +52,9 @@ def _norm(b: Buffers, backend: str) -> list[str]:
     for p in NORM_TYPES:
         norm = gradclip.get_total_norm(b.grads, norm_type=p, backend=backend)
         want = oracle.expected_stats(b.grads, p, math.inf)[0]
-        if not oracle.close_or_both_nan(norm.item(), want, oracle.norm_rtol(b.grads)):
+        # Powers other than 1 and 2 (and max) round once more per element in float32.
+        rtol = oracle.norm_rtol(b.grads) * (1 if p in (1.0, 2.0, math.inf) else 5)
+        if not oracle.close_or_both_nan(norm.item(), want, rtol):
             problems.append(f"p={p}: norm {norm.item()!r}, expected {want!r}")
     return problems
 

@@ -84,8 +84,9 @@ columns:
   %floor    floor / time: the floor is the bytes the ideal path must move over the
             ceilings measured in this run (vector_norm read and mul_ read/write over a
             flat fp32 buffer, 4 GiB on a GPU): one read for norm and no-clip, three passes
-            (a read and a read/write) for clip and amp, one read plus the fused AdamW
-            step's bytes for amp-adamw. GPU runs only: on the CPU the ceilings measured do
+            (a read and a read/write) for clip, amp and amp-step, one read plus the fused
+            AdamW step's bytes for amp-adamw (the step's bytes alone for adamw and
+            adamw-scaled). GPU runs only: on the CPU the ceilings measured do
             not bound a call (the read one came out below read+write), so none is given.
   x torch   torch's time in the same mode and timing over this path's time
 
@@ -389,7 +390,7 @@ def _first_line(error: Exception) -> str:
 
 def run_checks(settings: dict, device: torch.device) -> list[dict]:
     """``--check``: one row per workload, dtype, gradclip backend and check (:mod:`.check`)."""
-    backends = [b for b in select_backends(settings["check_backends"], device)]
+    backends = select_backends(settings["check_backends"], device)
     for b in backends:
         if b.skipped:
             print(f"check: {b.name} skipped ({b.skipped})")
@@ -415,10 +416,16 @@ def _check_line(workload: str, dtype: str, backend: str, found: list[dict]) -> s
     return head + "; ".join(f"{r['check']}: {r['detail']}" for r in failed)
 
 
+def checks_failed(result: dict) -> bool:
+    """Whether checks were asked for and one failed, or none could run (nothing was verified)."""
+    checks = result.get("checks")
+    return checks is not None and (not checks or any(not r["ok"] for r in checks))
+
+
 def check_summary(checks: list[dict]) -> str:
     failed = [r for r in checks if not r["ok"]]
     lines = [f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
-             + ("" if checks else " (no gradclip backend could run here)")]
+             + ("" if checks else ": FAIL, nothing was checked (no gradclip backend could run here)")]
     lines += [f"  FAIL {r['workload']} {r['dtype']} {r['backend']} {r['check']}: {r['detail']}" for r in failed]
     return "\n".join(lines)
 
@@ -447,19 +454,22 @@ def _render(result: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _measure_cpu_section(args: argparse.Namespace, progress: report.Progress | None) -> dict:
+    env = _environment(torch.device("cpu"))
+    workloads = _workloads(args, list(cpu_section.DEFAULT_WORKLOADS))
+    print(f"CPU section: {', '.join(w.key for w in workloads)}; torch against gradclip, one thread")
+    started = time.perf_counter()
+    warmup = 1 if args.warmup is None else args.warmup
+    section = cpu_section.measure(workloads, args.repeats or 5, warmup, progress)
+    env["seconds"] = round(time.perf_counter() - started, 1)
+    return {"environment": env, "cpu_section": section}
+
+
 def _measure_all(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     progress = None if args.no_progress else report.Progress()
     if args.cpu_section:
-        device = torch.device("cpu")
-        env = _environment(device)
-        workloads = _workloads(args, list(cpu_section.DEFAULT_WORKLOADS))
-        print(f"CPU section: {', '.join(w.key for w in workloads)}; torch against gradclip, one thread")
-        started = time.perf_counter()
-        section = cpu_section.measure(workloads, args.repeats or 5, 1 if args.warmup is None else args.warmup,
-                                      progress)
-        env["seconds"] = round(time.perf_counter() - started, 1)
-        return {"environment": env, "cpu_section": section}
+        return _measure_cpu_section(args, progress)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = _settings(args, device)
     env = _environment(device)
     banner = report.banner(env, settings)
@@ -493,4 +503,4 @@ def run(args: argparse.Namespace) -> int:
         for path in _write(result, Path(args.out)):
             print(f"wrote {path}")
     print(_render(result))
-    return 1 if any(not r["ok"] for r in result.get("checks", [])) else 0
+    return 1 if checks_failed(result) else 0
