@@ -1,4 +1,10 @@
-"""Shared fixtures: which (backend, device) pairs run here, and fresh random data per test."""
+"""Shared fixtures: which (backend, device) pairs run here, and fresh random data per test.
+
+Every test that needs a GPU carries the ``gpu`` marker (``pytest -m gpu`` selects them
+all): mark it with :data:`gpu`, or take a ``cuda`` pair of :func:`backend_device`, which is
+marked for you; marked tests skip without a CUDA device. Random data comes from
+:func:`gen`, whose seed is printed and can be pinned with ``GRADCLIP_TEST_SEED``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,17 @@ if not HAS_CUDA:
 import gradclip  # noqa: E402
 from gradclip.backends import get_backend  # noqa: E402
 
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+gpu = pytest.mark.gpu
+SEED_ENV = "GRADCLIP_TEST_SEED"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -35,16 +51,29 @@ def runnable_backends() -> list[tuple[str, str]]:
 BACKEND_DEVICES = runnable_backends()
 
 
-@pytest.fixture(params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+@pytest.fixture(params=[pytest.param(pair, marks=[gpu] if pair[1] == "cuda" else [])
+                        for pair in BACKEND_DEVICES],
+                ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
 def backend_device(request) -> tuple[str, str]:
     return request.param
 
 
+def test_seed() -> int:
+    """``$GRADCLIP_TEST_SEED`` when set (to replay a failure), else a fresh random seed."""
+    pinned = os.environ.get(SEED_ENV, "").strip()
+    return int(pinned) if pinned else random.randrange(2**31)
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed per test; the seed is printed for reproduction."""
-    seed = random.randrange(2**31)
-    print(f"random seed: {seed}")
+def gen(request) -> torch.Generator:
+    """A generator seeded per test; the seed is printed (shown with a failure's output)
+    and recorded in the test report, so that ``GRADCLIP_TEST_SEED=<seed>`` replays it."""
+    seed = test_seed()
+    print(f"random seed: {seed} (replay: {SEED_ENV}={seed})")
+    request.node.user_properties.append(("seed", seed))
     return torch.Generator().manual_seed(seed)
 
 

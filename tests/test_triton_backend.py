@@ -38,8 +38,9 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU, no interpreter")]),
 ]
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING,
-                                  reason="needs a CUDA GPU, no interpreter")
+def requires_gpu(test):
+    """Marks a test ``gpu``; it also skips under the interpreter."""
+    return pytest.mark.gpu(pytest.mark.skipif(INTERPRETING, reason="needs a GPU, no interpreter")(test))
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.5]
 MIXED = (torch.float32, torch.bfloat16, torch.float16)
