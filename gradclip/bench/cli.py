@@ -98,10 +98,10 @@ columns:
 
 --cpu-section: torch.nn.utils.clip_grad_norm_ (torch's defaults) against
   gradclip.clip_grad_norm_ (backend auto: the reference backend on the CPU), fp32, one
-  thread, side by side in alternating rounds, when nothing needs clipping (norm 0.5,
-  max_norm 1) and when clipping (norm 4), on resnet50 and 2000x4096 (or --workloads,
+  thread, side by side (timed call by call in turn), when nothing needs clipping (norm
+  0.5, max_norm 1) and when clipping (norm 4), on resnet50 and 2000x4096 (or --workloads,
   --shapes, --model); prints each time, gradclip/torch and the target (no-clip <= 0.6x,
-  clip <= 1.1x). Takes --repeats (per round, default 5) and --warmup.
+  clip <= 1.1x). Takes --repeats (samples each, default 15) and --warmup (default 1).
 
 output: the table is printed last; with --out DIR (default ./gradclip-bench) also
   bench.json (every number, the environment, the skipped backends and why), bench.md
@@ -460,7 +460,7 @@ def _measure_cpu_section(args: argparse.Namespace, progress: report.Progress | N
     print(f"CPU section: {', '.join(w.key for w in workloads)}; torch against gradclip, one thread")
     started = time.perf_counter()
     warmup = 1 if args.warmup is None else args.warmup
-    section = cpu_section.measure(workloads, args.repeats or 5, warmup, progress)
+    section = cpu_section.measure(workloads, args.repeats or cpu_section.DEFAULT_SAMPLES, warmup, progress)
     env["seconds"] = round(time.perf_counter() - started, 1)
     return {"environment": env, "cpu_section": section}
 

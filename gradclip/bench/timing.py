@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,18 +59,31 @@ def summarise(method: str, samples_us: list[float]) -> Measurement:
 
 
 class CacheEvictor:
-    """Reads a scratch buffer larger than the device's last-level cache."""
+    """Reads a scratch buffer four times the device's last-level cache."""
 
     def __init__(self, device: torch.device):
         if device.type == "cuda":
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
             nbytes = 4 * l2
         else:
-            nbytes = 16 << 20  # more than the last-level cache of a small CPU
+            nbytes = 4 * cpu_last_level_cache_bytes()
         self._scratch = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
         self._scratch.amax()
+
+
+def cpu_last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache Linux lists for CPU 0 (sysfs), else ``default``."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=default)
 
 
 def _sync(device: torch.device) -> None:
