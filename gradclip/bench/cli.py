@@ -74,7 +74,7 @@ timing (--timing, default graph,eager on a GPU): every sample times one call wit
   Before each sample a read of 4x the L2 size evicts the gradients from the cache (workloads
   that fit in L2 are not timed hot); calls that change the gradients get them restored
   before each sample, outside the timed region. On the CPU: perf_counter on one thread,
-  no graphs (--timing does not apply).
+  no graphs (--timing does not apply), and the read evicts 4x the last-level cache.
 
 columns:
   us        median microseconds per call
