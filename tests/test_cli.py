@@ -97,8 +97,13 @@ def test_cpu_bench_run_says_it_is_cpu_and_writes_its_reports(tmp_path, capsys, t
     assert code == 0
     text = capsys.readouterr().out
     assert "CPU RUN" in text and "not meaningful" in text
+    assert "% floor: not given on the CPU" in text
+    line = next(line for line in text.splitlines() if line.startswith("no-clip") and "torch" in line)
+    assert line.split()[4] == "-"  # the %floor column
     result = json.loads((out / "bench.json").read_text())
     assert result["environment"]["device"] == "cpu"
+    assert all("pct_floor" not in r and "floor_us" not in r for r in result["rows"])
+    assert result["workloads"][0]["floor_1_read_us"] is None
     timed = {(r["mode"], r["backend"]): r for r in result["rows"]}
     assert set(timed) == {(m, b) for m in ("no-clip", "clip", "amp") for b in ("torch", "reference")}
     for row in timed.values():
@@ -108,24 +113,10 @@ def test_cpu_bench_run_says_it_is_cpu_and_writes_its_reports(tmp_path, capsys, t
     skipped = {b["name"]: b["skipped"] for b in result["backends"]}
     assert skipped["cuda"]  # listed as skipped, with its reason
     assert "cuda" in text and "skipped" in text
-    assert (out / "bench.md").read_text().startswith("# gradclip bench: CPU run")
+    md = (out / "bench.md").read_text()
+    assert md.startswith("# gradclip bench: CPU run") and "% floor: not given on the CPU" in md
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").stat().st_size > 0
-
-
-def test_cpu_run_gives_no_percent_of_floor_and_says_why(tmp_path, capsys, tiny_shapes):
-    out = tmp_path / "bench"
-    assert main(["bench", "--device", "cpu", "--shapes", str(tiny_shapes), "--modes", "no-clip",
-                 "--backends", "torch", "--repeats", "5", "--ceiling-gib", "0.01", "--out", str(out),
-                 "--no-progress"]) == 0
-    text = capsys.readouterr().out
-    assert "% floor: not given on the CPU" in text
-    line = next(line for line in text.splitlines() if line.startswith("no-clip"))
-    assert line.split()[4] == "-"  # the %floor column
-    result = json.loads((out / "bench.json").read_text())
-    assert all("pct_floor" not in r and "floor_us" not in r for r in result["rows"])
-    assert result["workloads"][0]["floor_1_read_us"] is None
-    assert "% floor: not given on the CPU" in (out / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -178,16 +169,19 @@ def test_device_cuda_without_cuda_is_an_argparse_error(capsys):
     assert exit_info.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
 
 
-def test_check_passes_the_reference_backend_on_the_cpu(tmp_path, capsys, tiny_shapes):
+@pytest.mark.parametrize("only", [True, False])
+def test_check_passes_the_reference_backend_on_the_cpu(only, tmp_path, capsys, tiny_shapes):
     out = tmp_path / "check"
-    assert main(["bench", "--device", "cpu", "--check-only", "--shapes", str(tiny_shapes),
-                 "--backends", "reference", "--out", str(out), "--no-progress"]) == 0
+    timing = [] if only else ["--modes", "no-clip", "--repeats", "5", "--ceiling-gib", "0.01"]
+    assert main(["bench", "--device", "cpu", "--check-only" if only else "--check",
+                 "--shapes", str(tiny_shapes), "--backends", "reference", *timing,
+                 "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "ok   check file:tiny.json fp32 reference: norm, no-clip, clip, amp, nonfinite" in text
     assert "checks: 5 passed, 0 failed" in text
     result = json.loads((out / "bench.json").read_text())
     assert [r["check"] for r in result["checks"]] == ["norm", "no-clip", "clip", "amp", "nonfinite"]
-    assert "rows" not in result  # --check-only times nothing
+    assert ("rows" in result) is not only  # --check times afterwards, --check-only does not
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run skips the fused backends")
@@ -218,14 +212,12 @@ def test_check_fails_a_wrong_backend_and_exits_1(fault, failing, tmp_path, capsy
             scale_(tensors, scale, found_inf)
         monkeypatch.setattr(reference, "scale_", nudging_scale_)
     out = tmp_path / "check"
-    assert main(["bench", "--device", "cpu", "--check", "--shapes", str(tiny_shapes),
-                 "--backends", "torch,reference", "--modes", "no-clip", "--repeats", "5",
-                 "--ceiling-gib", "0.01", "--out", str(out), "--no-progress"]) == 1
+    assert main(["bench", "--device", "cpu", "--check-only", "--shapes", str(tiny_shapes),
+                 "--backends", "reference", "--out", str(out), "--no-progress"]) == 1
     text = capsys.readouterr().out
     assert "FAIL check file:tiny.json fp32 reference" in text
     result = json.loads((out / "bench.json").read_text())
     assert {r["check"] for r in result["checks"] if not r["ok"]} == failing
-    assert result["rows"]  # --check times afterwards all the same
 
 
 def test_cpu_section_times_torch_and_gradclip_side_by_side_on_one_thread(tmp_path, capsys, tiny_shapes):
