@@ -231,10 +231,10 @@ def test_dtensor_gradients_go_to_torch(tmp_path, recorder):
         torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (8.0 + 1e-6)))
 
 
-@pytest.mark.parametrize("version", ["1.9.5", "3.0.0"])
+@pytest.mark.parametrize("version", ["2.0.9", "3.0.0"])
 def test_unsupported_lightning_versions_are_refused(version, monkeypatch):
     monkeypatch.setattr(_common.metadata, "version", lambda name: version)
-    with pytest.raises(RuntimeError, match=f"supports lightning >= 2.0.0, < 3; {version} is installed"):
+    with pytest.raises(RuntimeError, match=f"supports lightning >= 2.1.0, < 3; {version} is installed"):
         _common.require("lightning", *LIGHTNING_VERSIONS, extra="lightning")
 
 

@@ -41,7 +41,7 @@ from .. import functional
 from ._common import has_dtensor_grads, require
 
 # Supported versions: [minimum, below). Tested: see docs/integrations.md.
-LIGHTNING_VERSIONS = ("2.0.0", "3")
+LIGHTNING_VERSIONS = ("2.1.0", "3")
 
 _REPLACED = ("clip_gradients", "clip_grad_by_norm", "clip_grad_by_value")
 # The attribute of a precision plugin that holds what the callback replaced on it.
