@@ -398,3 +398,22 @@ def test_gpu_bench_times_every_mode_and_passes_every_check(tmp_path, capsys, tin
     timed = {(r["mode"], r["backend"], r["method"]) for r in result["rows"]}
     assert ("no-clip", "cuda", "graph") in timed and ("amp-step", "triton", "host") in timed
     assert all(math.isfinite(r["pct_floor"]) for r in result["rows"] if r["method"] == "graph")
+
+
+def _backends_on_the_cpu() -> list[str]:
+    return [name for name in ("reference", "triton")
+            if dispatch.get_backend(name).status().available
+            and dispatch.get_backend(name).supports(torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("backend", _backends_on_the_cpu())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_check_passes_each_backend_that_runs_on_the_cpu(backend, dtype):
+    """The checks themselves on a fused backend (Triton's interpreter here), odd sizes included."""
+    from gradclip.bench import check
+    from gradclip.bench.paths import Buffers
+    from gradclip.bench.workloads import Workload
+    workload = Workload("tiny", "tiny", ((300,), (0,), (7,), (1000,), (0,)))
+    rows = check.check_backend(Buffers(workload, dtype, torch.device("cpu")), backend)
+    assert [(r["check"], r["ok"], r["detail"]) for r in rows] == [
+        (name, True, "") for name in ("norm", "no-clip", "clip", "amp", "nonfinite")]
