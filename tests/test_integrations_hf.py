@@ -377,3 +377,18 @@ def test_dtensor_gradients_go_to_accelerate(tmp_path, counter):
         assert counter.calls["gradclip norm"] == 0 and torch_norm_calls(counter) == 1
         assert float(norm) == pytest.approx(8.0)
         torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (8.0 + 1e-6)))
+
+
+def test_infinite_max_norm_only_measures(counter):
+    """The Trainer asks for grad_norm this way when clipping is off (transformers 5)."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    model(torch.randn(8, 16)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+
+    gradclip_hf.patch()
+    norm = accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+    assert counter.calls["gradclip norm"] == 1
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))

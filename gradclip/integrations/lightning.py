@@ -137,8 +137,11 @@ class FusedGradientClipping(Callback):
             return False
         saved = {name: plugin.__dict__[name] for name in _REPLACED if name in plugin.__dict__}
         setattr(plugin, _SAVED_ATTR, saved)
-        for name in _REPLACED:
-            setattr(plugin, name, types.MethodType(getattr(self, f"_{name}"), plugin))
+        replacements = {"clip_gradients": self._clip_gradients,
+                        "clip_grad_by_norm": self._clip_grad_by_norm,
+                        "clip_grad_by_value": self._clip_grad_by_value}
+        for name, method in replacements.items():
+            setattr(plugin, name, types.MethodType(method, plugin))
         return True
 
     def uninstall(self, plugin: Precision) -> None:
