@@ -105,7 +105,7 @@ columns:
 
 output: the table is printed last; with --out DIR (default ./gradclip-bench) also
   bench.json (every number, the environment, the skipped backends and why), bench.md
-  (the table, and torch's baseline in docs/performance.md's layout) and bench.png (% of floor
+  (the table, and torch's baseline with docs/performance.md's columns) and bench.png (% of floor
   per workload, mode and backend; times on the CPU) and bench-eager.png (eager times, log scale).
 
 examples:

@@ -174,7 +174,7 @@ def _terminal_line(mode: str, backend: str, by_method: dict, methods: list[str])
     return line + tag + (f"  {errors[0][:60]}" if errors else "")
 
 
-# docs/performance.md's baseline columns: (header, mode, method).
+# The columns of torch's baseline in bench.md: (header, mode, method).
 _BASELINE = (
     ("torch clip, graph", "clip", "graph"),
     ("torch clip when no clip needed, graph", "no-clip", "graph"),
@@ -221,7 +221,7 @@ def markdown(result: dict) -> str:
                     cells += [f"{r['median_us']:.1f}", _fmt(r.get("gbs"), ".0f", ""),
                               _fmt(r.get("pct_floor"), ".1f", ""), _fmt(r.get("speedup"), ".2f", "")]
             out.append(f"| {entry['title']} | {entry['dtype']} | {mode} | {backend} | " + " | ".join(cells) + " |")
-    out += ["", "## torch baseline (docs/performance.md's columns)", ""]
+    out += ["", "## torch baseline (docs/performance.md's columns, and no-clip graph and AMP eager)", ""]
     out.append("| workload (shapes) | tensors | params | floor 1 read | floor 3 passes | "
                + " | ".join(h for h, _, _ in _BASELINE) + " |")
     out.append("|" + "---|" * (5 + len(_BASELINE)))
