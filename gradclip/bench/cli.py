@@ -426,7 +426,8 @@ def check_summary(checks: list[dict]) -> str:
     failed = [r for r in checks if not r["ok"]]
     lines = [f"checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
              + ("" if checks else ": FAIL, nothing was checked (no gradclip backend could run here)")]
-    lines += [f"  FAIL {r['workload']} {r['dtype']} {r['backend']} {r['check']}: {r['detail']}" for r in failed]
+    lines += [f"  FAIL {r['workload']} {r['dtype']} {r['backend']} {r['check']}: {r['detail']}"
+              for r in failed]
     return "\n".join(lines)
 
 

@@ -5,9 +5,9 @@
 the CPU), in one run, on one thread, on the same gradients: ``no-clip`` (norm 0.5,
 ``max_norm`` 1: nothing to clip) and ``clip`` (norm 4: every call scales). The two are timed
 call by call in turn (torch, gradclip, gradclip, torch, ...), so that load from other work on
-the machine falls on both alike; each figure is the median of its samples. The targets are issue 9 item 7's: gradclip's time at most
-0.6x torch's when there is nothing to clip (one read against torch's three passes) and at most
-1.1x when clipping.
+the machine falls on both alike; each figure is the median of its samples. The targets are
+issue 9 item 7's: gradclip's time at most 0.6x torch's when there is nothing to clip (one read
+against torch's three passes) and at most 1.1x when clipping.
 """
 
 from __future__ import annotations

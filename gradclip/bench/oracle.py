@@ -38,7 +38,9 @@ def expected_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
         found_inf = found_inf or not bool(torch.isfinite(wide).all())
         has_nan = has_nan or bool(wide.isnan().any())
         norms.append(float(torch.linalg.vector_norm(wide * scale, norm_type)))
-    norm = float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), norm_type)) if norms else 0.0
+    norm = 0.0
+    if norms:
+        norm = float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), norm_type))
     if has_nan:
         norm = math.nan
     coef = max_norm * (1.0 / (norm + EPS))  # torch's order: reciprocal, then multiply

@@ -324,7 +324,8 @@ def _gradclip_backend(name: str, device: torch.device) -> Backend:
     if not status.available:
         return Backend(name, kind, None, skipped=status.reason)
     if device.type == "cpu" and name != "reference":
-        return Backend(name, kind, None, skipped="CPU run: the bench runs the fused backends on CUDA devices only")
+        return Backend(name, kind, None,
+                       skipped="CPU run: the bench runs the fused backends on CUDA devices only")
     started = time.perf_counter()
     try:
         dispatch.resolve(name, device)
