@@ -148,11 +148,10 @@ class Backend:
 
 
 def group_by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
-    """The tensors split by dtype, each group in input order (foreach ops take one dtype)."""
-    groups: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    return groups
+    """The tensors (of one device) split by dtype, each group in input order (foreach ops
+    take one dtype). torch's C++ grouping: a Python loop costs ~1 us per tensor."""
+    groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    return {dtype: group for (_, dtype), ([group], _) in groups.items()}
 
 
 def stats_dtype(tensors: list[Tensor]) -> torch.dtype:

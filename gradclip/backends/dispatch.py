@@ -152,10 +152,13 @@ def _split(tensors: list[Tensor], what: str) -> dict[_Part, list[Tensor]]:
     torch's C++ grouping (the one torch's own clipping uses) keeps this cheap for thousands
     of tensors.
     """
-    if not all(isinstance(t, Tensor) for t in tensors):
+    try:
+        groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+    except (TypeError, RuntimeError):  # a non-tensor, or None
+        groups = None
+    if groups is None or sum(len(g) for (g,), _ in groups.values()) != len(tensors):
         bad = next(t for t in tensors if not isinstance(t, Tensor))
         raise TypeError(f"{what} must be tensors, got {type(bad).__name__}")
-    groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)
     parts: dict[_Part, list[Tensor]] = {}
     for (device, dtype), ([group], _) in groups.items():
         if dtype not in SUPPORTED_DTYPES and dtype not in COMPLEX_DTYPES:

@@ -26,9 +26,10 @@ import math
 import torch
 from torch import Tensor
 
-from .base import COMPLEX_DTYPES, Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
+from .base import Backend, BackendStatus, clip_coefficient, group_by_dtype
 
 _ACCUMULATE_IN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_WIDE = {torch.float64, torch.complex128}
 _UNSCALE_BATCH_ELEMENTS = 1 << 24  # bounds the temporaries of the AMP norm (64 MiB in float32)
 
 
@@ -37,25 +38,35 @@ def _decides_on_host(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _per_tensor_norms(tensors: list[Tensor], norm_type: float, dtype: torch.dtype,
+Groups = dict  # dtype -> tensors of that dtype, from group_by_dtype
+
+
+def _per_tensor_norms(groups: Groups, norm_type: float, dtype: torch.dtype, device: torch.device,
                       inv_scale: Tensor | None = None) -> Tensor:
-    """Norms of each non-empty tensor (times ``inv_scale``) as one ``dtype`` vector, each
-    reduced in float32 (float64 for float64 inputs; complex tensors in their real
-    precision). Empty tensors add nothing to any norm, and torch's inf norm refuses them;
-    the leading zero keeps the vector non-empty."""
-    norms: list[Tensor] = [torch.zeros((), dtype=dtype, device=tensors[0].device)]
-    nonempty = [t for t in tensors if t.numel() > 0]
-    for dtype_in, group in group_by_dtype(nonempty).items():
+    """Norms of each tensor (times ``inv_scale``) as one ``dtype`` vector, each reduced in
+    float32 (float64 for float64 inputs; complex tensors in their real precision). Empty
+    tensors add nothing to any norm, and torch's inf norm refuses them; the leading zero
+    keeps the vector non-empty."""
+    parts = [torch.zeros(1, dtype=dtype, device=device)]
+    for dtype_in, group in groups.items():
+        if math.isinf(norm_type):
+            group = [t for t in group if t.numel() > 0]
+            if not group:
+                continue
         accumulate = _ACCUMULATE_IN.get(dtype_in)
         if inv_scale is None:
-            norms.extend(torch._foreach_norm(group, norm_type, dtype=accumulate))
-            continue
-        for batch in _bounded_batches(group):
-            if accumulate is not None:
-                batch = [t.to(accumulate) for t in batch]
-            scaled = torch._foreach_mul(batch, inv_scale.to(batch[0].dtype))
-            norms.extend(torch._foreach_norm(scaled, norm_type))
-    return torch.stack([n.to(dtype) for n in norms])
+            norms = torch._foreach_norm(group, norm_type, dtype=accumulate)
+        else:
+            norms = []
+            for batch in _bounded_batches(group):
+                if accumulate is not None:
+                    batch = [t.to(accumulate) for t in batch]
+                norms.extend(torch._foreach_norm(torch._foreach_mul(batch, inv_scale.to(batch[0].dtype)),
+                                                 norm_type))
+        # One stack per dtype group (its norms share a dtype), one cast: per-norm casts
+        # cost more than the norms of small tensors.
+        parts.append(torch.stack(norms).to(dtype))
+    return torch.cat(parts)
 
 
 def _bounded_batches(tensors: list[Tensor]):
@@ -72,13 +83,14 @@ def _bounded_batches(tensors: list[Tensor]):
         yield batch
 
 
-def _nan_and_inf_flags(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _nan_and_inf_flags(groups: Groups, dtype: torch.dtype,
+                       device: torch.device) -> tuple[Tensor, Tensor]:
     """Whether any element is NaN, and whether any is inf: NaN survives a sum, inf a max.
 
     A norm alone cannot tell: finite values can overflow a sum of squares to inf.
     """
-    sums = _per_tensor_norms(tensors, 1.0, dtype).sum()
-    maxima = _per_tensor_norms(tensors, math.inf, dtype).amax()
+    sums = _per_tensor_norms(groups, 1.0, dtype, device).sum()
+    maxima = _per_tensor_norms(groups, math.inf, dtype, device).amax()
     return sums.isnan(), maxima.isinf()
 
 
@@ -92,16 +104,17 @@ class ReferenceBackend(Backend):
         return True
 
     def norm_stats(self, tensors, norm_type, max_norm, inv_scale=None):
-        dtype = stats_dtype(tensors)
+        groups = group_by_dtype(tensors)
+        dtype = torch.float64 if groups.keys() & _WIDE else torch.float32  # base.stats_dtype
         device = tensors[0].device
         if inv_scale is not None:
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
-        norms = _per_tensor_norms(tensors, norm_type, dtype, inv_scale)
+        norms = _per_tensor_norms(groups, norm_type, dtype, device, inv_scale)
         norm = torch.linalg.vector_norm(norms, norm_type)
         if _decides_on_host(device) and bool(norm.isfinite()):
             found_inf = torch.zeros((), dtype=dtype)
         else:
-            has_nan, has_inf = _nan_and_inf_flags(tensors, dtype)
+            has_nan, has_inf = _nan_and_inf_flags(groups, dtype, device)
             # Not every max reduction propagates NaN; the contract says it must.
             norm = torch.where(has_nan, math.nan, norm)
             found_inf = (has_nan | has_inf).to(dtype)
