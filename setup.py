@@ -1,16 +1,20 @@
 """Build script.
 
-A plain ``pip install -e .`` (or ``pip install .``) compiles nothing and needs no GPU: the
+A plain ``pip install .`` (or ``pip install -e .``) compiles nothing and needs no GPU: the
 CUDA extension is JIT-built on first use and cached (``python -m gradclip build`` does it
-ahead of the first run). Wheels carry the C++/CUDA sources (``csrc/`` is copied into the
-package as ``gradclip/csrc``) so that an installed gradclip can JIT-build too.
+ahead of the first run). The sdist carries ``csrc/`` (MANIFEST.in) and wheels carry a copy
+of it as ``gradclip/csrc``, so that an installed gradclip can JIT-build too.
 
-``GRADCLIP_BUILD_CUDA=1 pip install --no-build-isolation -e .`` builds the extension ahead
-of time as ``gradclip._C`` (needs torch installed, nvcc and the CUDA toolkit, no GPU; the
-GPU architectures are ``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs', else sm_80 and
-sm_90).
+``GRADCLIP_BUILD_CUDA=1 pip wheel --no-build-isolation .`` (or ``pip install``) builds the
+extension ahead of time as ``gradclip._C`` against the torch installed here (needs nvcc and
+the CUDA toolkit, no GPU; the GPU architectures are ``$TORCH_CUDA_ARCH_LIST``, else the
+visible GPUs', else sm_80 and sm_90). An extension loads only with the torch it was built
+against, so such a wheel requires exactly that torch version. Without
+``--no-build-isolation``, pip builds against the newest torch it can install.
 """
 
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
@@ -22,6 +26,10 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 SOURCE_SUFFIXES = {".cpp", ".cu", ".h", ".cuh"}
+TORCH = "torch>=2.13"
+DEPENDENCIES = ["triton>=3.0; platform_system == 'Linux'", "ninja"]
+# Commands that would build the extension (the others, egg_info and sdist, never do).
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
 
 
 def csrc_files() -> list[Path]:
@@ -68,11 +76,20 @@ def cuda_extension():
     return extension, BuildExtension
 
 
-ext_modules = []
-cmdclass = {"build_py": BuildPyWithSources}
+options = {"cmdclass": {"build_py": BuildPyWithSources}, "install_requires": [TORCH] + DEPENDENCIES}
 if os.environ.get("GRADCLIP_BUILD_CUDA", "0") == "1":
-    extension, build_ext = cuda_extension()
-    ext_modules.append(extension)
-    cmdclass["build_ext"] = build_ext
+    if importlib.util.find_spec("torch") is not None:
+        extension, build_ext = cuda_extension()
+        options["ext_modules"] = [extension]
+        options["cmdclass"]["build_ext"] = build_ext
+        options["install_requires"] = [f"torch=={importlib.metadata.version('torch')}"] + DEPENDENCIES
+    elif BUILD_COMMANDS.intersection(sys.argv[1:]):
+        raise SystemExit("GRADCLIP_BUILD_CUDA=1 builds the extension against the installed torch, "
+                         "and there is none: install torch first, or build with pip (`pip wheel "
+                         "--no-build-isolation .` uses this environment's torch)")
+    else:
+        # pip's isolated build environment: setuptools hands setup_requires to pip as build
+        # requirements; pip installs torch there and runs this script again to build.
+        options["setup_requires"] = ["torch"]
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(**options)

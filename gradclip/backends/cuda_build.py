@@ -6,7 +6,8 @@ The extension is looked for in this order:
    --no-build-isolation -e .``), unless ``GRADCLIP_CUDA_JIT=1``;
 2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja): compiled on first use
    (a minute or two), cached under ``$TORCH_EXTENSIONS_DIR`` (default
-   ``~/.cache/torch_extensions``) and rebuilt only when a source or flag changes.
+   ``~/.cache/torch_extensions``), one build per torch version, and rebuilt only when a
+   source or flag changes.
 
 A JIT build that has to compile says so first, with a :class:`JitBuildWarning` naming the
 ways to build ahead of time.
@@ -25,6 +26,7 @@ import glob
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import threading
@@ -38,7 +40,10 @@ import torch
 
 from .base import BackendUnavailableError
 
-JIT_NAME = "gradclip_cuda"
+# An extension loads only with the torch it was compiled against, and ninja cannot tell
+# when torch changes (its dependency files leave out system headers): one name, hence one
+# cache folder, per torch version.
+JIT_NAME = "gradclip_cuda_torch" + re.sub(r"\W", "_", torch.__version__)
 PREBUILT_NAME = "gradclip._C"
 SOURCES = ("gradclip.cpp", "python.cpp", "kernels.cu")
 HEADERS = ("kernels.h", "device_helpers.cuh", "ops.h")
@@ -188,15 +193,15 @@ def jit_cache_dir() -> Path | None:
 
 
 def jit_build_is_cached(folder: Path) -> bool:
-    """Whether the JIT cache holds a build newer than the sources in ``folder`` and than
-    this torch, so that loading takes seconds. For the message only: ninja decides."""
+    """Whether the JIT cache holds a build newer than the sources in ``folder`` (the cache
+    folder is this torch version's), so that loading takes seconds. For the message only:
+    ninja decides."""
     cache = jit_cache_dir()
     library = cache / f"{JIT_NAME}.so" if cache is not None else None
     if library is None or not library.is_file():
         return False
-    inputs = [folder / name for name in SOURCES + HEADERS] + [Path(torch.__file__).parent / "version.py"]
     built = library.stat().st_mtime
-    return all(path.stat().st_mtime <= built for path in inputs if path.is_file())
+    return all((folder / name).stat().st_mtime <= built for name in SOURCES + HEADERS)
 
 
 def _jit_build(verbose: bool, announce: bool = True) -> ModuleType:
