@@ -84,9 +84,8 @@ def _zero_norm() -> Tensor:
 
 
 def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
-               params: list[Tensor] | None = None, inv_scale: Tensor | None = None,
-               found_inf: Tensor | None = None, error_if_nonfinite: bool = False,
-               backend: str = "auto") -> Tensor:
+               inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
+               error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor:
     """The one global-norm clip behind :func:`clip_grad_norm_` and ``ClippedOptimizer``.
 
     Scales ``grads`` (non-empty) in place by ``stats[COEF]`` and returns ``stats``
@@ -94,8 +93,7 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
     the norm is of the unscaled grads, the factor unscales too, and nothing is written
     when an inf/NaN is found. ``found_inf``: a flag already known (the scaler unscaled);
     nothing is written when it is set. ``max_norm=inf`` only measures (and unscales).
-    ``params``: the grads' parameters, for a backend's fast path that finds the grads in
-    C++. ``error_if_nonfinite`` reads the norm on the host and raises before any write.
+    ``error_if_nonfinite`` reads the norm on the host and raises before any write.
     """
     only_measures = math.isinf(max_norm) and inv_scale is None
     if error_if_nonfinite or only_measures or found_inf is not None:
@@ -108,11 +106,26 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
                 skip = found_inf_of(stats)
             dispatch.scale_(grads, coef_of(stats), skip, backend)
         return stats
-    if params is not None and inv_scale is None:
-        stats = dispatch.clip_parameters_(params, norm_type, max_norm, None, backend)
+    return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
+
+
+def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: float, *,
+                          error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor | None:
+    """:func:`clip_norm_` over the ``.grad`` of ``parameters``; ``None`` if none has one.
+
+    A backend's fast path finds the grads in C++ (it declines, with ``None``, what it
+    cannot take); it does not read the norm on the host, so ``error_if_nonfinite`` goes
+    the general way.
+    """
+    if not error_if_nonfinite:
+        stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
         if stats is not None:
             return stats
-    return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
+    grads = _grads(parameters)
+    if not grads:
+        return None
+    return clip_norm_(grads, norm_type, max_norm, error_if_nonfinite=error_if_nonfinite,
+                      backend=backend)
 
 
 def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
@@ -217,16 +230,9 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
     max_norm = check_max_norm(max_norm)
     norm_type = check_norm_type(norm_type)
     with torch.no_grad():
-        if not error_if_nonfinite:
-            # The fast path finds the grads in C++; it declines (None) what it cannot take.
-            stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
-            if stats is not None:
-                return stats[NORM]
-        grads = _grads(parameters)
-        if not grads:
-            return _zero_norm()
-        return clip_norm_(grads, norm_type, max_norm, error_if_nonfinite=error_if_nonfinite,
-                          backend=backend)[NORM]
+        stats = clip_parameters_norm_(parameters, norm_type, max_norm,
+                                      error_if_nonfinite=error_if_nonfinite, backend=backend)
+    return _zero_norm() if stats is None else stats[NORM]
 
 
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,

@@ -37,11 +37,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import dispatch
-from .backends.base import COEF, EPS, FOUND_INF, NORM, stats_dtype
-from .functional import check_max_norm, check_norm_type, clip_norm_
+from .backends.base import COEF, FOUND_INF, NORM, stats_dtype
+from .functional import check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_
+from .step_state import COUNTER_NAMES, StepState
 
 _STATE_KEY = "gradclip"
-_COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps")
 _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -159,19 +159,16 @@ class ClippedOptimizer(Optimizer):
                             "norm_type instead of wrapping it twice")
         dispatch.requested_backend(backend)
         self.optimizer = optimizer
+        # What a step updates lives on the device (see gradclip.step_state).
+        self._step_state = StepState(self._first_param_device(), self._norm_dtype(),
+                                     _check_positive_max_norm(max_norm))
         self.max_norm = max_norm
         self.norm_type = norm_type
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.backend = backend
         self._folds_scale = _takes_folded_scale(optimizer)
-        # What a step updates lives in device tensors allocated once and updated in place:
-        # no host synchronisation, and torch.compile keeps the updates (it drops attribute
-        # writes on optimizers).
-        device = self._first_param_device()
-        self._counters = torch.zeros(len(_COUNTER_NAMES), dtype=torch.int64, device=device)
-        self._last_norm = torch.zeros((), dtype=self._norm_dtype(), device=device)
-        self._pending = torch.zeros(2, dtype=torch.int64, device=device)  # a closure's evaluations
-        self._in_closure = False
+        self._params_key: tuple = ()
+        self._flat_params: list[Tensor] = []
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         # Optimizer.__init__ is not called (it would build param_groups of our own): this
@@ -218,6 +215,7 @@ class ClippedOptimizer(Optimizer):
     @max_norm.setter
     def max_norm(self, value: float) -> None:
         self._max_norm = _check_positive_max_norm(value)
+        self._step_state.set_max_norm(self._max_norm)
 
     @property
     def norm_type(self) -> float:
@@ -250,11 +248,10 @@ class ClippedOptimizer(Optimizer):
             if request is not None:
                 raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
             return self._step_with_closure(closure)
-        grads = self._grads()
         if request is not None:
-            return self._scaled_step(grads, request)
+            return self._scaled_step(self._grads(), request)
         with torch.no_grad():
-            self._clip(grads)
+            self._clip()
         return self.optimizer.step()
 
     @property
@@ -262,7 +259,7 @@ class ClippedOptimizer(Optimizer):
         """The pre-clip norm of the unscaled gradients at the last step: a 0-d tensor on the
         first parameter's device, updated in place (0 before the first step, and after a
         step without gradients, as torch's norm of nothing)."""
-        return self._last_norm
+        return self._step_state.last_norm
 
     def stats(self) -> dict[str, int]:
         """The counters as ints, read with one host synchronisation.
@@ -273,12 +270,12 @@ class ClippedOptimizer(Optimizer):
         and a non-fused inner optimizer, torch skips inf/NaN steps without calling
         ``step()``; those are not counted (``gradclip.GradScaler`` counts them).
         """
-        return dict(zip(_COUNTER_NAMES, self._counters.tolist()))
+        return self._step_state.stats()
 
     @property
     def counters(self) -> Tensor:
         """``[steps, clipped_steps, nonfinite_steps]``, an int64 device tensor (no sync)."""
-        return self._counters
+        return self._step_state.counters
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, plus the wrapper's settings and counters
@@ -290,8 +287,7 @@ class ClippedOptimizer(Optimizer):
             "max_norm": self._max_norm,
             "norm_type": self._norm_type,
             "error_if_nonfinite": self.error_if_nonfinite,
-            "counters": self._counters.clone(),
-            "last_norm": self._last_norm.clone(),
+            **self._step_state.state_dict(),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -313,19 +309,18 @@ class ClippedOptimizer(Optimizer):
             self.max_norm = own["max_norm"]
             self.norm_type = own["norm_type"]
             self.error_if_nonfinite = bool(own["error_if_nonfinite"])
-            self._counters.copy_(torch.as_tensor(own["counters"], dtype=torch.int64))
-            last = own.get("last_norm")
-            self._last_norm.copy_(0.0 if last is None else last)
+            self._step_state.load_state_dict(own)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         keep = ("optimizer", "_max_norm", "_norm_type", "error_if_nonfinite", "backend",
-                "_folds_scale", "_counters", "_last_norm", "_pending", "_in_closure")
+                "_folds_scale", "_step_state")
         return {key: self.__dict__[key] for key in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._params_key, self._flat_params = (), []
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
         self._patch_step_function()
@@ -348,10 +343,17 @@ class ClippedOptimizer(Optimizer):
         return stats_dtype(params)
 
     def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        """All parameters, as one list rebuilt only when the groups change (a step would
+        otherwise build it anew for thousands of parameters)."""
+        groups = self.optimizer.param_groups
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        if key != self._params_key:
+            self._flat_params = [p for g in groups for p in g["params"]]
+            self._params_key = key
+        return self._flat_params
 
     def _grads(self) -> list[Tensor]:
-        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [p.grad for p in self._params() if p.grad is not None]
 
     def _scaler_request(self) -> ScalerRequest | None:
         """The AMP information for this step, from gradclip.GradScaler or torch's protocol."""
@@ -364,14 +366,12 @@ class ClippedOptimizer(Optimizer):
             return ScalerRequest(self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
         return None
 
-    def _clip(self, grads: list[Tensor]) -> None:
-        """Clip gradients that are not scaled (no AMP, or after the scaler unscaled them)."""
-        if not grads:
-            self._record(None)
-            return
-        stats = clip_norm_(grads, self._norm_type, self._max_norm, params=self._params(),
-                           error_if_nonfinite=self.error_if_nonfinite, backend=self.backend)
-        self._record(stats[NORM])
+    def _clip(self) -> None:
+        """Clip gradients that are not scaled (no AMP)."""
+        stats = clip_parameters_norm_(self._params(), self._norm_type, self._max_norm,
+                                      error_if_nonfinite=self.error_if_nonfinite,
+                                      backend=self.backend)
+        self._record(None if stats is None else stats[NORM])
 
     def _scaled_step(self, grads: list[Tensor], request: ScalerRequest):
         """One AMP step: unscale (unless done), clip, and skip the step on inf/NaN."""
@@ -433,37 +433,18 @@ class ClippedOptimizer(Optimizer):
         def clipped_closure():
             loss = closure()
             with torch.no_grad():
-                self._clip(self._grads())
+                self._clip()
             return loss
 
-        self._pending.zero_()
-        self._in_closure = True
+        self._step_state.begin_closure()
         try:
             result = self.optimizer.step(clipped_closure)
         finally:
-            self._in_closure = False
-        self._counters[1:].add_(self._pending)
-        self._counters[0].add_(1)
+            self._step_state.end_closure()
         return result
 
-    @torch.no_grad()
     def _record(self, norm: Tensor | None) -> None:
-        """Keep the norm (0 for a step without gradients, torch's norm of nothing) and
-        count the step on the device: clipped (finite norm above max_norm), non-finite."""
-        state = self._last_norm
-        if norm is None:
-            state.zero_()
-            flags = torch.zeros(2, dtype=torch.int64, device=state.device)
-        else:
-            state.copy_(norm)
-            finite = state.isfinite()
-            over = torch.reciprocal(state + EPS) * self._max_norm < 1
-            flags = torch.stack((finite & over, ~finite))
-        if self._in_closure:
-            torch.maximum(self._pending, flags, out=self._pending)
-        else:
-            self._counters[1:].add_(flags)
-            self._counters[0].add_(1)
+        self._step_state.record(norm)
 
 
 __all__ = ["ClippedOptimizer"]

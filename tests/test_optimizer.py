@@ -19,6 +19,8 @@ import torch
 from conftest import gpu, on_device
 
 import gradclip
+from gradclip.backends import dispatch
+from gradclip.backends.base import clip_coefficient
 
 # ---------------------------------------------------------------------------------------
 # The harness: a two-layer model in two parameter groups, fresh random data, and the two
@@ -708,3 +710,50 @@ def test_documented_example_runs(code):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(compile(code, "<example>", "exec"), {"__name__": "__example__"})
     assert "stats" not in code or "steps" in out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# What a step costs besides the clip itself
+# ---------------------------------------------------------------------------------------
+
+
+class _NoStep(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
+def test_a_step_adds_a_handful_of_small_ops_to_the_clip(monkeypatch):
+    """Besides the backend's clip, a step records its norm and counts itself with a fixed
+    handful of small ops (the profiler counts them): no list building on the device, no
+    clip coefficient recomputed from the norm."""
+    from torch.profiler import profile
+
+    params = [torch.nn.Parameter(torch.randn(10)) for _ in range(50)]
+    for p in params:
+        p.grad = torch.randn(10)
+    stats = torch.tensor([3.0, 1 / 3.0, 0.0])
+    monkeypatch.setattr(dispatch, "clip_parameters_", lambda *args: stats)  # the clip: no ops
+    opt = gradclip.ClippedOptimizer(_NoStep(params), max_norm=1.0)
+    opt.step()
+    with profile() as prof:
+        opt.step()
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    assert len(ops) <= 8, ops
+    assert opt.stats() == {"steps": 2, "clipped_steps": 2, "nonfinite_steps": 0}
+    assert opt.last_norm.item() == 3.0
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.3, 2.5e-3, 1e4])
+def test_clipped_steps_are_exactly_those_the_rescale_changed(max_norm):
+    """The counter's threshold is the largest norm whose coefficient is exactly 1."""
+    from gradclip.step_state import largest_unclipped_norm
+
+    for dtype in (torch.float32, torch.float64):
+        bound = torch.tensor(largest_unclipped_norm(max_norm, dtype), dtype=dtype)
+        above = torch.nextafter(bound, torch.tensor(math.inf, dtype=dtype))
+        assert clip_coefficient(bound, max_norm).item() == 1.0
+        assert clip_coefficient(above, max_norm).item() < 1.0

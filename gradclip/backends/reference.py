@@ -16,7 +16,9 @@ CPU, so it moves no more bytes than it must there:
 Under AMP the norm is of the unscaled gradients, unscaled before the power is taken (a
 scale of 2**16 would otherwise overflow an 8-norm of ordinary gradients): in batches of
 bounded size, each tensor is multiplied by ``inv_scale`` into a temporary, in float32 for
-16-bit tensors, as torch's ``unscale_`` would for float32 ones, and its norm taken.
+16-bit tensors, as torch's ``unscale_`` would for float32 ones, and its norm taken. On
+the CPU that costs temporaries only when the cheaper ``|inv_scale| * norm(scaled)`` is
+not finite (see ``_total_norm``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,24 @@ def _nan_and_inf_flags(groups: Groups, dtype: torch.dtype,
     return sums.isnan(), maxima.isinf()
 
 
+def _total_norm(groups: Groups, norm_type: float, dtype: torch.dtype, device: torch.device,
+                inv_scale: Tensor | None) -> Tensor:
+    """The norm of all tensors, of the unscaled values when ``inv_scale`` is given.
+
+    On the CPU the unscaled norm is first taken as ``|inv_scale| * norm(scaled)``, which
+    needs no temporaries and, for the power-of-two scales of a GradScaler, is bitwise what
+    unscaling first gives; only when that is not finite (an overflow of the scaled power
+    sum, or a real inf/NaN) is it redone unscaling first.
+    """
+    if inv_scale is not None and _decides_on_host(device):
+        norms = _per_tensor_norms(groups, norm_type, dtype, device)
+        norm = torch.linalg.vector_norm(norms, norm_type) * inv_scale.abs()
+        if bool(norm.isfinite()):
+            return norm
+    norms = _per_tensor_norms(groups, norm_type, dtype, device, inv_scale)
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
@@ -109,8 +129,7 @@ class ReferenceBackend(Backend):
         device = tensors[0].device
         if inv_scale is not None:
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
-        norms = _per_tensor_norms(groups, norm_type, dtype, device, inv_scale)
-        norm = torch.linalg.vector_norm(norms, norm_type)
+        norm = _total_norm(groups, norm_type, dtype, device, inv_scale)
         if _decides_on_host(device) and bool(norm.isfinite()):
             found_inf = torch.zeros((), dtype=dtype)
         else:
