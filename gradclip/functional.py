@@ -83,7 +83,7 @@ def _zero_norm() -> Tensor:
     return torch.tensor(0.0)
 
 
-def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
+def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, *,
                inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
                error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor:
     """The one global-norm clip behind :func:`clip_grad_norm_` and ``ClippedOptimizer``.
@@ -93,8 +93,14 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
     the norm is of the unscaled grads, the factor unscales too, and nothing is written
     when an inf/NaN is found. ``found_inf``: a flag already known (the scaler unscaled);
     nothing is written when it is set. ``max_norm=inf`` only measures (and unscales).
+    ``max_norm`` may be a one-element device tensor (a threshold a rule keeps on the
+    device, such as ZClip's): the coefficient is then computed on the device between the
+    norm pass and the rescale, with no host synchronisation.
     ``error_if_nonfinite`` reads the norm on the host and raises before any write.
     """
+    if isinstance(max_norm, Tensor):
+        return _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
+                                          error_if_nonfinite, backend)
     only_measures = math.isinf(max_norm) and inv_scale is None
     if error_if_nonfinite or only_measures or found_inf is not None:
         stats = dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
@@ -109,7 +115,22 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float, *,
     return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
 
 
-def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: float, *,
+def _clip_to_device_threshold_(grads, norm_type, max_norm: Tensor, inv_scale, found_inf,
+                               error_if_nonfinite, backend) -> Tensor:
+    stats = dispatch.norm_stats(grads, norm_type, math.inf, inv_scale, backend)
+    norm = stats[NORM]
+    if error_if_nonfinite:
+        _raise_if_nonfinite(norm, norm_type)
+    threshold = max_norm.reshape(()).to(device=norm.device, dtype=norm.dtype)
+    coef = clip_coefficient(norm, threshold, None if inv_scale is None
+                            else inv_scale.to(norm.device).reshape(()))
+    stats = torch.stack([norm, coef.to(norm.dtype), stats[2]])
+    skip = found_inf if found_inf is not None else (None if inv_scale is None else found_inf_of(stats))
+    dispatch.scale_(grads, coef_of(stats), skip, backend)
+    return stats
+
+
+def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: float | Tensor, *,
                           error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor | None:
     """:func:`clip_norm_` over the ``.grad`` of ``parameters``; ``None`` if none has one.
 
@@ -117,7 +138,7 @@ def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: 
     cannot take); it does not read the norm on the host, so ``error_if_nonfinite`` goes
     the general way.
     """
-    if not error_if_nonfinite:
+    if not error_if_nonfinite and not isinstance(max_norm, Tensor):
         stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
         if stats is not None:
             return stats

@@ -272,3 +272,19 @@ def test_sizes_past_one_chunk_and_odd_tails(backend_device, gen):
     for mix in ("fp32", "bf16", "mixed"):
         tensors = _tensors(gen, device, DTYPE_MIXES[mix], shapes)
         assert_stats_match(_backend(name, device).norm_stats(tensors, 2.0, 1.0), tensors, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, 8.0, math.inf])
+@pytest.mark.parametrize("log2_scale", [0, 8, 16, 24])
+def test_amp_norm_is_of_the_unscaled_values_whatever_the_scale(backend_device, gen, norm_type,
+                                                               log2_scale):
+    """The norm under AMP is the unscaled gradients' norm: a large scale must not overflow
+    the power sum (2**16 and an 8-norm overflowed float32 when scaled after the power)."""
+    name, device = backend_device
+    scale = 2.0 ** log2_scale
+    unscaled = _tensors(gen, device, [torch.float32, torch.bfloat16], scale=3.0)
+    scaled = [(t.double() * scale).to(t.dtype) for t in unscaled]
+    inv_scale = torch.tensor([1.0 / scale], device=scaled[0].device)
+    stats = _backend(name, device).norm_stats(scaled, norm_type, 5.0, inv_scale)
+    assert_stats_match(stats, scaled, norm_type, 5.0, 1.0 / scale)
+    assert math.isfinite(stats[NORM].item()) and stats[FOUND_INF].item() == 0.0

@@ -376,3 +376,23 @@ def test_complex_gradients_are_refused_by_fused_backends_and_clamp(gen):
         gradclip.clip_grad_norm_([p], 1.0, backend="triton")
     with pytest.raises(TypeError, match="complex"):
         gradclip.clip_grad_value_([p], 1.0)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "amp"])
+def test_a_device_threshold_clips_like_the_same_float(backend_device, gen, amp):
+    """The internal clip takes a threshold kept on the device (adaptive rules) and gives
+    what the same float threshold gives."""
+    from gradclip.functional import clip_norm_
+
+    backend, device = backend_device
+    dev = on_device(device)
+    ours = _params(gen, device, [torch.float32, torch.bfloat16], scale=3.0)
+    theirs = _twin(ours)
+    inv_scale = torch.tensor([0.5], device=dev) if amp else None
+    grads = [p.grad for p in ours if p.grad is not None]
+    stats = clip_norm_(grads, 2.0, torch.tensor(0.7, device=dev), inv_scale=inv_scale,
+                       backend=backend)
+    expected = clip_norm_([p.grad for p in theirs if p.grad is not None], 2.0, 0.7,
+                          inv_scale=inv_scale, backend=backend)
+    torch.testing.assert_close(stats, expected, rtol=1e-6, atol=0)
+    _assert_grads_close(ours, theirs, rtol=1e-6)
