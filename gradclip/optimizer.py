@@ -399,7 +399,7 @@ class ClippedOptimizer(Optimizer):
 
     # Traced by torch.compile, the attributes set on the inner optimizer would not reach
     # its fused step: this runs eagerly (that step is one fused kernel already).
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def _folded_step(self, grads: list[Tensor], request: ScalerRequest):
         """One read: the norm of the unscaled grads and the inf flag. The fused step divides
         the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips the update where
