@@ -1,7 +1,7 @@
 """``ClippedOptimizer``: any ``torch.optim`` optimizer, with global-norm clipping in ``step()``.
 
-What one ``step()`` moves over the gradient bytes B (fused backends; the ``torch``
-backend adds the extra passes described in :mod:`gradclip.backends.reference`):
+What one ``step()`` moves over the gradient bytes B (fused backends; the ``reference``
+backend's passes are described in :mod:`gradclip.backends.reference`):
 
 =====================================================  ==========================================
 path                                                   passes
