@@ -10,18 +10,24 @@ Drop-in functions (``clip_grad_norm_``, ``get_total_norm``, ``clip_grads_with_no
 from .backends import BackendStatus, BackendUnavailableError, available_backends
 from .functional import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .optimizer import ClippedOptimizer
+from .per_tensor import AGC, PerTensor, adaptive_clip_grad_, clip_grad_norm_per_tensor_, tensor_norms
 from .amp import GradScaler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
     "BackendStatus",
     "BackendUnavailableError",
     "ClippedOptimizer",
     "GradScaler",
+    "PerTensor",
+    "adaptive_clip_grad_",
     "available_backends",
     "clip_grad_norm_",
+    "clip_grad_norm_per_tensor_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "tensor_norms",
 ]

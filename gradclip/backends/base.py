@@ -32,6 +32,30 @@ and float64, and provides two ops:
     Clamps every tensor in place to ``[-clip_value, clip_value]``. The base class does it
     with torch's foreach ops; a backend may override it with a one-pass kernel.
 
+Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them; docs/design.md §4):
+
+``norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale) -> (stats, norms)``
+    ``norm_stats`` and, from the same read, ``norms``: a 1-d tensor of ``len(tensors)``
+    elements (stats' dtype, in input order), the p-norm of each tensor (times
+    ``inv_scale``), 0 for an empty tensor, NaN for one holding a NaN.
+
+``scale_per_tensor_(tensors, coefs) -> None``
+    Multiplies ``tensors[i]`` in place by ``coefs[i]`` (a 1-d device tensor); a tensor
+    whose factor is exactly 1 is not touched (fused backends do not even read it).
+
+``clip_per_tensor_(tensors, norm_type, max_norm) -> norms``
+    Clips every tensor to its own norm: ``tensors[i] *= min(1, max_norm / (norms[i] + 1e-6))``
+    with torch's rounding; returns the pre-clip ``norms``.
+
+``agc_(params, grads, clip_factor, eps, norm_type) -> norm``
+    Adaptive gradient clipping, unit-wise (a unit is the whole tensor for ``ndim <= 1``,
+    else one slice ``[i]`` along the first dim): where ``‖g_u‖ >= max(‖w_u‖, eps) *
+    clip_factor`` the unit's gradient is scaled by ``max / max(‖g_u‖, 1e-6)``; other units
+    are not written. Norms are accumulated in float32 (float64 for float64 tensors). Returns
+    the 0-d norm of all gradients before clipping (the norm of the units' norms).
+
+A backend that has no kernel of its own for these gets the reference backend's.
+
 Neither op synchronises with the host. ``clip_grads_`` composes the two. A backend may
 also offer ``clip_parameters_``, which takes the parameters themselves and finds their
 ``.grad`` without a Python loop (the per-tensor Python work dominates eager calls with
@@ -41,6 +65,7 @@ caller then goes the general way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +161,30 @@ class Backend:
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)
 
+    # -- per-tensor and unit-wise ops: the reference backend's unless overridden ---------
+
+    def norm_stats_per_tensor(
+        self,
+        tensors: list[Tensor],
+        norm_type: float,
+        max_norm: float,
+        inv_scale: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        return _reference().norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
+
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+        _reference().scale_per_tensor_(tensors, coefs)
+
+    def clip_per_tensor_(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
+        """Per-tensor norms, then each tensor scaled by its own factor; returns the norms."""
+        _, norms = self.norm_stats_per_tensor(tensors, norm_type, math.inf)
+        self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm))
+        return norms
+
+    def agc_(self, params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
+             norm_type: float) -> Tensor:
+        return _reference().agc_(params, grads, clip_factor, eps, norm_type)
+
     def clip_parameters_(
         self,
         params: list[Tensor],
@@ -170,3 +219,14 @@ def clip_coefficient(norm: Tensor, max_norm: float, inv_scale: Tensor | None = N
     if inv_scale is not None:
         coef = coef * inv_scale.to(coef.dtype)
     return coef
+
+
+def _reference() -> Backend:
+    from .reference import ReferenceBackend  # imports this module: import on first use
+    global _REFERENCE
+    if _REFERENCE is None:
+        _REFERENCE = ReferenceBackend()
+    return _REFERENCE
+
+
+_REFERENCE: Backend | None = None

@@ -152,20 +152,28 @@ def _split(tensors: list[Tensor], what: str) -> dict[_Part, list[Tensor]]:
     torch's C++ grouping (the one torch's own clipping uses) keeps this cheap for thousands
     of tensors.
     """
+    return {part: group for part, (group, _) in _split_indexed(tensors, what, False).items()}
+
+
+def _split_indexed(tensors: list[Tensor], what: str,
+                   with_indices: bool = True) -> dict[_Part, tuple[list[Tensor], list[int]]]:
+    """:func:`_split`, each part with the input positions of its tensors."""
     try:
-        groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)
+        groups = torch._C._group_tensors_by_device_and_dtype([tensors], with_indices)
     except (TypeError, RuntimeError):  # a non-tensor, or None
         groups = None
     if groups is None or sum(len(g) for (g,), _ in groups.values()) != len(tensors):
         bad = next(t for t in tensors if not isinstance(t, Tensor))
         raise TypeError(f"{what} must be tensors, got {type(bad).__name__}")
-    parts: dict[_Part, list[Tensor]] = {}
-    for (device, dtype), ([group], _) in groups.items():
+    parts: dict[_Part, tuple[list[Tensor], list[int]]] = {}
+    for (device, dtype), ([group], indices) in groups.items():
         if dtype not in SUPPORTED_DTYPES and dtype not in COMPLEX_DTYPES:
             raise TypeError(f"{what} of dtype {dtype} are not supported; gradclip clips "
                             "float16, bfloat16, float32 and float64 tensors (and complex "
                             "ones on the reference backend).")
-        parts.setdefault((device, dtype in COMPLEX_DTYPES), []).extend(group)
+        members, positions = parts.setdefault((device, dtype in COMPLEX_DTYPES), ([], []))
+        members.extend(group)
+        positions.extend(indices or ())
     strided = torch.strided
     if not all(t.layout is strided for t in tensors):
         layout = next(t.layout for t in tensors if t.layout is not strided)
@@ -280,6 +288,99 @@ def clip_parameters_(params: list, norm_type: float, max_norm: float,
     return resolve(backend, params[0].device).clip_parameters_(params, norm_type, max_norm, inv_scale)
 
 
+# -- per-tensor and unit-wise ops (gradclip/per_tensor.py) -------------------------------
+
+def norm_stats_per_tensor(tensors: list[Tensor], norm_type: float, max_norm: float,
+                          inv_scale: Tensor | None = None,
+                          backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(stats, norms)``: :func:`norm_stats` and each tensor's norm, in input order, from
+    the same read (see ``Backend.norm_stats_per_tensor``). With several devices both live
+    on the first tensor's device."""
+    whole = _taken_whole(tensors, backend)
+    if whole is not None:
+        return whole.norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
+    parts = _split_indexed(tensors, "tensors")
+    if len(parts) == 1:
+        (part, (group, positions)), = parts.items()
+        stats, norms = _resolve_part(backend, part).norm_stats_per_tensor(
+            group, norm_type, max_norm, inv_scale)
+        return stats, _in_input_order([(norms, positions)], len(tensors))
+    first = tensors[0].device
+    results = [(_resolve_part(backend, part).norm_stats_per_tensor(
+                    group, norm_type, math.inf, None if inv_scale is None else inv_scale.to(part[0])),
+                positions) for part, (group, positions) in parts.items()]
+    dtype = stats_dtype([stats for (stats, _), _ in results])
+    norms = _in_input_order([(n.to(device=first, dtype=dtype), p) for (_, n), p in results],
+                            len(tensors))
+    stats = torch.stack([s.to(device=first, dtype=dtype) for (s, _), _ in results])
+    norm = torch.linalg.vector_norm(stats[:, NORM], norm_type)
+    norm = torch.where(stats[:, NORM].isnan().any(), math.nan, norm)
+    inv = None if inv_scale is None else inv_scale.to(device=first, dtype=dtype).reshape(())
+    stats = torch.stack([norm, clip_coefficient(norm, max_norm, inv), stats[:, FOUND_INF].amax()])
+    return stats, norms
+
+
+def _in_input_order(pieces: list[tuple[Tensor, list[int]]], count: int) -> Tensor:
+    """One vector from per-part vectors and the input positions of their elements."""
+    if len(pieces) == 1 and pieces[0][1] == list(range(count)):
+        return pieces[0][0]
+    first = pieces[0][0]
+    dtype = stats_dtype([values for values, _ in pieces])
+    out = torch.empty(count, dtype=dtype, device=first.device)
+    for values, positions in pieces:
+        out[torch.tensor(positions, device=first.device)] = values.to(device=first.device, dtype=dtype)
+    return out
+
+
+def tensor_norms(tensors: list[Tensor], norm_type: float, backend: str = "auto") -> Tensor:
+    """The norm of each tensor, in input order (the ``norms`` of :func:`norm_stats_per_tensor`)."""
+    return norm_stats_per_tensor(tensors, norm_type, math.inf, None, backend)[1]
+
+
+def clip_per_tensor_(grads: list[Tensor], norm_type: float, max_norm: float,
+                     backend: str = "auto") -> Tensor:
+    """Clip each gradient to its own norm (``Backend.clip_per_tensor_``); returns the norms."""
+    whole = _taken_whole(grads, backend)
+    if whole is not None:
+        return whole.clip_per_tensor_(grads, norm_type, max_norm)
+    pieces = [(_resolve_part(backend, part).clip_per_tensor_(group, norm_type, max_norm), positions)
+              for part, (group, positions) in _split_indexed(grads, "gradients").items()]
+    return _in_input_order(pieces, len(grads))
+
+
+def scale_per_tensor_(tensors: list[Tensor], coefs: Tensor, backend: str = "auto") -> None:
+    """Multiply ``tensors[i]`` by ``coefs[i]`` in place, skipping factors of exactly 1."""
+    whole = _taken_whole(tensors, backend)
+    if whole is not None:
+        whole.scale_per_tensor_(tensors, coefs.to(tensors[0].device))
+        return
+    for part, (group, positions) in _split_indexed(tensors, "tensors").items():
+        part_coefs = coefs.to(part[0])[torch.tensor(positions, device=part[0])]
+        _resolve_part(backend, part).scale_per_tensor_(group, part_coefs)
+
+
+def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
+         norm_type: float, backend: str = "auto") -> Tensor:
+    """Adaptive gradient clipping (``Backend.agc_``) of ``grads[i]`` against ``params[i]``;
+    returns the norm of all gradients before clipping, on the first gradient's device."""
+    for w, g in zip(params, grads):
+        if w.shape != g.shape or w.device != g.device:
+            raise ValueError(f"a gradient of shape {tuple(g.shape)} on {g.device} does not match "
+                             f"its parameter of shape {tuple(w.shape)} on {w.device}")
+    whole = _taken_whole(grads, backend)
+    if whole is not None and whole.accepts(params):
+        return whole.agc_(params, grads, clip_factor, eps, norm_type)
+    first = grads[0].device
+    norms = []
+    for part, (group, positions) in _split_indexed(grads, "gradients").items():
+        weights = [params[i] for i in positions]
+        norms.append(_resolve_part(backend, part).agc_(weights, group, clip_factor, eps, norm_type))
+    dtype = stats_dtype(norms)
+    return torch.linalg.vector_norm(torch.stack([n.to(device=first, dtype=dtype) for n in norms]),
+                                    norm_type)
+
+
 __all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "available_backends",
-           "clamp_", "clip_grads_", "clip_parameters_", "get_backend", "norm_stats",
-           "requested_backend", "resolve", "scale_"]
+           "agc_", "clamp_", "clip_grads_", "clip_parameters_", "clip_per_tensor_", "get_backend",
+           "norm_stats", "norm_stats_per_tensor", "requested_backend", "resolve", "scale_",
+           "scale_per_tensor_", "tensor_norms"]

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Backend, BackendStatus, clip_coefficient, group_by_dtype
+from .base import EPS, Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
 
 _ACCUMULATE_IN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _WIDE = {torch.float64, torch.complex128}
@@ -55,20 +55,44 @@ def _per_tensor_norms(groups: Groups, norm_type: float, dtype: torch.dtype, devi
             group = [t for t in group if t.numel() > 0]
             if not group:
                 continue
-        accumulate = _ACCUMULATE_IN.get(dtype_in)
-        if inv_scale is None:
-            norms = torch._foreach_norm(group, norm_type, dtype=accumulate)
-        else:
-            norms = []
-            for batch in _bounded_batches(group):
-                if accumulate is not None:
-                    batch = [t.to(accumulate) for t in batch]
-                norms.extend(torch._foreach_norm(torch._foreach_mul(batch, inv_scale.to(batch[0].dtype)),
-                                                 norm_type))
         # One stack per dtype group (its norms share a dtype), one cast: per-norm casts
         # cost more than the norms of small tensors.
-        parts.append(torch.stack(norms).to(dtype))
+        parts.append(torch.stack(_group_norms(dtype_in, group, norm_type, inv_scale)).to(dtype))
     return torch.cat(parts)
+
+
+def _group_norms(dtype_in: torch.dtype, group: list[Tensor], norm_type: float,
+                 inv_scale: Tensor | None) -> list[Tensor]:
+    """The norm of each tensor of one dtype group (none empty for the inf norm)."""
+    accumulate = _ACCUMULATE_IN.get(dtype_in)
+    if inv_scale is None:
+        return list(torch._foreach_norm(group, norm_type, dtype=accumulate))
+    norms = []
+    for batch in _bounded_batches(group):
+        if accumulate is not None:
+            batch = [t.to(accumulate) for t in batch]
+        norms.extend(torch._foreach_norm(torch._foreach_mul(batch, inv_scale.to(batch[0].dtype)),
+                                         norm_type))
+    return norms
+
+
+def tensor_norms_in_order(tensors: list[Tensor], norm_type: float, dtype: torch.dtype,
+                          inv_scale: Tensor | None = None) -> Tensor:
+    """The norm of each tensor (times ``inv_scale``), in input order, as one ``dtype``
+    vector on the first tensor's device; 0 for empty tensors. All on one device."""
+    device = tensors[0].device
+    out = torch.zeros(len(tensors), dtype=dtype, device=device)
+    groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+    for (_, dtype_in), ([group], indices) in groups.items():
+        if math.isinf(norm_type):
+            # torch's inf norm refuses empty tensors; their norm is the 0 already there.
+            kept = [(t, i) for t, i in zip(group, indices) if t.numel() > 0]
+            if not kept:
+                continue
+            group, indices = [t for t, _ in kept], [i for _, i in kept]
+        norms = torch.stack(_group_norms(dtype_in, group, norm_type, inv_scale)).to(dtype)
+        out[torch.tensor(indices, device=device)] = norms
+    return out
 
 
 def _bounded_batches(tensors: list[Tensor]):
@@ -114,6 +138,52 @@ def _total_norm(groups: Groups, norm_type: float, dtype: torch.dtype, device: to
     return torch.linalg.vector_norm(norms, norm_type)
 
 
+def _stats_of(norm: Tensor, groups: Groups, max_norm: float, inv_scale: Tensor | None,
+              dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``stats`` from the total norm: the inf/NaN flag costs passes only when the norm
+    may hide one (always off the CPU, where the host cannot look)."""
+    if _decides_on_host(device) and bool(norm.isfinite()):
+        found_inf = torch.zeros((), dtype=dtype)
+    else:
+        has_nan, has_inf = _nan_and_inf_flags(groups, dtype, device)
+        # Not every max reduction propagates NaN; the contract says it must.
+        norm = torch.where(has_nan, math.nan, norm)
+        found_inf = (has_nan | has_inf).to(dtype)
+    coef = clip_coefficient(norm, max_norm, inv_scale)
+    return torch.stack([norm, coef, found_inf])
+
+
+def unit_norms(t: Tensor, norm_type: float) -> Tensor:
+    """AGC's unit-wise norms: of the whole tensor for ``ndim <= 1`` (shape ``(1,)``), else of
+    each slice along the first dim (shape ``(t.shape[0],)``); float32 accumulation (float64
+    for float64), 0 for empty units."""
+    rows = t.reshape(1, -1) if t.ndim <= 1 else t.reshape(t.shape[0], -1)
+    accumulate = _ACCUMULATE_IN.get(t.dtype)
+    if rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=accumulate or t.dtype, device=t.device)
+    return torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=accumulate)
+
+
+def agc_coefficients(param_norms: Tensor, grad_norms: Tensor, clip_factor: float, eps: float) -> Tensor:
+    """AGC's factor per unit: 1 below ``max(param_norm, eps) * clip_factor``, else
+    ``max / max(grad_norm, 1e-6)`` (timm's rule; a NaN norm gives NaN, as there)."""
+    limit = torch.clamp(param_norms, min=eps) * clip_factor
+    scaled = limit / torch.clamp(grad_norms, min=EPS)
+    return torch.where(grad_norms < limit, torch.ones_like(scaled), scaled)
+
+
+def _agc_tensor_(w: Tensor, g: Tensor, clip_factor: float, eps: float, norm_type: float) -> Tensor:
+    """AGC of one tensor in place; returns its grad's unit norms (before clipping)."""
+    grad_norms = unit_norms(g, norm_type)
+    coefs = agc_coefficients(unit_norms(w, norm_type).to(grad_norms.dtype), grad_norms,
+                             clip_factor, eps)
+    if _decides_on_host(g.device) and not bool((coefs != 1.0).any()):
+        return grad_norms
+    # In the factor's precision, rounded once to the gradient's dtype.
+    g.mul_(coefs.reshape((-1,) + (1,) * (g.ndim - 1)) if g.ndim > 1 else coefs.reshape(()))
+    return grad_norms
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
@@ -130,15 +200,37 @@ class ReferenceBackend(Backend):
         if inv_scale is not None:
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
         norm = _total_norm(groups, norm_type, dtype, device, inv_scale)
-        if _decides_on_host(device) and bool(norm.isfinite()):
-            found_inf = torch.zeros((), dtype=dtype)
-        else:
-            has_nan, has_inf = _nan_and_inf_flags(groups, dtype, device)
-            # Not every max reduction propagates NaN; the contract says it must.
-            norm = torch.where(has_nan, math.nan, norm)
-            found_inf = (has_nan | has_inf).to(dtype)
-        coef = clip_coefficient(norm, max_norm, inv_scale)
-        return torch.stack([norm, coef, found_inf])
+        return _stats_of(norm, groups, max_norm, inv_scale, dtype, device)
+
+    def norm_stats_per_tensor(self, tensors, norm_type, max_norm, inv_scale=None):
+        dtype, device = stats_dtype(tensors), tensors[0].device
+        if inv_scale is not None:
+            inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
+        norms = tensor_norms_in_order(tensors, norm_type, dtype, inv_scale)
+        norm = torch.linalg.vector_norm(norms, norm_type)
+        stats = _stats_of(norm, group_by_dtype(tensors), max_norm, inv_scale, dtype, device)
+        return stats, norms
+
+    def scale_per_tensor_(self, tensors, coefs):
+        coefs = coefs.reshape(-1)
+        if coefs.numel() != len(tensors):
+            raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), "
+                             f"got {coefs.numel()}")
+        if _decides_on_host(coefs.device):
+            keep = [c != 1.0 for c in coefs.tolist()]
+            tensors = [t for t, k in zip(tensors, keep) if k]
+            coefs = coefs[torch.tensor(keep, dtype=torch.bool)]
+            if not tensors:
+                return
+        groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+        for ([group], indices) in groups.values():
+            torch._foreach_mul_(group, list(coefs[torch.tensor(indices, device=coefs.device)].unbind()))
+
+    def agc_(self, params, grads, clip_factor, eps, norm_type):
+        dtype = stats_dtype(grads)
+        unit_norms = [_agc_tensor_(w, g, clip_factor, eps, norm_type) for w, g in zip(params, grads)]
+        return torch.linalg.vector_norm(torch.cat([n.to(dtype) for n in unit_norms]), norm_type)
+
 
     def scale_(self, tensors, scale, found_inf=None):
         factor = scale.reshape(())
