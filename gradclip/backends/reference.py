@@ -157,7 +157,7 @@ def unit_norms(t: Tensor, norm_type: float) -> Tensor:
     """AGC's unit-wise norms: of the whole tensor for ``ndim <= 1`` (shape ``(1,)``), else of
     each slice along the first dim (shape ``(t.shape[0],)``); float32 accumulation (float64
     for float64), 0 for empty units."""
-    rows = t.reshape(1, -1) if t.ndim <= 1 else t.reshape(t.shape[0], -1)
+    rows = t.reshape(1, -1) if t.ndim <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
     accumulate = _ACCUMULATE_IN.get(t.dtype)
     if rows.shape[1] == 0:
         return torch.zeros(rows.shape[0], dtype=accumulate or t.dtype, device=t.device)

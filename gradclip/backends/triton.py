@@ -60,6 +60,10 @@ _ELEMENT_SIZES = tuple(dtype.itemsize for dtype, _ in sorted(DTYPE_CODES.items()
 # norm kinds and pointwise ops as in triton_kernels (NORM_2.., SCALE, CLAMP)
 _NORM_2, _NORM_1, _NORM_INF, _NORM_P = 0, 1, 2, 3
 _SCALE, _CLAMP = 0, 1
+# segment_kernel modes as in triton_kernels (NORMS, CLIP, AGC)
+_SEGMENT_NORMS, _SEGMENT_CLIP, _SEGMENT_AGC = 0, 1, 2
+_SEGMENT_BLOCK = 128         # units per segment_kernel program
+_INTERPRETER_SEGMENT_BLOCK = 16
 # The interpreter runs kernels in Python over shared state: one launch at a time.
 _INTERPRETER_LOCK = threading.Lock()
 _MAX_CACHED_TABLES = 8
@@ -154,7 +158,35 @@ class _Table:
     acc_dtype: torch.dtype
     norm_programs: int
     scale_programs: int
+    numels: tuple = ()           # per tensor, for the per-tensor segments
+    chunk: int = 0               # elements per full chunk
     held: bool = False           # used in a graph capture: never freed
+    segments: Tensor | None = None  # int64 device: owner (n_chunks + 1), starts (tensors + 1)
+    segments_source: array | None = None
+
+
+@dataclass
+class _AgcTable:
+    """AGC's table: each chunk a piece of one unit (a row, or a tensor of ndim <= 1)."""
+
+    source: array                # host: gbases, wbases, packed, owner (n + 1 each), starts
+    dev: Tensor                  # int64 device copy
+    n_chunks: int
+    n_units: int
+    present: dict
+    acc_dtype: torch.dtype
+    block: int
+    programs: int
+    held: bool = False
+
+    def part(self, index: int) -> Tensor:
+        """gbases, wbases, packed, owner (index 0..3): each n_chunks + 1 entries."""
+        n = self.n_chunks + 1
+        return self.dev[index * n:(index + 1) * n]
+
+    @property
+    def starts(self) -> Tensor:
+        return self.dev[4 * (self.n_chunks + 1):]
 
 
 @dataclass
@@ -163,6 +195,7 @@ class _State:
 
     config: TritonConfig | None
     tables: OrderedDict = field(default_factory=OrderedDict)
+    agc_tables: OrderedDict = field(default_factory=OrderedDict)
     held: list = field(default_factory=list)
     sms: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -286,21 +319,254 @@ class TritonBackend(Backend):
                             clamp_bits=_float_bits(float(clip_value)))
         torch.autograd.graph.increment_version(tensors)
 
-    # -- launches -----------------------------------------------------------------------
+    # -- per-tensor and unit-wise ops ---------------------------------------------------
+    # Per tensor: the norm pass with per-chunk partials, segment_kernel (norms, factors),
+    # unit_scale_kernel (only the chunks whose factor is not 1). AGC: agc_norm_kernel
+    # (weights and gradients, one read each), segment_kernel, unit_scale_kernel.
 
-    def _norm(self, table: _Table, device, norm_type, max_norm, inv_scale) -> Tensor:
+    def norm_stats_per_tensor(self, tensors, norm_type, max_norm, inv_scale=None):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.norm_stats_per_tensor(
+                tensors, float(norm_type), float(max_norm), inv_scale)
+        table = self._table(tensors)
+        if table is None:
+            return self._fallback.norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
+        device = tensors[0].device
+        with _launching():
+            stats, norms, _ = self._per_tensor(table, device, norm_type, max_norm, inv_scale,
+                                               _SEGMENT_NORMS)
+        return stats, norms
+
+    def scale_per_tensor_(self, tensors, coefs):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.scale_per_tensor_(tensors, coefs)
+        table = self._table(tensors)
+        if table is None:
+            return self._fallback.scale_per_tensor_(tensors, coefs)
+        device = tensors[0].device
+        coefs = coefs.reshape(-1)
+        if coefs.numel() != len(tensors):
+            raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), "
+                             f"got {coefs.numel()}")
+        with _launching():
+            self._scale_units(table, device, coefs.to(device=device, dtype=table.acc_dtype))
+        torch.autograd.graph.increment_version(tensors)
+
+    def clip_per_tensor_(self, tensors, norm_type, max_norm):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.clip_per_tensor_(tensors, float(norm_type),
+                                                              float(max_norm))
+        table = self._table(tensors)
+        if table is None:
+            return self._fallback.clip_per_tensor_(tensors, norm_type, max_norm)
+        device = tensors[0].device
+        with _launching():
+            _, norms, coefs = self._per_tensor(table, device, norm_type, max_norm, None,
+                                               _SEGMENT_CLIP)
+            self._scale_units(table, device, coefs)
+        torch.autograd.graph.increment_version(tensors)
+        return norms
+
+    def agc_(self, params, grads, clip_factor, eps, norm_type):
+        if torch.compiler.is_compiling():
+            return torch.ops.gradclip_triton.agc_(params, grads, float(clip_factor), float(eps),
+                                                  float(norm_type))
+        table = self._agc_table(params, grads)
+        if table is None:
+            return self._fallback.agc_(params, grads, clip_factor, eps, norm_type)
+        device = grads[0].device
+        with _launching():
+            unit_norms = self._agc(table, device, float(clip_factor), float(eps), norm_type)
+        torch.autograd.graph.increment_version(grads)
+        return torch.linalg.vector_norm(unit_norms, norm_type)
+
+    def _per_tensor(self, table: _Table, device, norm_type, max_norm, inv_scale, mode):
+        """(stats, norms, factors): one norm pass writing per-chunk partials, then the
+        per-tensor reduce; ``factors`` is None unless ``mode`` is CLIP."""
+        segments = self._segments(table, device)
+        chunk_out = torch.empty(max(table.n_chunks, 1), dtype=table.acc_dtype, device=device)
+        stats = self._norm(table, device, norm_type, max_norm, inv_scale, chunk_out)
+        n_tensors = len(table.numels)
+        norms = torch.empty(n_tensors, dtype=table.acc_dtype, device=device)
+        coefs = torch.empty_like(norms) if mode == _SEGMENT_CLIP else None
+        scale = None if inv_scale is None else _one_element(inv_scale, device, "inv_scale")
+        self._reduce_units(device, segments[table.n_chunks + 1:], n_tensors, chunk_out, chunk_out,
+                           norms, coefs, scale, table.acc_dtype, norm_type, mode,
+                           max_norm=float(max_norm))
+        return stats, norms, coefs
+
+    def _reduce_units(self, device, starts, n_units, parts, wparts, norms, coefs, scale, acc_dtype,
+                      norm_type, mode, max_norm=math.inf, factor=0.0, eps=0.0) -> None:
         kernels = _load_kernels()
         import triton.language as tl
 
-        norm_type = float(norm_type)
-        if norm_type == 2.0:
-            kind = _NORM_2
-        elif norm_type == 1.0:
-            kind = _NORM_1
-        elif math.isinf(norm_type):
-            kind = _NORM_INF
-        else:
-            kind = _NORM_P
+        kind = _norm_kind(norm_type)
+        block = _INTERPRETER_SEGMENT_BLOCK if device.type == "cpu" else _SEGMENT_BLOCK
+        with _on_device(device):
+            kernels.segment_kernel[(-(-n_units // block),)](
+                starts, n_units, parts, wparts, norms, norms if coefs is None else coefs,
+                norms if scale is None else scale, _float_bits(max_norm), _p_bits(norm_type, kind),
+                _float_bits(factor), _float_bits(eps),
+                ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, NORM_KIND=kind,
+                HAS_SCALE=scale is not None, MODE=mode, BLOCK_U=block)
+
+    def _scale_units(self, table: _Table, device, coefs: Tensor) -> None:
+        segments = self._segments(table, device)
+        n = table.n_chunks
+        self._launch_unit_scale(device, table.dev[1:n + 2], table.dev[n + 2:2 * n + 3],
+                                segments[:n + 1], n, coefs, 3, table.present,
+                                table.scale_programs)
+
+    def _launch_unit_scale(self, device, bases, packs, owner, n_chunks, coefs, len_shift, present,
+                           programs) -> None:
+        if n_chunks == 0:
+            return
+        kernels = _load_kernels()
+        config = self._config(device)
+        with _on_device(device):
+            kernels.unit_scale_kernel[(programs,)](
+                bases, packs, owner, n_chunks, coefs, LEN_SHIFT=len_shift, **present,
+                BLOCK=config.scale_block, EXACT_BF16=device.type == "cpu",
+                num_warps=config.scale_num_warps)
+
+    def _segments(self, table: _Table, device) -> Tensor:
+        """The table's owner and starts vectors, built on first use (device-resident)."""
+        if table.segments is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "gradclip triton backend: the per-tensor index of this gradient list is new "
+                    "during CUDA graph capture and cannot be uploaded inside a capture. Call the "
+                    "per-tensor op once eagerly before capturing.")
+            owner, starts = array("q"), array("q", [0])
+            for index, numel in enumerate(table.numels):
+                count = -(-numel // table.chunk)
+                owner.extend(repeat(index, count))
+                starts.append(starts[-1] + count)
+            owner.append(0)  # padding, as the table's
+            owner.extend(starts)
+            host = torch.frombuffer(owner, dtype=torch.int64)
+            segments = torch.empty(host.numel(), dtype=torch.int64, device=device)
+            segments.copy_(host, non_blocking=True)
+            table.segments_source, table.segments = owner, segments
+        return table.segments
+
+    def _agc(self, table: _AgcTable, device, clip_factor: float, eps: float, norm_type) -> Tensor:
+        """AGC in three launches; returns the gradients' unit norms (before clipping)."""
+        kernels = _load_kernels()
+        import triton.language as tl
+
+        kind = _norm_kind(norm_type)
+        acc = tl.float64 if table.acc_dtype == torch.float64 else tl.float32
+        n = max(table.n_chunks, 1)
+        parts = torch.empty(2 * n, dtype=table.acc_dtype, device=device)
+        gparts, wparts = parts[:n], parts[n:]
+        config = self._config(device)
+        if table.n_chunks:
+            with _on_device(device):
+                kernels.agc_norm_kernel[(table.programs,)](
+                    table.part(0), table.part(1), table.part(2), table.n_chunks, gparts, wparts,
+                    _p_bits(norm_type, kind), ACC=acc, NORM_KIND=kind, **table.present,
+                    BLOCK=table.block, num_warps=config.num_warps)
+        norms = torch.empty(table.n_units, dtype=table.acc_dtype, device=device)
+        coefs = torch.empty_like(norms)
+        if table.n_units:
+            self._reduce_units(device, table.starts, table.n_units, gparts, wparts, norms, coefs,
+                               None, table.acc_dtype, norm_type, _SEGMENT_AGC, factor=clip_factor,
+                               eps=eps)
+        self._launch_unit_scale(device, table.part(0), table.part(2), table.part(3),
+                                table.n_chunks, coefs, 6, table.present, table.programs)
+        return norms
+
+    def _agc_table(self, params: list[Tensor], grads: list[Tensor]) -> _AgcTable | None:
+        """The cached AGC table of (params, grads); None if a tensor is not contiguous."""
+        if not grads:
+            raise ValueError("the triton backend needs at least one tensor")
+        if not (all(map(_is_contiguous, grads)) and all(map(_is_contiguous, params))):
+            return None  # rows of a non-contiguous tensor are not consecutive memory
+        device = grads[0].device
+        key = (device, tuple(map(_data_ptr, grads)), tuple(map(_data_ptr, params)),
+               tuple(tuple(g.shape) for g in grads), tuple(map(_dtype_of, grads)),
+               tuple(map(_dtype_of, params)))
+        state = self._state
+        with state.lock:
+            table = state.agc_tables.get(key)
+            if table is None:
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        "gradclip triton backend: this parameter list is new during CUDA graph "
+                        "capture; call adaptive_clip_grad_ once eagerly before capturing.")
+                table = state.agc_tables[key] = self._build_agc(device, key)
+                while len(state.agc_tables) > _MAX_CACHED_TABLES:
+                    _, old = state.agc_tables.popitem(last=False)
+                    if old.held:
+                        state.held.append(old)
+            else:
+                state.agc_tables.move_to_end(key)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                table.held = True
+        return table
+
+    def _build_agc(self, device, key) -> _AgcTable:
+        _, gptrs, wptrs, shapes, gdtypes, wdtypes = key
+        config = self._config(device)
+        chunk = config.max_chunk
+        gbases, wbases, packed, owner, starts = (array("q") for _ in range(5))
+        starts.append(0)
+        unit = longest = 0
+        for gptr, wptr, shape, gdtype, wdtype in zip(gptrs, wptrs, shapes, gdtypes, wdtypes):
+            numel = math.prod(shape)
+            rows = shape[0] if len(shape) > 1 else 1
+            if rows == 0:
+                continue
+            width = numel // rows
+            gcode, wcode = DTYPE_CODES[gdtype], DTYPE_CODES[wdtype]
+            gsize, wsize = _ELEMENT_SIZES[gcode], _ELEMENT_SIZES[wcode]
+            codes = wcode * 8 + gcode
+            if width <= chunk:
+                # One chunk per row (none for empty rows, whose norm is 0): C-level extends.
+                count = rows if width else 0
+                gbases.extend(range(gptr, gptr + count * width * gsize, width * gsize or 1))
+                wbases.extend(range(wptr, wptr + count * width * wsize, width * wsize or 1))
+                packed.extend(repeat(width * 64 + codes, count))
+                owner.extend(range(unit, unit + count))
+                starts.extend(range(starts[-1] + 1, starts[-1] + 1 + rows) if width
+                              else repeat(starts[-1], rows))
+                longest = max(longest, width)
+            else:
+                longest = chunk
+                pieces = -(-width // chunk)
+                for row in range(rows):
+                    g0, w0 = gptr + row * width * gsize, wptr + row * width * wsize
+                    gbases.extend(range(g0, g0 + pieces * chunk * gsize, chunk * gsize))
+                    wbases.extend(range(w0, w0 + pieces * chunk * wsize, chunk * wsize))
+                    packed.extend(repeat(chunk * 64 + codes, pieces - 1))
+                    packed.append((width - (pieces - 1) * chunk) * 64 + codes)
+                    owner.extend(repeat(unit + row, pieces))
+                    starts.append(starts[-1] + pieces)
+            unit += rows
+        n_chunks = len(packed)
+        source = array("q")
+        for part in (gbases, wbases, packed, owner):
+            source.extend(part)
+            source.append(0)  # padding entry
+        source.extend(starts)
+        host = torch.frombuffer(source, dtype=torch.int64)
+        dev = torch.empty(host.numel(), dtype=torch.int64, device=device)
+        dev.copy_(host, non_blocking=True)
+        present = {f"HAS_{name}": dtype in gdtypes or dtype in wdtypes for name, dtype in _CODE_NAMES}
+        acc_dtype = torch.float64 if torch.float64 in gdtypes else torch.float32
+        block = max(16, min(config.block, triton_next_pow2(max(longest, 1))))
+        programs = max(1, min(self._grid_target(device, config.programs_per_sm), n_chunks))
+        return _AgcTable(source, dev, n_chunks, unit, present, acc_dtype, block, programs)
+
+    # -- launches -----------------------------------------------------------------------
+
+    def _norm(self, table: _Table, device, norm_type, max_norm, inv_scale,
+              chunk_out: Tensor | None = None) -> Tensor:
+        kernels = _load_kernels()
+        import triton.language as tl
+
+        kind = _norm_kind(norm_type)
         stats = torch.empty(3, dtype=table.acc_dtype, device=device)
         if inv_scale is not None:
             inv_scale = _one_element(inv_scale, device, "inv_scale")
@@ -311,10 +577,12 @@ class TritonBackend(Backend):
                 kernels.norm_kernel[(grid,)](
                     table.dev, table.n_chunks, table.partials, stats,
                     stats if inv_scale is None else inv_scale,
-                    _float_bits(float(max_norm)), _float_bits(norm_type) if kind == _NORM_P else 0,
+                    _float_bits(float(max_norm)), _p_bits(norm_type, kind),
+                    stats if chunk_out is None else chunk_out,
                     ACC=tl.float64 if table.acc_dtype == torch.float64 else tl.float32,
                     NORM_KIND=kind, HAS_SCALE=inv_scale is not None, **table.present,
-                    BLOCK=config.block, FIN_BLOCK=triton_next_pow2(grid), num_warps=config.num_warps)
+                    BLOCK=config.block, FIN_BLOCK=triton_next_pow2(grid), num_warps=config.num_warps,
+                    PER_CHUNK=chunk_out is not None)
         except BaseException:
             # Programs that ran took tickets the last one never returned: without this,
             # every later launch on this table would finalise early from stale partials.
@@ -420,7 +688,7 @@ class TritonBackend(Backend):
         partials = dev[host.numel():].view(acc_dtype)[:2 * norm_programs]
         present = {f"HAS_{name}": dtype in dtypes for name, dtype in _CODE_NAMES}
         return _Table(bases, host, dev, partials, n_chunks, present, acc_dtype, norm_programs,
-                      scale_programs)
+                      scale_programs, numels, chunk)
 
     def _grid_target(self, device, per_sm: int) -> int:
         config = self._state.config
@@ -442,7 +710,9 @@ class TritonBackend(Backend):
         state = self._state
         with state.lock:
             state.held.extend(t for t in state.tables.values() if t.held)
+            state.held.extend(t for t in state.agc_tables.values() if t.held)
             state.tables.clear()
+            state.agc_tables.clear()
             state.last_key = state.last_table = None
 
 
@@ -462,6 +732,21 @@ def _one_element(t: Tensor, device: torch.device, name: str) -> Tensor:
     if t.numel() != 1:
         raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
     return t if t.device == device else t.to(device)
+
+
+def _norm_kind(norm_type) -> int:
+    norm_type = float(norm_type)
+    if norm_type == 2.0:
+        return _NORM_2
+    if norm_type == 1.0:
+        return _NORM_1
+    if math.isinf(norm_type):
+        return _NORM_INF
+    return _NORM_P
+
+
+def _p_bits(norm_type, kind: int) -> int:
+    return _float_bits(float(norm_type)) if kind == _NORM_P else 0
 
 
 def triton_next_pow2(n: int) -> int:
@@ -540,3 +825,47 @@ def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
 @_clamp_op.register_fake
 def _clamp_fake(tensors, clip_value):
     return None
+
+
+
+@torch.library.custom_op("gradclip_triton::norm_stats_per_tensor", mutates_args=())
+def _norm_stats_per_tensor_op(tensors: list[Tensor], norm_type: float, max_norm: float,
+                              inv_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _OPS_BACKEND.norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
+
+
+@_norm_stats_per_tensor_op.register_fake
+def _norm_stats_per_tensor_fake(tensors, norm_type, max_norm, inv_scale):
+    dtype = stats_dtype(tensors)
+    return tensors[0].new_empty(3, dtype=dtype), tensors[0].new_empty(len(tensors), dtype=dtype)
+
+
+@torch.library.custom_op("gradclip_triton::scale_per_tensor_", mutates_args=("tensors",))
+def _scale_per_tensor_op(tensors: list[Tensor], coefs: Tensor) -> None:
+    _OPS_BACKEND.scale_per_tensor_(tensors, coefs)
+
+
+@_scale_per_tensor_op.register_fake
+def _scale_per_tensor_fake(tensors, coefs):
+    return None
+
+
+@torch.library.custom_op("gradclip_triton::clip_per_tensor_", mutates_args=("tensors",))
+def _clip_per_tensor_op(tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
+    return _OPS_BACKEND.clip_per_tensor_(tensors, norm_type, max_norm)
+
+
+@_clip_per_tensor_op.register_fake
+def _clip_per_tensor_fake(tensors, norm_type, max_norm):
+    return tensors[0].new_empty(len(tensors), dtype=stats_dtype(tensors))
+
+
+@torch.library.custom_op("gradclip_triton::agc_", mutates_args=("grads",))
+def _agc_op(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
+            norm_type: float) -> Tensor:
+    return _OPS_BACKEND.agc_(params, grads, clip_factor, eps, norm_type)
+
+
+@_agc_op.register_fake
+def _agc_fake(params, grads, clip_factor, eps, norm_type):
+    return grads[0].new_empty((), dtype=stats_dtype(grads))
