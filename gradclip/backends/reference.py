@@ -81,8 +81,12 @@ def tensor_norms_in_order(tensors: list[Tensor], norm_type: float, dtype: torch.
     """The norm of each tensor (times ``inv_scale``), in input order, as one ``dtype``
     vector on the first tensor's device; 0 for empty tensors. All on one device."""
     device = tensors[0].device
-    out = torch.zeros(len(tensors), dtype=dtype, device=device)
     groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+    if len(groups) == 1 and not (math.isinf(norm_type) and any(t.numel() == 0 for t in tensors)):
+        # One dtype: the group is the input, in order.
+        (_, dtype_in), = groups
+        return torch.stack(_group_norms(dtype_in, tensors, norm_type, inv_scale)).to(dtype)
+    out = torch.zeros(len(tensors), dtype=dtype, device=device)
     for (_, dtype_in), ([group], indices) in groups.items():
         if math.isinf(norm_type):
             # torch's inf norm refuses empty tensors; their norm is the 0 already there.
@@ -211,17 +215,26 @@ class ReferenceBackend(Backend):
         stats = _stats_of(norm, group_by_dtype(tensors), max_norm, inv_scale, dtype, device)
         return stats, norms
 
+    def clip_per_tensor_(self, tensors, norm_type, max_norm):
+        # The norms alone: the global stats would cost a reduction and a host read here.
+        norms = tensor_norms_in_order(tensors, norm_type, stats_dtype(tensors))
+        self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm))
+        return norms
+
     def scale_per_tensor_(self, tensors, coefs):
         coefs = coefs.reshape(-1)
         if coefs.numel() != len(tensors):
             raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), "
                              f"got {coefs.numel()}")
         if _decides_on_host(coefs.device):
-            keep = [c != 1.0 for c in coefs.tolist()]
-            tensors = [t for t, k in zip(tensors, keep) if k]
-            coefs = coefs[torch.tensor(keep, dtype=torch.bool)]
-            if not tensors:
+            # Python floats hold the factors exactly (float32 or float64 values).
+            kept = [(t, c) for t, c in zip(tensors, coefs.tolist()) if c != 1.0]
+            if not kept:
                 return
+            for ([group], indices) in torch._C._group_tensors_by_device_and_dtype(
+                    [[t for t, _ in kept]], True).values():
+                torch._foreach_mul_(group, [kept[i][1] for i in indices])
+            return
         groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
         for ([group], indices) in groups.values():
             torch._foreach_mul_(group, list(coefs[torch.tensor(indices, device=coefs.device)].unbind()))

@@ -20,6 +20,15 @@ Modes (the data is set up so each one does what its name says):
 - ``adamw-scaled``: the same step with ``grad_scale`` and ``found_inf`` set, as AMP hands
   them to a fused optimizer (it then also writes the unscaled gradients back).
 
+- ``per-tensor``: each gradient clipped to its own norm (``clip_grad_norm_per_tensor_``,
+  ``max_norm`` 1, gradients of global norm 0.5): nothing to clip. torch, which has no such
+  function: ``_foreach_norm``, the factors, ``_foreach_mul_``.
+- ``all-tensors``: the same with ``max_norm`` 0: every tensor is written (factor 0).
+- ``agc``: adaptive gradient clipping (``adaptive_clip_grad_``, clip_factor 0.01) with
+  weights of unit elements and gradients 1e-3 of them: nothing to clip. torch: timm's
+  ``adaptive_clip_grad`` (a row is skipped when timm is not installed).
+- ``agc-all``: the same with gradients as large as the weights: every unit is clipped.
+
 AMP modes run on float32 gradients only (AMP keeps float32 master gradients). ``torch``
 below is ``torch.nn.utils`` itself; gradclip's pure-torch backend is ``reference``.
 """
@@ -27,6 +36,7 @@ below is ``torch.nn.utils`` itself; gradclip's pure-torch backend is ``reference
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +61,8 @@ class Mode:
     methods: tuple[str, ...]
     floor_passes: tuple[int, int]   # (reads, read/writes) of the gradient bytes the ideal path needs
     torch_only: bool = False        # a baseline: torch's own step, no gradclip path
+    weighted: bool = False          # AGC: the weights hold unit normal values, and
+                                    # grad_norm is the gradients' scale relative to them
 
 
 MODES: dict[str, Mode] = {m.key: m for m in (
@@ -64,19 +76,31 @@ MODES: dict[str, Mode] = {m.key: m for m in (
     Mode("amp-adamw", 0.5, True, True, ("eager", "host"), (2, 3)),
     Mode("adamw", 0.5, False, False, ("eager", "host"), (1, 3), torch_only=True),
     Mode("adamw-scaled", 0.5, False, False, ("eager", "host"), (1, 3), torch_only=True),
+    Mode("per-tensor", 0.5, False, False, ("graph", "eager", "host"), (1, 0)),
+    Mode("all-tensors", 0.5, False, True, ("graph", "eager", "host"), (1, 1)),
+    # AGC's floor also reads the weights: counted as a second read of the gradient bytes.
+    Mode("agc", 1e-3, False, False, ("graph", "eager", "host"), (2, 0), weighted=True),
+    Mode("agc-all", 1.0, False, True, ("graph", "eager", "host"), (2, 1), weighted=True),
 )}
+# max_norm of the per-tensor modes; AGC's clip factor
+_PER_TENSOR_MAX_NORM = {"per-tensor": MAX_NORM, "all-tensors": 0.0}
+AGC_CLIP_FACTOR = 0.01
 
 # Passes each kind of path makes over the gradient bytes, by the pass model of
 # docs/performance.md: (reads, read/writes); None leaves GB/s blank. The keys of each kind
 # are the modes it has a path for. "fused" is gradclip's cuda and triton backends.
 _PASSES = {
     "torch": {"norm": (1, 0), "no-clip": (1, 1), "clip": (1, 1), "amp": (1, 2),
-              "amp-step": (1, 2), "amp-adamw": (2, 5), "adamw": (1, 3), "adamw-scaled": (0, 4)},
+              "amp-step": (1, 2), "amp-adamw": (2, 5), "adamw": (1, 3), "adamw-scaled": (0, 4),
+              # timm's AGC makes temporaries per tensor: no pass count is claimed
+              "per-tensor": (1, 1), "all-tensors": (1, 1), "agc": None, "agc-all": None},
     "fused": {"norm": (1, 0), "no-clip": (1, 0), "clip": (1, 1), "amp": (1, 1),
-              "amp-step": (1, 1), "amp-adamw": (2, 3)},
+              "amp-step": (1, 1), "amp-adamw": (2, 3),
+              "per-tensor": (1, 0), "all-tensors": (1, 1), "agc": (2, 0), "agc-all": (2, 1)},
     # gradclip's reference backend: its passes depend on the device and on the data (it is
     # being reworked, issue 9 item 7), so no count is claimed and GB/s stays blank.
-    "reference": dict.fromkeys(("norm", "no-clip", "clip", "amp", "amp-step", "amp-adamw")),
+    "reference": dict.fromkeys(("norm", "no-clip", "clip", "amp", "amp-step", "amp-adamw",
+                                "per-tensor", "all-tensors", "agc", "agc-all")),
     # apex / TransformerEngine as Megatron uses them: the host reads the factor and skips the
     # scale kernel when it is 1.
     "multi-tensor": {"norm": (1, 0), "no-clip": (1, 0), "clip": (1, 1), "amp": (1, 1)},
@@ -114,6 +138,10 @@ class Buffers:
     def load(self, mode: Mode) -> None:
         """Fill the gradients with the data ``mode`` is timed on (same seed every time)."""
         scale = LOSS_SCALE if mode.amp else 1.0
+        if mode.weighted:
+            unit = math.sqrt(self.workload.numel)  # the global norm of unit normal values
+            fill_grads_(self._params_flat, self.params, unit, self.seed + 1)
+            scale = unit
         fill_grads_(self.flat, self.grads, mode.grad_norm * scale, self.seed)
         if mode.mutates:
             if self._saved is None:
@@ -161,6 +189,19 @@ def _torch_path(b: Buffers, mode: str) -> Callable[[], object]:
     clip = torch.nn.utils.clip_grad_norm_
     if mode == "norm":
         return lambda: torch._foreach_norm(b.grads)
+    if mode in _PER_TENSOR_MAX_NORM:
+        max_norm = _PER_TENSOR_MAX_NORM[mode]
+
+        def clip_each():
+            norms = torch._foreach_norm(b.grads)
+            torch._foreach_mul_(b.grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+        return clip_each
+    if mode in ("agc", "agc-all"):
+        try:
+            from timm.utils.agc import adaptive_clip_grad
+        except ImportError as error:
+            raise Unsupported(f"timm is not installed ({error}): pip install timm") from None
+        return lambda: adaptive_clip_grad(b.params, AGC_CLIP_FACTOR)
     if mode in ("no-clip", "clip"):
         return lambda: clip(b.params, b.max_norm, foreach=True)
     if mode == "amp":
@@ -202,6 +243,11 @@ def _gradclip_path(name: str) -> Callable[[Buffers, str], Callable[[], object]]:
             return lambda: gradclip.clip_grad_norm_(b.params, b.max_norm, backend=name)
         if mode == "amp":
             return lambda: dispatch.clip_grads_(b.grads, 2.0, b.max_norm, b.inv_scale, backend=name)
+        if mode in _PER_TENSOR_MAX_NORM:
+            max_norm = _PER_TENSOR_MAX_NORM[mode]
+            return lambda: gradclip.clip_grad_norm_per_tensor_(b.params, max_norm, backend=name)
+        if mode in ("agc", "agc-all"):
+            return lambda: gradclip.adaptive_clip_grad_(b.params, AGC_CLIP_FACTOR, backend=name)
         if mode in ("amp-step", "amp-adamw"):
             params = b.fresh_params()
             inner = (_NoStep(params) if mode == "amp-step"
