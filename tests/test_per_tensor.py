@@ -360,3 +360,55 @@ def test_triton_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(ops.clip_per_tensor_, ([t.clone() for t in tensors], 2.0, 0.5))
     torch.library.opcheck(ops.scale_per_tensor_, ([t.clone() for t in tensors], torch.tensor([0.5, 1.0])))
     torch.library.opcheck(ops.agc_, (weights, [t.clone() for t in tensors], 0.01, 1e-3, 2.0))
+
+
+# -- torch.compile and CUDA graphs -------------------------------------------------------------
+
+def _clip_both(params, factor, backend):
+    """Set the grads to ``factor`` x the weights, clip per tensor, then AGC."""
+    for p in params:
+        p.grad = p.detach() * factor
+    norms = gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend=backend)
+    return norms, gradclip.adaptive_clip_grad_(params, 0.01, backend=backend)
+
+
+def test_compiled_clips_match_eager(backend_device):
+    name, device = backend_device
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40,), (7, 3), ()]
+    eager = [torch.nn.Parameter(torch.randn(s, generator=gen).to(on_device(device))) for s in shapes]
+    compiled = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    step = torch.compile(_clip_both, fullgraph=True)
+    for factor in (3.0, 1e-3):  # everything clips, then nothing does
+        want = _clip_both(eager, factor, name)
+        got = step(compiled, factor, name)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton", "reference"])
+def test_clips_replay_in_a_cuda_graph(gen, name):
+    params = _params(gen, "cuda", MIXES["mixed"], grad_scales=[0.01, 3.0])
+    fresh = [p.grad.clone() for p in params]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: builds and uploads the tables
+        gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend=name)
+        gradclip.adaptive_clip_grad_(params, backend=name)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norms = gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend=name)
+        gradclip.adaptive_clip_grad_(params, backend=name)
+    for p, g, c in zip(params, fresh, copies):
+        p.grad.copy_(g)
+        c.grad = g.clone()
+    graph.replay()
+    want = gradclip.clip_grad_norm_per_tensor_(copies, 1.0, backend=name)
+    gradclip.adaptive_clip_grad_(copies, backend=name)
+    torch.testing.assert_close(norms, want)
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.grad, c.grad)

@@ -86,17 +86,20 @@ def tensor_norms_in_order(tensors: list[Tensor], norm_type: float, dtype: torch.
         # One dtype: the group is the input, in order.
         (_, dtype_in), = groups
         return torch.stack(_group_norms(dtype_in, tensors, norm_type, inv_scale)).to(dtype)
-    out = torch.zeros(len(tensors), dtype=dtype, device=device)
+    # Reassembled in input order by a stack of 0-d norms: no index tensor to copy from the
+    # host (a CUDA graph could not capture that copy).
+    in_order: list[Tensor | None] = [None] * len(tensors)
     for (_, dtype_in), ([group], indices) in groups.items():
         if math.isinf(norm_type):
-            # torch's inf norm refuses empty tensors; their norm is the 0 already there.
+            # torch's inf norm refuses empty tensors; their norm is 0.
             kept = [(t, i) for t, i in zip(group, indices) if t.numel() > 0]
-            if not kept:
-                continue
             group, indices = [t for t, _ in kept], [i for _, i in kept]
-        norms = torch.stack(_group_norms(dtype_in, group, norm_type, inv_scale)).to(dtype)
-        out[torch.tensor(indices, device=device)] = norms
-    return out
+        if group:
+            norms = torch.stack(_group_norms(dtype_in, group, norm_type, inv_scale)).to(dtype)
+            for i, norm in zip(indices, norms.unbind()):
+                in_order[i] = norm
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.stack([zero if n is None else n for n in in_order])
 
 
 def _bounded_batches(tensors: list[Tensor]):
@@ -235,9 +238,10 @@ class ReferenceBackend(Backend):
                     [[t for t, _ in kept]], True).values():
                 torch._foreach_mul_(group, [kept[i][1] for i in indices])
             return
+        factors = coefs.unbind()
         groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
         for ([group], indices) in groups.values():
-            torch._foreach_mul_(group, list(coefs[torch.tensor(indices, device=coefs.device)].unbind()))
+            torch._foreach_mul_(group, [factors[i] for i in indices])
 
     def agc_(self, params, grads, clip_factor, eps, norm_type):
         dtype = stats_dtype(grads)
