@@ -10,6 +10,8 @@ Drop-in functions (``clip_grad_norm_``, ``get_total_norm``, ``clip_grads_with_no
 from .backends import BackendStatus, BackendUnavailableError, available_backends
 from .functional import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .optimizer import ClippedOptimizer
+from .rules import AutoClip, SpikeGuard, ZClip, suggest_max_norm
+from .health import log_metrics
 from .per_tensor import AGC, PerTensor, adaptive_clip_grad_, clip_grad_norm_per_tensor_, tensor_norms
 from .amp import GradScaler
 
@@ -17,11 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGC",
+    "AutoClip",
     "BackendStatus",
     "BackendUnavailableError",
     "ClippedOptimizer",
     "GradScaler",
     "PerTensor",
+    "SpikeGuard",
+    "ZClip",
     "adaptive_clip_grad_",
     "available_backends",
     "clip_grad_norm_",
@@ -29,5 +34,7 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "log_metrics",
+    "suggest_max_norm",
     "tensor_norms",
 ]

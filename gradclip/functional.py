@@ -98,7 +98,7 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, 
     norm pass and the rescale, with no host synchronisation.
     ``error_if_nonfinite`` reads the norm on the host and raises before any write.
     """
-    if isinstance(max_norm, Tensor):
+    if is_device_threshold(max_norm):
         return _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
                                           error_if_nonfinite, backend)
     only_measures = math.isinf(max_norm) and inv_scale is None
@@ -115,16 +115,31 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, 
     return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
 
 
-def _clip_to_device_threshold_(grads, norm_type, max_norm: Tensor, inv_scale, found_inf,
-                               error_if_nonfinite, backend) -> Tensor:
-    stats = dispatch.norm_stats(grads, norm_type, math.inf, inv_scale, backend)
+def is_device_threshold(max_norm) -> bool:
+    """Whether ``max_norm`` is set on the device per step: a 0-d tensor, or a rule
+    (:class:`gradclip.ZClip`, :class:`gradclip.AutoClip`: anything with ``threshold_``)."""
+    return isinstance(max_norm, Tensor) or callable(getattr(max_norm, "threshold_", None))
+
+
+def with_device_threshold(stats: Tensor, max_norm, inv_scale: Tensor | None) -> Tensor:
+    """``stats`` measured with ``max_norm=inf``, with the coefficient of a threshold on the
+    device: a 0-d tensor, or a rule whose ``threshold_(norm)`` sees this step's pre-clip
+    norm (and updates its state). No host synchronisation."""
     norm = stats[NORM]
-    if error_if_nonfinite:
-        _raise_if_nonfinite(norm, norm_type)
-    threshold = max_norm.reshape(()).to(device=norm.device, dtype=norm.dtype)
+    threshold = max_norm if isinstance(max_norm, Tensor) else max_norm.threshold_(norm)
+    threshold = threshold.reshape(()).to(device=norm.device, dtype=norm.dtype)
     coef = clip_coefficient(norm, threshold, None if inv_scale is None
                             else inv_scale.to(norm.device).reshape(()))
-    stats = torch.stack([norm, coef.to(norm.dtype), stats[2]])
+    return torch.stack([norm, coef.to(norm.dtype), stats[2]])
+
+
+def _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
+                               error_if_nonfinite, backend) -> Tensor:
+    stats = dispatch.norm_stats(grads, norm_type, math.inf, inv_scale, backend)
+    if error_if_nonfinite:
+        # Before the rule sees the norm: a raising step changes no state.
+        _raise_if_nonfinite(stats[NORM], norm_type)
+    stats = with_device_threshold(stats, max_norm, inv_scale)
     skip = found_inf if found_inf is not None else (None if inv_scale is None else found_inf_of(stats))
     dispatch.scale_(grads, coef_of(stats), skip, backend)
     return stats
@@ -138,7 +153,7 @@ def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: 
     cannot take); it does not read the norm on the host, so ``error_if_nonfinite`` goes
     the general way.
     """
-    if not error_if_nonfinite and not isinstance(max_norm, Tensor):
+    if not error_if_nonfinite and not is_device_threshold(max_norm):
         stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
         if stats is not None:
             return stats
@@ -230,7 +245,8 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
     Args:
         parameters (Tensor or iterable of Tensors): parameters whose ``.grad`` to clip;
             parameters without a gradient are ignored.
-        max_norm (float): the largest norm allowed, >= 0.
+        max_norm (float or rule): the largest norm allowed, >= 0; or a rule that sets it
+            each call on the device (:class:`gradclip.ZClip`, :class:`gradclip.AutoClip`).
         norm_type (float): order of the norm, > 0; ``inf`` for the max norm. Default: 2.0
         error_if_nonfinite (bool): raise ``RuntimeError``, before touching any gradient,
             if the norm is NaN or inf (costs a host synchronisation). Default: False
@@ -248,7 +264,8 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
         >>> optimizer.step()
     """
     parameters = _as_list(parameters, warn_if_empty_generator=True)
-    max_norm = check_max_norm(max_norm)
+    if not is_device_threshold(max_norm):
+        max_norm = check_max_norm(max_norm)
     norm_type = check_norm_type(norm_type)
     with torch.no_grad():
         stats = clip_parameters_norm_(parameters, norm_type, max_norm,

@@ -28,6 +28,7 @@ same read as the norm, and records the flag for ``update()``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +38,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import dispatch
-from .backends.base import COEF, FOUND_INF, NORM, stats_dtype
-from .functional import check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_
+from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient, stats_dtype
+from .functional import (check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_,
+                         with_device_threshold)
+from .per_tensor import tensor_norms
+from .rules import RULES, ClipRule, SpikeGuard, rule_from_state
 from .step_state import COUNTER_NAMES, StepState
 
 _STATE_KEY = "gradclip"
@@ -71,6 +75,41 @@ def _check_positive_max_norm(max_norm) -> float:
         raise ValueError("max_norm must be > 0, got 0; a max_norm of 0 would zero every gradient. "
                          "Use a positive threshold such as 1.0, or float('inf') to only measure the norm")
     return value
+
+
+def _is_per_tensor_rule(max_norm) -> bool:
+    """``gradclip.PerTensor`` and ``gradclip.AGC``: rules that clip each tensor themselves."""
+    return callable(getattr(max_norm, "clip_", None))
+
+
+def _check_clip_setting(max_norm):
+    """A float > 0 (``inf`` only measures), a :class:`~gradclip.rules.ClipRule`, or a
+    per-tensor rule."""
+    if isinstance(max_norm, ClipRule) or _is_per_tensor_rule(max_norm):
+        return max_norm
+    return _check_positive_max_norm(max_norm)
+
+
+class _GuardedThreshold:
+    """The threshold of a step whose threshold is set on the device (a rule, or the spike
+    guard's clip): what ``functional.clip_norm_`` calls with the step's pre-clip norm. It
+    judges the spike, asks the rule, and writes the threshold in force into the step state."""
+
+    def __init__(self, state: StepState, rule: ClipRule | None, max_norm: float,
+                 guard: SpikeGuard | None):
+        self.state, self.rule, self.max_norm, self.guard = state, rule, max_norm, guard
+
+    def threshold_(self, norm: Tensor) -> Tensor:
+        state = self.state
+        limit = state.judge(norm) if self.guard is not None else None
+        if self.rule is not None:
+            threshold = self.rule.threshold_(norm).to(norm.dtype)
+        else:
+            threshold = torch.full_like(norm, self.max_norm)
+        if limit is not None and self.guard.action == "clip":
+            threshold = torch.minimum(threshold, limit.to(norm.dtype))
+        state.threshold.copy_(threshold)
+        return threshold
 
 
 def _reciprocal_of_scale(scale: Tensor) -> Tensor:
@@ -148,8 +187,10 @@ class ClippedOptimizer(Optimizer):
         {'steps': 1, 'clipped_steps': 1, 'nonfinite_steps': 0}
     """
 
-    def __init__(self, optimizer: Optimizer, max_norm: float = 1.0, norm_type: float = 2.0, *,
-                 error_if_nonfinite: bool = False, backend: str = "auto"):
+    def __init__(self, optimizer: Optimizer, max_norm: float | ClipRule = 1.0,
+                 norm_type: float = 2.0, *, error_if_nonfinite: bool = False,
+                 backend: str = "auto", history: int = 0, spike_guard: SpikeGuard | None = None,
+                 vanishing: float = 1e-5, track_tensor_norms: bool = False):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                             "build the optimizer first, e.g. "
@@ -158,12 +199,17 @@ class ClippedOptimizer(Optimizer):
             raise TypeError("optimizer is already a ClippedOptimizer; set its max_norm or "
                             "norm_type instead of wrapping it twice")
         dispatch.requested_backend(backend)
+        _check_health_settings(history, spike_guard, vanishing)
         self.optimizer = optimizer
+        self._guard = spike_guard
         # What a step updates lives on the device (see gradclip.step_state).
-        self._step_state = StepState(self._first_param_device(), self._norm_dtype(),
-                                     _check_positive_max_norm(max_norm))
+        self._step_state = StepState(self._first_param_device(), self._norm_dtype(), None,
+                                     history=int(history), guard=spike_guard,
+                                     vanishing=float(vanishing))
         self.max_norm = max_norm
         self.norm_type = norm_type
+        self.track_tensor_norms = bool(track_tensor_norms)
+        self._tensor_norms = torch.full((0,), math.nan, device=self._first_param_device())
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.backend = backend
         self._folds_scale = _takes_folded_scale(optimizer)
@@ -209,13 +255,24 @@ class ClippedOptimizer(Optimizer):
     # -- settings ------------------------------------------------------------------------
 
     @property
-    def max_norm(self) -> float:
+    def max_norm(self) -> float | ClipRule:
+        """The threshold: a float, or the rule object that sets it each step."""
         return self._max_norm
 
     @max_norm.setter
-    def max_norm(self, value: float) -> None:
-        self._max_norm = _check_positive_max_norm(value)
-        self._step_state.set_max_norm(self._max_norm)
+    def max_norm(self, value: float | ClipRule) -> None:
+        value = _check_clip_setting(value)
+        rule = value if isinstance(value, ClipRule) else None
+        if rule is not None:
+            rule.bind(self._first_param_device())
+        fixed = value if isinstance(value, float) else math.inf
+        guard_clips = self._guard is not None and self._guard.action == "clip"
+        varies = rule is not None or guard_clips
+        # A threshold set per step is classified by the step's clip factor, not the norm.
+        self._step_state.set_max_norm(None if varies or _is_per_tensor_rule(value) else fixed)
+        self._max_norm = value
+        self._threshold = (_GuardedThreshold(self._step_state, rule, fixed, self._guard)
+                           if varies else None)
 
     @property
     def norm_type(self) -> float:
@@ -247,11 +304,16 @@ class ClippedOptimizer(Optimizer):
         if closure is not None:
             if request is not None:
                 raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+            if self._guard is not None:
+                raise RuntimeError("spike_guard judges one gradient per step; a closure (LBFGS) "
+                                   "evaluates several. Use spike_guard=None with closures")
             return self._step_with_closure(closure)
         if request is not None:
             return self._scaled_step(self._grads(), request)
         with torch.no_grad():
             self._clip()
+        if self._skips_spikes():
+            return self._step_unless(self._step_state.spike)
         return self.optimizer.step()
 
     @property
@@ -265,17 +327,71 @@ class ClippedOptimizer(Optimizer):
         """The counters as ints, read with one host synchronisation.
 
         ``steps``: calls of ``step()``; ``clipped_steps``: steps whose gradients were
-        scaled down (norm above ``max_norm``); ``nonfinite_steps``: steps whose norm was
-        inf or NaN (under AMP, the steps the scaler skipped). With ``torch.amp.GradScaler``
-        and a non-fused inner optimizer, torch skips inf/NaN steps without calling
-        ``step()``; those are not counted (``gradclip.GradScaler`` counts them).
+        scaled down (norm above the threshold in force); ``nonfinite_steps``: steps whose
+        norm was inf or NaN (under AMP, the steps the scaler skipped); ``skipped_steps``:
+        steps the spike guard skipped; ``spike_steps``: steps it judged spikes (whatever
+        its action); ``vanishing_steps``: steps whose norm was below ``vanishing``. The
+        last three are listed when the optimizer keeps a ``history`` or a
+        ``spike_guard`` (:meth:`metrics` always has them). With
+        ``torch.amp.GradScaler`` and a non-fused inner optimizer, torch skips inf/NaN
+        steps without calling ``step()``; those are not counted (``gradclip.GradScaler``
+        counts them). The same values as :meth:`metrics`' counters.
         """
         return self._step_state.stats()
 
+    def metrics(self) -> dict[str, Tensor]:
+        """The state of the last step, as 0-d device tensors: no host synchronisation.
+
+        ``norm``: the pre-clip norm (``last_norm``); ``clip_coef``: the factor the
+        gradients were scaled by (1 when not clipped; without the AMP unscale);
+        ``max_norm``: the threshold in force (a rule's threshold of that step, ``inf``
+        when it did not clip); ``mean``, ``std``: mean and standard deviation of the last
+        ``window`` accepted norms (finite, not spikes; the spike guard's window, or 100
+        with ``history`` and no guard; NaN when neither is set); and the counters of
+        :meth:`stats`: ``steps``, ``clipped_steps``, ``skipped_steps``, ``spike_steps``,
+        ``nonfinite_steps``, ``vanishing_steps`` (int64).
+        """
+        return self._step_state.metrics()
+
+    def norm_history(self) -> Tensor:
+        """The last ``history`` pre-clip norms, oldest first, as a CPU tensor (one host
+        copy). Every step enters, spikes and non-finite norms included; empty without
+        ``history``."""
+        return self._step_state.history()
+
+    def tensor_norms(self, named_parameters=None):
+        """The pre-clip norm of each parameter's gradient at the last step (needs
+        ``track_tensor_norms=True``; unscaled under AMP; NaN for a parameter that had no
+        gradient). No host synchronisation.
+
+        Args:
+            named_parameters (iterable of (str, Tensor), optional): e.g.
+                ``model.named_parameters()``.
+
+        Returns:
+            A 1-d device tensor in ``param_groups`` order without ``named_parameters``;
+            with it, a dict from each name whose parameter this optimizer holds to its
+            0-d norm, largest first is up to the caller (``gradclip.log_metrics`` sorts).
+        """
+        if not self.track_tensor_norms:
+            raise RuntimeError("tensor_norms() needs ClippedOptimizer(..., track_tensor_norms=True)")
+        norms = self._tensor_norms
+        if named_parameters is None:
+            return norms
+        position = {id(p): i for i, p in enumerate(self._params())}
+        return {name: norms[position[id(p)]] for name, p in named_parameters
+                if id(p) in position and position[id(p)] < norms.numel()}
+
     @property
     def counters(self) -> Tensor:
-        """``[steps, clipped_steps, nonfinite_steps]``, an int64 device tensor (no sync)."""
+        """The counters named by ``gradclip.step_state.COUNTER_NAMES`` (``steps``,
+        ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps``, ``spike_steps``,
+        ``vanishing_steps``), an int64 device tensor (no sync)."""
         return self._step_state.counters
+
+    @property
+    def spike_guard(self) -> SpikeGuard | None:
+        return self._guard
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, plus the wrapper's settings and counters
@@ -283,10 +399,14 @@ class ClippedOptimizer(Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = self.optimizer.state_dict()
+        own = self._max_norm
         state_dict[_STATE_KEY] = {
-            "max_norm": self._max_norm,
+            "max_norm": own if isinstance(own, float) else None,
+            "rule_type": None if isinstance(own, float) else type(own).__name__,
+            "rule": None if isinstance(own, float) else own.state_dict(),
             "norm_type": self._norm_type,
             "error_if_nonfinite": self.error_if_nonfinite,
+            "spike_guard": None if self._guard is None else self._guard.config(),
             **self._step_state.state_dict(),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -306,16 +426,38 @@ class ClippedOptimizer(Optimizer):
         own = state_dict.pop(_STATE_KEY, None)
         self.optimizer.load_state_dict(state_dict)
         if own is not None:
-            self.max_norm = own["max_norm"]
+            self._check_same_guard(own.get("spike_guard"))
+            self.max_norm = self._clip_setting_from(own)
             self.norm_type = own["norm_type"]
             self.error_if_nonfinite = bool(own["error_if_nonfinite"])
             self._step_state.load_state_dict(own)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def _check_same_guard(self, saved: dict | None) -> None:
+        mine = None if self._guard is None else self._guard.config()
+        if saved != mine:
+            raise ValueError(f"the checkpoint was saved with spike_guard {saved}, this optimizer "
+                             f"has {mine}; build it with the same spike_guard to load it")
+
+    def _clip_setting_from(self, own: dict):
+        """The max_norm a checkpoint's "gradclip" entry holds: a float, or a rule."""
+        kind, saved = own.get("rule_type"), own.get("rule")
+        if kind is None:
+            return own["max_norm"]
+        current = self._max_norm
+        if kind == type(current).__name__:
+            current.load_state_dict(saved)
+            return current
+        if kind in RULES:
+            return rule_from_state(saved)
+        raise ValueError(f"the checkpoint's max_norm is a {kind}, this optimizer's a "
+                         f"{type(current).__name__}; build the optimizer with a {kind} to load it")
+
     def __getstate__(self) -> dict[str, Any]:
         keep = ("optimizer", "_max_norm", "_norm_type", "error_if_nonfinite", "backend",
-                "_folds_scale", "_step_state")
+                "_folds_scale", "_step_state", "_guard", "_threshold", "track_tensor_norms",
+                "_tensor_norms")
         return {key: self.__dict__[key] for key in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -368,10 +510,76 @@ class ClippedOptimizer(Optimizer):
 
     def _clip(self) -> None:
         """Clip gradients that are not scaled (no AMP)."""
-        stats = clip_parameters_norm_(self._params(), self._norm_type, self._max_norm,
+        params = self._params()
+        if self.track_tensor_norms:
+            self._track_tensor_norms(None)
+        if _is_per_tensor_rule(self._max_norm):
+            grads = self._grads()
+            self._record(self._max_norm.clip_(params, backend=self.backend) if grads else None)
+            return
+        threshold = self._max_norm if self._threshold is None else self._threshold
+        stats = clip_parameters_norm_(params, self._norm_type, threshold,
                                       error_if_nonfinite=self.error_if_nonfinite,
                                       backend=self.backend)
-        self._record(None if stats is None else stats[NORM])
+        if stats is None:
+            self._record(None)
+        else:
+            self._record_stats(stats)
+
+    def _skips_spikes(self) -> bool:
+        return self._guard is not None and self._guard.action == "skip"
+
+    def _step_unless(self, skip: Tensor):
+        """The inner step, skipped where ``skip`` (a 0-d device flag) is set: on the device
+        by a fused optimizer's ``found_inf``, else read on the host (as torch's GradScaler)."""
+        if self._folds_scale:
+            return self._fused_step(None, skip.float())
+        if skip.item():
+            return None
+        return self.optimizer.step()
+
+    @torch.compiler.disable
+    def _fused_step(self, grad_scale: Tensor | None, found_inf: Tensor):
+        """Torch's fused step with its AMP hand-off: divide by ``grad_scale`` (when given),
+        skip where ``found_inf``; set on the inner optimizer for this call only. Traced by
+        torch.compile, the attributes would not reach the fused step: this runs eagerly
+        (that step is one fused kernel already)."""
+        inner = self.optimizer
+        if grad_scale is not None:
+            inner.grad_scale = grad_scale
+        inner.found_inf = found_inf
+        try:
+            return inner.step()
+        finally:
+            inner.__dict__.pop("grad_scale", None)
+            del inner.found_inf
+
+    @torch.compiler.disable
+    def _track_tensor_norms(self, inv_scale: Tensor | None) -> None:
+        """The pre-clip norm of each parameter's gradient into ``_tensor_norms`` (NaN where
+        there is none). Eager under torch.compile: the buffer follows the parameter list."""
+        params = self._params()
+        if self._tensor_norms.numel() != len(params):
+            self._tensor_norms = torch.full((len(params),), math.nan,
+                                            dtype=self._step_state.last_norm.dtype,
+                                            device=self._first_param_device())
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        if not with_grad:
+            self._tensor_norms.fill_(math.nan)
+            return
+        with torch.no_grad():
+            # The per-tensor norms come from the backends' norm pass (one read).
+            norms = tensor_norms([params[i].grad for i in with_grad], self._norm_type,
+                                 backend=self.backend)
+            norms = norms.to(device=self._tensor_norms.device, dtype=self._tensor_norms.dtype)
+            if inv_scale is not None:
+                norms = norms * inv_scale.to(norms.dtype)
+            if len(with_grad) == len(params):
+                self._tensor_norms.copy_(norms)
+            else:
+                self._tensor_norms.fill_(math.nan)
+                index = torch.tensor(with_grad, device=norms.device)
+                self._tensor_norms.index_copy_(0, index, norms)
 
     def _scaled_step(self, grads: list[Tensor], request: ScalerRequest):
         """One AMP step: unscale (unless done), clip, and skip the step on inf/NaN."""
@@ -381,21 +589,55 @@ class ClippedOptimizer(Optimizer):
                 request.found_inf_out = torch.zeros((), dtype=torch.float32, device=scale.device)
             self._record(None)
             return self.optimizer.step()
+        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
+        if self.track_tensor_norms:
+            self._track_tensor_norms(inv_scale)
+        if _is_per_tensor_rule(self._max_norm):
+            return self._per_tensor_scaled_step(request)
         if self._folds_scale:
             return self._folded_step(grads, request)
-        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
         if inv_scale is not None and any(g.dtype == torch.float16 for g in grads):
             raise ValueError("Attempting to unscale FP16 gradients.")
+        threshold = self._max_norm if self._threshold is None else self._threshold
         with torch.no_grad():
-            stats = clip_norm_(grads, self._norm_type, self._max_norm, inv_scale=inv_scale,
+            stats = clip_norm_(grads, self._norm_type, threshold, inv_scale=inv_scale,
                                found_inf=None if inv_scale is not None else request.found_inf,
                                backend=self.backend)
             found_inf = self._found_inf(request, stats)
-            self._record(stats[NORM])
+            self._record(stats[NORM], self._clip_coef(stats))
+            skip = self._with_spike(found_inf)
         # A non-fused optimizer cannot skip on a device flag: read it, as torch does.
-        if found_inf.item():
+        if skip.item():
             return None
         return self.optimizer.step()
+
+    def _per_tensor_scaled_step(self, request: ScalerRequest):
+        """A per-tensor rule under a scaler: the rule clips unscaled gradients, so the
+        scaler must have unscaled them (``scaler.unscale_(opt)``, or torch's own unscale)."""
+        if request.scale is not None:
+            raise RuntimeError(f"max_norm={type(self._max_norm).__name__}(...) clips each "
+                               "unscaled gradient: call scaler.unscale_(opt) before "
+                               "scaler.step(opt) (or use torch.amp.GradScaler with a "
+                               "non-fused inner optimizer)")
+        with torch.no_grad():
+            self._record(self._max_norm.clip_(self._params(), backend=self.backend))
+            skip = self._with_spike(request.found_inf.float())
+        if self._folds_scale:
+            return self._fused_step(None, skip)
+        if skip.item():
+            return None
+        return self.optimizer.step()
+
+    def _with_spike(self, found_inf: Tensor) -> Tensor:
+        """The inner step's skip flag: inf/NaN, or a spike the guard skips. The scaler
+        keeps only the inf/NaN flag, so a spike never backs off its scale."""
+        if not self._skips_spikes():
+            return found_inf
+        return torch.maximum(found_inf, self._step_state.spike.to(found_inf.dtype))
+
+    def _clip_coef(self, stats: Tensor) -> Tensor:
+        """The clip factor alone (``stats[COEF]`` includes the AMP unscale)."""
+        return clip_coefficient(stats[NORM], self._step_state.threshold.to(stats.dtype))
 
     # Traced by torch.compile, the attributes set on the inner optimizer would not reach
     # its fused step: this runs eagerly (that step is one fused kernel already).
@@ -403,21 +645,19 @@ class ClippedOptimizer(Optimizer):
     def _folded_step(self, grads: list[Tensor], request: ScalerRequest):
         """One read: the norm of the unscaled grads and the inf flag. The fused step divides
         the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips the update where
-        found_inf is set: nothing for us to write."""
+        found_inf (or a spike the guard skips) is set: nothing for us to write."""
         scale = request.scale
         inv_scale = None if scale is None else _reciprocal_of_scale(scale)
+        max_norm = self._max_norm if self._threshold is None else math.inf
         with torch.no_grad():
-            stats = dispatch.norm_stats(grads, self._norm_type, self._max_norm, inv_scale,
+            stats = dispatch.norm_stats(grads, self._norm_type, max_norm, inv_scale,
                                         self.backend)
+            if self._threshold is not None:
+                stats = with_device_threshold(stats, self._threshold, inv_scale)
             found_inf = self._found_inf(request, stats)
-            self._record(stats[NORM])
-        inner = self.optimizer
-        inner.grad_scale = torch.reciprocal(stats[COEF]).float()
-        inner.found_inf = found_inf
-        try:
-            return inner.step()
-        finally:
-            del inner.grad_scale, inner.found_inf
+            self._record(stats[NORM], self._clip_coef(stats))
+            skip = self._with_spike(found_inf)
+        return self._fused_step(torch.reciprocal(stats[COEF]).float(), skip)
 
     @staticmethod
     def _found_inf(request: ScalerRequest, stats: Tensor) -> Tensor:
@@ -443,8 +683,31 @@ class ClippedOptimizer(Optimizer):
             self._step_state.end_closure()
         return result
 
-    def _record(self, norm: Tensor | None) -> None:
-        self._step_state.record(norm)
+    def _record(self, norm: Tensor | None, coef: Tensor | None = None) -> None:
+        """Record the step; the spike guard judges it here unless the threshold did."""
+        state = self._step_state
+        if norm is not None and self._guard is not None and self._threshold is None:
+            state.judge(norm)
+        state.record(norm, coef, varies=self._threshold is not None)
+
+    def _record_stats(self, stats: Tensor) -> None:
+        """:meth:`_record` from the clip's stats (no AMP: ``stats[COEF]`` is the clip factor)."""
+        if self._guard is not None and self._threshold is None:
+            self._step_state.judge(stats[NORM])
+        self._step_state.record_stats(stats, varies=self._threshold is not None)
+
+
+def _check_health_settings(history, spike_guard, vanishing) -> None:
+    if not (isinstance(history, int) and not isinstance(history, bool) and history >= 0):
+        raise ValueError(f"history must be an integer >= 0 (how many norms to keep), got "
+                         f"{history!r}; for example history=1024")
+    if spike_guard is not None and not isinstance(spike_guard, SpikeGuard):
+        raise TypeError(f"spike_guard must be a gradclip.SpikeGuard or None, got "
+                        f"{type(spike_guard).__name__}; for example spike_guard=gradclip.SpikeGuard()")
+    value = float(vanishing)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"vanishing must be a finite number >= 0, got {vanishing!r}; "
+                         "for example vanishing=1e-5")
 
 
 __all__ = ["ClippedOptimizer"]

@@ -1,0 +1,530 @@
+"""Gradient health on the device: history, metrics, the spike guard, per-tensor norms, logging.
+
+Every step below is checked for what it records and, where the design says so, for not
+reading the host (a TorchDispatchMode that fails on ``aten._local_scalar_dense``, the op
+behind ``.item()``, ``bool()`` and ``tolist()``), for skipping bit for bit, and for giving
+under ``torch.compile`` what it gives eagerly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradclip
+from gradclip.step_state import COUNTER_NAMES
+
+# ---------------------------------------------------------------------------------------
+# The harness: gradients of a chosen global norm, step after step
+# ---------------------------------------------------------------------------------------
+
+SHAPES = [(7,), (3, 2), (4,)]
+
+
+def make_params():
+    return [torch.nn.Parameter(torch.full(s, 0.5)) for s in SHAPES]
+
+
+def set_grads(params, norm: float, gen: torch.Generator, scale: float = 1.0):
+    """Random gradients whose global norm is ``norm`` (times ``scale``, a GradScaler's)."""
+    raw = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    total = float(torch.cat([r.flatten() for r in raw]).norm())
+    for p, r in zip(params, raw):
+        p.grad = (r * (norm / total) * scale).float()
+
+
+def norm_sequence(n: int, spikes=(), seed: int = 0, factor: float = 20.0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    norms = 1.0 + 0.1 * rng.standard_normal(n)
+    for i in spikes:
+        norms[i] *= factor
+    return [float(x) for x in norms]
+
+
+INNER = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+         "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01),
+         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True)}
+SCALERS = {None: None,
+           "gradclip": lambda: gradclip.GradScaler("cpu", init_scale=1024.0, growth_interval=10_000),
+           "torch": lambda: torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10_000)}
+
+
+def scale_of(scaler) -> float:
+    """The scale a loss would be multiplied by this step (``scale()`` sets the scaler up)."""
+    if scaler is None:
+        return 1.0
+    return float(scaler.scale(torch.ones(())))
+
+
+def run(opt, params, norms, *, scaler=None, seed=0, each=None):
+    gen = torch.Generator().manual_seed(seed)
+    for i, norm in enumerate(norms):
+        set_grads(params, norm, gen, scale_of(scaler))
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        if each is not None:
+            each(i)
+
+
+class FailOnHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "_local_scalar_dense" in str(func):
+            raise AssertionError("host synchronisation (aten._local_scalar_dense)")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def device_decides(monkeypatch):
+    """The reference backend decides "nothing to scale" on the host for CPU tensors (no
+    device to wait for); make it decide on the device, as for GPU tensors, so that the
+    mode sees only what the wrapper itself does."""
+    from gradclip.backends import reference
+
+    monkeypatch.setattr(reference, "_decides_on_host", lambda device: False)
+
+
+def guard_port(norms, factor, window, warmup):
+    """The spike guard's rule in plain Python: flags, and the window means it judged by."""
+    accepted, flags = [], []
+    for g in norms:
+        recent = accepted[-window:]
+        spike = len(accepted) >= warmup and math.isfinite(g) and g > factor * (sum(recent) / len(recent))
+        flags.append(spike)
+        if math.isfinite(g) and not spike:
+            accepted.append(g)
+    return flags, accepted
+
+
+# ---------------------------------------------------------------------------------------
+# History and metrics
+# ---------------------------------------------------------------------------------------
+
+
+def test_history_holds_the_last_norms_oldest_first():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=1.0, history=8)
+    seen = []
+    run(opt, params, norm_sequence(5), each=lambda i: seen.append(opt.last_norm.item()))
+    assert opt.norm_history().tolist() == seen
+    run(opt, params, norm_sequence(6, seed=1), each=lambda i: seen.append(opt.last_norm.item()))
+    assert opt.norm_history().tolist() == seen[-8:]
+    assert opt.norm_history().dtype == torch.float32
+
+
+def test_without_history_the_history_is_empty_and_stats_list_the_clip_counters():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params))
+    run(opt, params, norm_sequence(3))
+    assert opt.norm_history().numel() == 0
+    assert list(opt.stats()) == ["steps", "clipped_steps", "nonfinite_steps"]
+    assert math.isnan(opt.metrics()["mean"].item())
+
+
+def test_metrics_are_device_tensors_consistent_with_stats():
+    params = make_params()
+    guard = gradclip.SpikeGuard(factor=3.0, window=10, action="flag")
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=1.05, spike_guard=guard,
+                                    vanishing=0.5)
+    norms = norm_sequence(30, spikes=[15, 22]) + [0.2, math.inf]
+    run(opt, params, norms)
+    metrics = opt.metrics()
+    assert set(metrics) == {"norm", "clip_coef", "max_norm", "mean", "std", *COUNTER_NAMES}
+    assert all(v.dim() == 0 and v.device == params[0].device for v in metrics.values())
+    stats = opt.stats()
+    assert stats == {name: int(metrics[name]) for name in COUNTER_NAMES}
+    flags, accepted = guard_port(norms, 3.0, 10, 10)
+    assert stats["spike_steps"] == sum(flags) == 2 and stats["skipped_steps"] == 0
+    assert stats["vanishing_steps"] == 1 and stats["nonfinite_steps"] == 1
+    assert stats["clipped_steps"] == sum(1 for g in norms if math.isfinite(g) and 1.05 / (g + 1e-6) < 1)
+    window = np.array(accepted[-10:])
+    assert metrics["mean"].item() == pytest.approx(window.mean(), rel=1e-5)
+    assert metrics["std"].item() == pytest.approx(window.std(), rel=1e-4)
+    assert metrics["max_norm"].item() == pytest.approx(1.05)
+
+
+def test_clip_coef_is_the_factor_the_gradients_were_scaled_by():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=0.5)
+    gen = torch.Generator().manual_seed(0)
+    set_grads(params, 2.0, gen)
+    before = [p.grad.clone() for p in params]
+    opt.step()
+    coef = opt.metrics()["clip_coef"]
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad, b * coef)
+    assert coef.item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_health_state_round_trips_through_the_state_dict():
+    def build():
+        params = make_params()
+        guard = gradclip.SpikeGuard(window=6, action="skip")
+        return params, gradclip.ClippedOptimizer(INNER["adamw"](params), history=16,
+                                                 spike_guard=guard)
+
+    norms = norm_sequence(40, spikes=[12, 30])
+    params, whole = build()
+    run(whole, params, norms)
+    params_a, first = build()
+    run(first, params_a, norms[:20])
+    params_b, resumed = build()
+    with torch.no_grad():
+        for p, q in zip(params_b, params_a):
+            p.copy_(q)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    gen_state = torch.Generator().manual_seed(0)
+    for norm in norms[:20]:  # the same random gradients as the first 20 steps drew
+        set_grads(make_params(), norm, gen_state)
+    for norm in norms[20:]:
+        set_grads(params_b, norm, gen_state)
+        resumed.step()
+    assert resumed.stats() == whole.stats()
+    assert torch.equal(resumed.norm_history(), whole.norm_history())
+    for name, value in whole.metrics().items():
+        torch.testing.assert_close(resumed.metrics()[name], value, equal_nan=True)
+    with pytest.raises(ValueError, match="spike_guard"):
+        gradclip.ClippedOptimizer(INNER["adamw"](make_params()), history=16).load_state_dict(
+            first.state_dict())
+
+
+# ---------------------------------------------------------------------------------------
+# The spike detector
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor, window, warmup", [(3.0, 20, None), (2.0, 8, 4), (5.0, 50, 10)])
+def test_detector_flags_exactly_the_injected_spikes_none_in_warmup(factor, window, warmup):
+    spikes = [60, 61, 95, 140]
+    in_warmup = [1, 3]  # as large, but before the guard judges anything
+    norms = norm_sequence(160, spikes=spikes + in_warmup, seed=7)
+    params = make_params()
+    guard = gradclip.SpikeGuard(factor, window, warmup, action="flag")
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=math.inf, spike_guard=guard)
+    counts = []
+    run(opt, params, norms, each=lambda i: counts.append(opt.counters[4].clone()))
+    flagged = [i for i, (a, b) in enumerate(zip([torch.tensor(0)] + counts, counts)) if b > a]
+    assert flagged == spikes
+    assert flagged == [i for i, f in enumerate(guard_port(norms, factor, window, guard.warmup)[0]) if f]
+
+
+def test_spikes_do_not_enter_the_rolling_mean():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=math.inf,
+                                    spike_guard=gradclip.SpikeGuard(window=5, action="flag"))
+    run(opt, params, [1.0] * 5 + [100.0] * 3)
+    assert opt.metrics()["mean"].item() == pytest.approx(1.0, rel=1e-5)
+    assert opt.stats()["spike_steps"] == 3
+
+
+def test_clip_action_clips_a_spike_to_factor_times_the_mean():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=math.inf,
+                                    spike_guard=gradclip.SpikeGuard(factor=3.0, window=4, action="clip"))
+    run(opt, params, [2.0] * 4 + [60.0])
+    post = float(torch.cat([p.grad.flatten() for p in params]).norm())
+    assert post == pytest.approx(6.0, rel=1e-5)
+    assert opt.metrics()["max_norm"].item() == pytest.approx(6.0, rel=1e-6)
+    assert opt.stats()["clipped_steps"] == 1 and opt.stats()["spike_steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Skipping: bit for bit, and the scale untouched
+# ---------------------------------------------------------------------------------------
+
+
+def snapshot(opt, params):
+    state = {k: v.clone() if torch.is_tensor(v) else v
+             for s in opt.optimizer.state.values() for k, v in s.items()}
+    tensors = [p.detach().clone() for p in params]
+    tensors += [v for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [t.clone() for t in tensors], state
+
+
+@pytest.mark.parametrize("inner, scaler_kind", [
+    ("adamw_fused", None), ("adamw", None), ("sgd", None),
+    ("adamw_fused", "gradclip"), ("adamw", "gradclip"),
+    ("adamw_fused", "torch"), ("adamw", "torch")])
+def test_a_skipped_step_leaves_parameters_and_state_bit_identical(inner, scaler_kind):
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER[inner](params), max_norm=1.0,
+                                    spike_guard=gradclip.SpikeGuard(window=5, action="skip"))
+    scaler = None if scaler_kind is None else SCALERS[scaler_kind]()
+    norms = norm_sequence(12, spikes=[8])
+    before = {}
+
+    def watch(i):
+        if i == 7:
+            before["tensors"], _ = snapshot(opt, params)
+            before["scale"] = None if scaler is None else scaler.get_scale()
+        if i == 8:
+            after, _ = snapshot(opt, params)
+            assert len(after) == len(before["tensors"]) > len(params)
+            for a, b in zip(after, before["tensors"]):
+                assert torch.equal(a, b)
+            if scaler is not None:
+                assert scaler.get_scale() == before["scale"]  # a spike never backs it off
+
+    run(opt, params, norms, scaler=scaler, each=watch)
+    assert opt.stats()["skipped_steps"] == opt.stats()["spike_steps"] == 1
+    assert before["tensors"][0].shape == params[0].shape
+    # The steps after the skip were taken.
+    assert not torch.equal(params[0].detach(), before["tensors"][0])
+
+
+def test_closures_are_refused_with_a_spike_guard():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(torch.optim.LBFGS(params), spike_guard=gradclip.SpikeGuard())
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(lambda: sum(p.sum() for p in params))
+
+
+# ---------------------------------------------------------------------------------------
+# No host synchronisation
+# ---------------------------------------------------------------------------------------
+
+# Inner optimizers that do not read the host themselves (torch's non-fused Adam reads its
+# step count on the CPU).
+SYNC_FREE = {
+    "history_metrics_flag": dict(inner="sgd", history=32,
+                                 spike_guard=gradclip.SpikeGuard(window=4, action="flag")),
+    "guard_clip": dict(inner="sgd", spike_guard=gradclip.SpikeGuard(window=4, action="clip")),
+    "skip_fused": dict(inner="adamw_fused", spike_guard=gradclip.SpikeGuard(window=4)),
+    "skip_fused_gradclip_scaler": dict(inner="adamw_fused", scaler="gradclip",
+                                       spike_guard=gradclip.SpikeGuard(window=4)),
+    "zclip": dict(inner="adamw_fused", max_norm=lambda: gradclip.ZClip(warmup_steps=3),
+                  history=16),
+    "autoclip": dict(inner="sgd", max_norm=lambda: gradclip.AutoClip(25.0, history=8)),
+}
+
+
+@pytest.mark.parametrize("case", list(SYNC_FREE))
+def test_steps_never_read_the_host(case, device_decides):
+    settings = dict(SYNC_FREE[case])
+    inner, scaler_kind = settings.pop("inner"), settings.pop("scaler", None)
+    if callable(settings.get("max_norm")):
+        settings["max_norm"] = settings["max_norm"]()
+    if "spike_guard" in settings:
+        settings["spike_guard"] = copy.deepcopy(settings["spike_guard"])
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER[inner](params), **settings)
+    scaler = None if scaler_kind is None else SCALERS[scaler_kind]()
+    norms = norm_sequence(14, spikes=[9, 12])
+    run(opt, params, norms[:2], scaler=scaler)  # lazy optimizer state, backend loading
+    gen = torch.Generator().manual_seed(1)
+    for norm in norms[2:]:
+        set_grads(params, norm, gen, scale_of(scaler))
+        with FailOnHostReads():
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+            metrics = opt.metrics()
+    assert metrics["steps"].item() == len(norms)
+    if "spike_guard" in settings:
+        assert opt.stats()["spike_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+COMPILED = {
+    "zclip_guard_clip_history_tensor_norms": dict(
+        inner="adamw", max_norm=lambda: gradclip.ZClip(warmup_steps=3), history=16,
+        track_tensor_norms=True, spike_guard=lambda: gradclip.SpikeGuard(window=4, action="clip")),
+    "autoclip_guard_skip_fused": dict(
+        inner="adamw_fused", max_norm=lambda: gradclip.AutoClip(50.0, history=8),
+        spike_guard=lambda: gradclip.SpikeGuard(window=4, action="skip")),
+    "flag_history": dict(inner="sgd", history=16,
+                         spike_guard=lambda: gradclip.SpikeGuard(window=4, action="flag")),
+}
+
+
+def compiled_or_eager(case, compile_step):
+    settings = {k: v() if callable(v) and k != "inner" else v for k, v in COMPILED[case].items()}
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER[settings.pop("inner")](params), **settings)
+    step = torch.compile(opt.step) if compile_step else opt.step
+    gen = torch.Generator().manual_seed(0)
+    for norm in norm_sequence(10, spikes=[6, 8]):
+        set_grads(params, norm, gen)
+        step()
+    tensor_norms = opt.tensor_norms() if opt.track_tensor_norms else None
+    return ({k: v.item() for k, v in opt.metrics().items()}, opt.norm_history(), tensor_norms,
+            [p.detach().clone() for p in params])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(COMPILED))
+def test_compiled_steps_give_the_metrics_of_eager_steps(case, fresh_dynamo):
+    metrics, history, tensor_norms, params = compiled_or_eager(case, True)
+    ref_metrics, ref_history, ref_tensor_norms, ref_params = compiled_or_eager(case, False)
+    assert metrics.keys() == ref_metrics.keys()
+    for name in metrics:
+        assert metrics[name] == pytest.approx(ref_metrics[name], rel=1e-5, nan_ok=True), name
+    assert metrics["spike_steps"] == 2
+    torch.testing.assert_close(history, ref_history, rtol=1e-5, atol=0)
+    if tensor_norms is not None:
+        torch.testing.assert_close(tensor_norms, ref_tensor_norms, rtol=1e-5, atol=0)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-tensor norms
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaler_kind", [None, "gradclip"])
+def test_tensor_norms_are_the_pre_clip_norms_by_name(scaler_kind):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1, bias=False))
+    frozen = model[0].bias
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](list(model.parameters())), max_norm=0.01,
+                                    track_tensor_norms=True)
+    scaler = None if scaler_kind is None else SCALERS[scaler_kind]()
+    loss = model(torch.randn(5, 4)).square().sum()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    frozen.grad = None
+    expected = {name: float(p.grad.norm()) / (1.0 if scaler is None else scaler.get_scale())
+                for name, p in model.named_parameters() if p.grad is not None}
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+    named = opt.tensor_norms(model.named_parameters())
+    assert set(named) == {"0.weight", "0.bias", "1.weight"}
+    assert math.isnan(named["0.bias"].item())
+    for name, value in expected.items():
+        assert named[name].item() == pytest.approx(value, rel=1e-5)
+    assert opt.tensor_norms().shape == (3,)
+
+
+def test_tensor_norms_need_tracking():
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](make_params()))
+    with pytest.raises(RuntimeError, match="track_tensor_norms=True"):
+        opt.tensor_norms()
+
+
+# ---------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------
+
+
+def test_log_metrics_writes_every_norm_at_its_step_and_reads_nothing_between(device_decides):
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), history=16, track_tensor_norms=True)
+    written = []
+    sink = lambda name, value, step: written.append((name, value, step))  # noqa: E731
+    norms = norm_sequence(25)
+    gen = torch.Generator().manual_seed(0)
+    recorded = []
+    for step, norm in enumerate(norms, start=1):
+        set_grads(params, norm, gen)
+        opt.step()
+        recorded.append(opt.last_norm.clone())
+        if step % 10:
+            with FailOnHostReads():
+                assert gradclip.log_metrics(opt, sink, step, every=10) == 0
+        else:
+            assert gradclip.log_metrics(opt, sink, step, every=10, top_k=2) == 10
+    logged = [(s, v) for name, v, s in written if name == "gradclip/norm"]
+    assert logged == [(s, r.item()) for s, r in enumerate(recorded[:20], start=1)]
+    at_20 = {name: v for name, v, s in written if s == 20 and name != "gradclip/norm"}
+    assert at_20["gradclip/steps"] == 20 and "gradclip/mean" in at_20
+    assert len([n for n in at_20 if n.startswith("gradclip/tensor_norm/")]) == 2
+
+
+def test_log_metrics_needs_a_history_as_long_as_every():
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](make_params()), history=10)
+    with pytest.raises(ValueError, match="history >= every"):
+        gradclip.log_metrics(opt, print, 50, every=50)
+    with pytest.raises(TypeError, match="sink"):
+        gradclip.log_metrics(opt, object(), 10, every=10)
+
+
+def test_tensorboard_sink_writes_one_scalar_per_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), history=32,
+                                    spike_guard=gradclip.SpikeGuard(window=5, action="flag"))
+    writer = SummaryWriter(str(tmp_path))
+    recorded = []
+    gen = torch.Generator().manual_seed(0)
+    for step, norm in enumerate(norm_sequence(30, spikes=[17]), start=1):
+        set_grads(params, norm, gen)
+        opt.step()
+        recorded.append(opt.last_norm.item())
+        gradclip.log_metrics(opt, writer, step, every=10)
+    writer.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    norms = events.Scalars("gradclip/norm")
+    assert [e.step for e in norms] == list(range(1, 31))
+    assert [e.value for e in norms] == pytest.approx(recorded, rel=1e-6)
+    assert [(e.step, e.value) for e in events.Scalars("gradclip/spike_steps")] == [
+        (10, 0.0), (20, 1.0), (30, 1.0)]
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(history=-1), ValueError, "history"),
+    (dict(history=2.5), ValueError, "history"),
+    (dict(spike_guard=3.0), TypeError, "spike_guard"),
+    (dict(vanishing=-1.0), ValueError, "vanishing"),
+    (dict(vanishing=2.0, max_norm=1.0), ValueError, "vanishing"),
+])
+def test_bad_health_settings_raise_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gradclip.ClippedOptimizer(INNER["sgd"](make_params()), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The demo's spike-guarded run
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_guarded_run_skips_exactly_its_bad_batches():
+    import argparse
+
+    from gradclip import demo
+
+    text = demo.load_corpus()
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text[:20_000]])
+    torch.manual_seed(0)
+    initial = demo.CharLSTM(len(chars)).state_dict()
+    args = argparse.Namespace(steps=120, seed=0, lr=demo.DEFAULT_LR, max_norm=1.0, backend="auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo does: a small LSTM only waits on a second thread
+    try:
+        run = demo.spike_guarded_run(args, ids, initial, len(chars), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(run["norm"]) == 60 and len(run["bad"]) == 3
+    assert run["flagged"] == run["skipped"] == run["bad"]
