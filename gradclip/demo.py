@@ -10,11 +10,16 @@ with plain SGD at an aggressive learning rate:
 - with :class:`gradclip.ClippedOptimizer` (``max_norm=1``): those few steps are scaled down
   to a step of norm 1, every other step is left alone, and the loss falls steadily.
 
+Then a third run, clipped as the second and half as long, is fed a few bad batches (their loss multiplied
+by 50, as a corrupted batch or a loss-scaling bug would) and guarded by
+:class:`gradclip.SpikeGuard`: it prints which steps it flagged and skipped, and plots the
+norm history with the bad batches and the skipped steps marked.
+
 Both runs go through ``ClippedOptimizer``: the unclipped one with ``max_norm=inf``, which
 only records the norm. On a GPU the runs use AMP (float16 autocast) with
 ``gradclip.GradScaler``. The summary table goes to the terminal and ``summary.txt``; the
 per-step numbers to ``summary.json``; the plot (loss and pre-clip norm per step, clip events
-marked) to ``demo.png``.
+marked) to ``demo.png``, the spike-guarded run's to ``spike_guard.png``.
 """
 
 from __future__ import annotations
@@ -31,9 +36,15 @@ import torch
 from torch import nn
 
 import gradclip
+from gradclip.step_state import COUNTER_NAMES
 
 HIDDEN, EMBED, BATCH, SEQ = 128, 48, 32, 64
 DEFAULT_STEPS, DEFAULT_LR, DEFAULT_MAX_NORM = 300, 25.0, 1.0
+# The spike-guarded run: where its bad batches fall (fractions of the run), how much larger
+# their loss is, and the guard.
+BAD_BATCH_AT, BAD_BATCH_FACTOR = (0.45, 0.6, 0.8), 50.0
+GUARD_FACTOR, GUARD_WINDOW = 3.0, 25
+SPIKE, SKIPPED = COUNTER_NAMES.index("spike_steps"), COUNTER_NAMES.index("skipped_steps")
 
 
 def load_corpus() -> str:
@@ -69,20 +80,26 @@ class Batches:
 
 
 def train(model: nn.Module, batches: Batches, steps: int, lr: float, max_norm: float,
-          device: torch.device, backend: str, progress, amp: bool) -> dict:
+          device: torch.device, backend: str, progress, amp: bool, spike_guard=None,
+          bad_steps: tuple[int, ...] = ()) -> dict:
     """SGD through a ClippedOptimizer (with float16 autocast and gradclip.GradScaler when
-    ``amp``); returns per-step losses, norms and the counters."""
+    ``amp``); returns per-step losses, norms and the counters. ``bad_steps`` (0-based)
+    get their loss multiplied by ``BAD_BATCH_FACTOR``; with a ``spike_guard`` the steps
+    it flagged and skipped are returned too (1-based)."""
     optimizer = gradclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
-                                          max_norm=max_norm, backend=backend)
+                                          max_norm=max_norm, backend=backend,
+                                          spike_guard=spike_guard)
     scaler = gradclip.GradScaler(device.type) if amp else None
     vocab = model.head.out_features
-    losses, norms = [], []
+    losses, norms, counters = [], [], []
     started = time.perf_counter()
     for step in range(steps):
         x, y = batches.next()
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits, _ = model(x)
             loss = nn.functional.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
+        if step in bad_steps:
+            loss = loss * BAD_BATCH_FACTOR
         optimizer.zero_grad()
         if scaler is None:
             loss.backward()
@@ -91,17 +108,25 @@ def train(model: nn.Module, batches: Batches, steps: int, lr: float, max_norm: f
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        # Device tensors, read once at the end: no host synchronisation per step.
+        # Device tensors, read once at the end: no host synchronisation per step. last_norm
+        # is updated in place: keep a copy of each step's.
         losses.append(loss.detach())
-        norms.append(optimizer.last_norm.detach().float())
+        norms.append(optimizer.last_norm.detach().clone())
+        counters.append(optimizer.counters.clone())
         progress(step + 1)
-    counters = optimizer.stats()
-    return {
+    run = {
         "loss": torch.stack(losses).float().cpu().tolist(),
         "norm": torch.stack(norms).cpu().tolist(),
         "seconds": time.perf_counter() - started,
-        **counters,
+        **optimizer.stats(),
     }
+    if spike_guard is not None:
+        # Steps whose counter moved: read once, at the end.
+        moved = torch.diff(torch.stack(counters).cpu(), dim=0, prepend=torch.zeros(1, len(COUNTER_NAMES), dtype=torch.int64))
+        run["flagged"] = [i + 1 for i in moved[:, SPIKE].nonzero().flatten().tolist()]
+        run["skipped"] = [i + 1 for i in moved[:, SKIPPED].nonzero().flatten().tolist()]
+        run["bad"] = [i + 1 for i in bad_steps]
+    return run
 
 
 @torch.no_grad()
@@ -184,6 +209,50 @@ def plot(runs: dict[str, dict], max_norm: float, path: Path, title: str) -> bool
     return True
 
 
+def plot_spike_guard(run: dict, path: Path, title: str) -> bool:
+    """The guarded run's pre-clip norm per step, the bad batches and the skipped steps marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    steps = range(1, len(run["norm"]) + 1)
+    ax.plot(steps, run["norm"], lw=0.9, color="tab:blue", label="pre-clip gradient norm")
+    marks = (("bad", "x", "tab:red", "bad batch injected"),
+             ("skipped", "o", "black", "skipped by SpikeGuard"))
+    for key, marker, colour, label in marks:
+        where = run[key]
+        if where:
+            ax.scatter(where, [run["norm"][s - 1] for s in where], marker=marker, s=40,
+                       **({"facecolors": "none", "edgecolors": colour} if marker == "o"
+                          else {"color": colour}),
+                       zorder=3, label=f"{label} ({len(where)})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("pre-clip gradient norm")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def spike_guarded_run(args, ids, initial, vocab: int, device: torch.device) -> dict:
+    """The clipped run again, for half as many steps (the norms have settled by then; the
+    demo stays short), fed a few bad batches, with a SpikeGuard that skips them."""
+    steps = (args.steps + 1) // 2
+    bad = tuple(sorted({int(f * steps) for f in BAD_BATCH_AT} - set(range(GUARD_WINDOW))))
+    model = CharLSTM(vocab).to(device)
+    model.load_state_dict(initial)
+    guard = gradclip.SpikeGuard(factor=GUARD_FACTOR, window=GUARD_WINDOW, action="skip")
+    return train(model, Batches(ids, args.seed + 1, device), steps, args.lr, args.max_norm,
+                 device, args.backend, _progress("  with SpikeGuard", steps),
+                 amp=device.type == "cuda", spike_guard=guard, bad_steps=bad)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -246,17 +315,29 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
     print()
     for name, text_out in samples.items():
         print(f"{name:<22} writes: {prompt}{text_out!r}"[:110])
+    print()
+    guarded = spike_guarded_run(args, ids, initial, len(chars), device)
+    guard_line = (f"SpikeGuard(factor={GUARD_FACTOR:g}, window={GUARD_WINDOW}, action='skip'): "
+                  f"bad batches (loss x{BAD_BATCH_FACTOR:g}) at steps {guarded['bad']}; "
+                  f"flagged {guarded['flagged']}, skipped {guarded['skipped']}; final loss "
+                  f"{summarise('guarded', guarded)['final loss']:.3f}")
+    print(guard_line)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.txt").write_text(summary + "\n")
+    (out / "summary.txt").write_text(summary + "\n" + guard_line + "\n")
     (out / "summary.json").write_text(json.dumps(
         {"device": device.type, "steps": args.steps, "lr": args.lr, "max_norm": args.max_norm,
-         "seed": args.seed, "summary": rows, "samples": samples, "runs": runs}, indent=1))
+         "seed": args.seed, "summary": rows, "samples": samples, "runs": runs,
+         "spike_guard": guarded}, indent=1))
     title = (f"char LSTM, SGD lr {args.lr:g}, {args.steps} steps, {where}, torch {torch.__version__}")
     wrote_plot = plot(runs, args.max_norm, out / "demo.png", title)
+    if wrote_plot:
+        plot_spike_guard(guarded, out / "spike_guard.png",
+                         f"max_norm {args.max_norm:g} + SpikeGuard, bad batches injected; {where}")
     print()
     print(f"wrote {out / 'summary.txt'}, {out / 'summary.json'}"
-          + (f", {out / 'demo.png'}" if wrote_plot else " (no plot: pip install matplotlib)"))
+          + (f", {out / 'demo.png'}, {out / 'spike_guard.png'}" if wrote_plot
+             else " (no plot: pip install matplotlib)"))
     return 0
 
 
