@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from . import distributed
 from .backends import dispatch
 from .backends.base import NORM, clip_coefficient, coef_of, found_inf_of
 
@@ -85,7 +86,8 @@ def _zero_norm() -> Tensor:
 
 def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, *,
                inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
-               error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor:
+               error_if_nonfinite: bool = False, backend: str = "auto",
+               process_group=None) -> Tensor:
     """The one global-norm clip behind :func:`clip_grad_norm_` and ``ClippedOptimizer``.
 
     Scales ``grads`` (non-empty) in place by ``stats[COEF]`` and returns ``stats``
@@ -97,7 +99,12 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, 
     device, such as ZClip's): the coefficient is then computed on the device between the
     norm pass and the rescale, with no host synchronisation.
     ``error_if_nonfinite`` reads the norm on the host and raises before any write.
+    DTensor grads, or a ``process_group``: see :func:`clip_distributed_`.
     """
+    if distributed.involved(grads, process_group):
+        return clip_distributed_(distributed.plan(grads, process_group), norm_type, max_norm,
+                                 inv_scale=inv_scale, found_inf=found_inf,
+                                 error_if_nonfinite=error_if_nonfinite, backend=backend)
     if is_device_threshold(max_norm):
         return _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
                                           error_if_nonfinite, backend)
@@ -146,13 +153,17 @@ def _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
 
 
 def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: float | Tensor, *,
-                          error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor | None:
+                          error_if_nonfinite: bool = False, backend: str = "auto",
+                          process_group=None) -> Tensor | None:
     """:func:`clip_norm_` over the ``.grad`` of ``parameters``; ``None`` if none has one.
 
     A backend's fast path finds the grads in C++ (it declines, with ``None``, what it
     cannot take); it does not read the norm on the host, so ``error_if_nonfinite`` goes
     the general way.
     """
+    if distributed.involved(parameters, process_group):
+        return _clip_sharded_parameters_(parameters, norm_type, max_norm, error_if_nonfinite,
+                                         backend, process_group)[0]
     if not error_if_nonfinite and not is_device_threshold(max_norm):
         stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
         if stats is not None:
@@ -164,9 +175,54 @@ def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: 
                       backend=backend)
 
 
+def _clip_sharded_parameters_(parameters, norm_type, max_norm, error_if_nonfinite, backend,
+                              process_group) -> tuple[Tensor | None, distributed.Plan]:
+    """:func:`clip_parameters_norm_` for DTensor parameters or a ``process_group``: the
+    parameters without a gradient still join their reductions (no rank left waiting)."""
+    grads, silent = distributed.grads_and_silent(parameters)
+    plan = distributed.plan(grads, process_group, silent_owners=silent)
+    if not plan.chains:
+        return None, plan
+    return clip_distributed_(plan, norm_type, max_norm, error_if_nonfinite=error_if_nonfinite,
+                             backend=backend), plan
+
+
+def clip_distributed_(plan: distributed.Plan, norm_type: float, max_norm, *,
+                      inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                      error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor:
+    """:func:`clip_norm_` of sharded gradients: the norm of the whole model, reduced over
+    the plan's groups (:mod:`gradclip.distributed`), then each rank scales its local
+    shards. Every rank gets the same ``stats``; ``error_if_nonfinite`` raises on every
+    rank, after the reduction, so no rank is left in a collective. A ``found_inf`` given
+    is replaced in place by the flag of all ranks."""
+    stats = distributed.norm_stats(plan, norm_type, max_norm, inv_scale, backend, found_inf)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(stats[NORM], norm_type)
+    only_measures = (not is_device_threshold(max_norm) and math.isinf(max_norm)
+                     and inv_scale is None)
+    if plan.locals and not only_measures:
+        skip = found_inf
+        if skip is None and inv_scale is not None:
+            skip = found_inf_of(stats)
+        dispatch.scale_(plan.locals, coef_of(stats), skip, backend)
+    return stats
+
+
+def norm_stats(grads: list[Tensor], norm_type: float, max_norm: float, inv_scale: Tensor | None,
+               backend: str = "auto", *, process_group=None,
+               found_inf: Tensor | None = None) -> Tensor:
+    """``stats`` of ``grads`` without touching them (the backends' ``norm_stats``), reduced
+    over ranks for DTensor grads or a ``process_group`` (``found_inf`` as in
+    :func:`clip_distributed_`)."""
+    if distributed.involved(grads, process_group):
+        return distributed.norm_stats(distributed.plan(grads, process_group), norm_type,
+                                      max_norm, inv_scale, backend, found_inf)
+    return dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
+
+
 def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
                    error_if_nonfinite: bool = False, foreach: bool | None = None, *,
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", process_group=None) -> Tensor:
     r"""Compute the norm of all ``tensors`` together, as if concatenated into one vector.
 
     Drop-in for :func:`torch.nn.utils.get_total_norm`.
@@ -179,10 +235,17 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
             costs a host synchronisation). Default: False
         foreach (bool, optional): accepted for compatibility; has no effect.
         backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
+        process_group (ProcessGroup or list of (tensors, group) pairs, optional): the
+            tensors on each rank are disjoint parts of one model over this group (ZeRO
+            shards, pipeline stages); the norm is the whole model's, on every rank. Pairs
+            name a group per tensor (tensor and expert parallelism). DTensors need none:
+            they are reduced over their meshes. See ``docs/distributed.md``. Default: None
 
     Returns:
         The total norm as a 0-d float32 tensor (float64 if any tensor is float64) on the
-        first tensor's device; ``tensor(0.)`` for no tensors.
+        first tensor's device; ``tensor(0.)`` for no tensors. With DTensor tensors, a
+        DTensor replicated on the first one's mesh whose value is the global norm on
+        every rank (``full_tensor()``, ``to_local()`` and ``item()`` all give it).
 
     Example::
 
@@ -191,6 +254,15 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
     """
     tensors = _as_list(tensors)
     norm_type = check_norm_type(norm_type)
+    if distributed.involved(tensors, process_group):
+        plan = distributed.plan(tensors, process_group)
+        if not plan.chains:
+            return _zero_norm()
+        with torch.no_grad():
+            norm = distributed.norm_stats(plan, norm_type, math.inf, None, backend)[NORM]
+        if error_if_nonfinite:
+            _raise_if_nonfinite(norm, norm_type)
+        return distributed.as_returned_norm(norm, plan)
     if not tensors:
         return _zero_norm()
     with torch.no_grad():
@@ -222,10 +294,12 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
     """
     parameters = _as_list(parameters)
     max_norm = check_max_norm(max_norm)
-    grads = _grads(parameters)
+    grads = distributed.local_tensors(_grads(parameters))
     if not grads:
         return
-    if not isinstance(total_norm, Tensor):
+    if isinstance(total_norm, Tensor):
+        total_norm = distributed.local_value(total_norm)
+    else:
         total_norm = torch.tensor(_as_float(total_norm, "total_norm", "pass the tensor that "
                                             "get_total_norm returned"), device=grads[0].device)
     with torch.no_grad():
@@ -234,7 +308,7 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
 
 def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None, *,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", process_group=None) -> Tensor:
     r"""Clip the global norm of the gradients of ``parameters`` to ``max_norm``, in place.
 
     Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: the gradients are multiplied by
@@ -252,10 +326,14 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
             if the norm is NaN or inf (costs a host synchronisation). Default: False
         foreach (bool, optional): accepted for compatibility; has no effect.
         backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
+        process_group (ProcessGroup or list of (parameters, group) pairs, optional): as in
+            :func:`get_total_norm`; each rank scales its own gradients (or DTensor local
+            shards) by the factor of the whole model's norm. Default: None
 
     Returns:
         The total norm of the gradients before clipping, a 0-d float32 tensor (float64
-        if any gradient is float64) on the gradients' device.
+        if any gradient is float64) on the gradients' device; with DTensor gradients, a
+        DTensor replicated on the first one's mesh, as :func:`get_total_norm` returns.
 
     Example::
 
@@ -267,6 +345,11 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
     if not is_device_threshold(max_norm):
         max_norm = check_max_norm(max_norm)
     norm_type = check_norm_type(norm_type)
+    if distributed.involved(parameters, process_group):
+        with torch.no_grad():
+            stats, plan = _clip_sharded_parameters_(parameters, norm_type, max_norm,
+                                                    error_if_nonfinite, backend, process_group)
+        return _zero_norm() if stats is None else distributed.as_returned_norm(stats[NORM], plan)
     with torch.no_grad():
         stats = clip_parameters_norm_(parameters, norm_type, max_norm,
                                       error_if_nonfinite=error_if_nonfinite, backend=backend)
@@ -294,7 +377,7 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
     if math.isnan(value) or value < 0:
         raise ValueError(f"clip_value must be >= 0, got {clip_value!r}; a negative value "
                          "would swap the clamp bounds and set every gradient to it")
-    grads = _grads(parameters)
+    grads = distributed.local_tensors(_grads(parameters))
     if grads:
         with torch.no_grad():
             dispatch.clamp_(grads, value, backend)

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from .backends import dispatch
 from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient, stats_dtype
 from .functional import (check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_,
-                         with_device_threshold)
+                         norm_stats, with_device_threshold)
 from .per_tensor import tensor_norms
 from .rules import RULES, ClipRule, SpikeGuard, rule_from_state
 from .step_state import COUNTER_NAMES, StepState
@@ -169,6 +169,10 @@ class ClippedOptimizer(Optimizer):
             synchronisation per step). Under AMP inf/NaN steps are expected: they are
             skipped and counted, never raised. Default: False
         backend (str): ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``. Default: ``"auto"``
+        process_group (ProcessGroup or list of (parameters, group) pairs, optional): the
+            gradients on each rank are disjoint parts of one model over this group (ZeRO
+            shards, pipeline stages), as in :func:`gradclip.clip_grad_norm_`; DTensor
+            gradients (FSDP2) need none. See ``docs/distributed.md``. Default: None
 
     Attributes:
         optimizer: the wrapped optimizer.
@@ -190,7 +194,8 @@ class ClippedOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, max_norm: float | ClipRule = 1.0,
                  norm_type: float = 2.0, *, error_if_nonfinite: bool = False,
                  backend: str = "auto", history: int = 0, spike_guard: SpikeGuard | None = None,
-                 vanishing: float = 1e-5, track_tensor_norms: bool = False):
+                 vanishing: float = 1e-5, track_tensor_norms: bool = False,
+                 process_group=None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                             "build the optimizer first, e.g. "
@@ -212,6 +217,8 @@ class ClippedOptimizer(Optimizer):
         self._tensor_norms = torch.full((0,), math.nan, device=self._first_param_device())
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.backend = backend
+        # Sharded gradients: the norm is reduced over this group (gradclip.distributed).
+        self.process_group = process_group
         self._folds_scale = _takes_folded_scale(optimizer)
         self._params_key: tuple = ()
         self._flat_params: list[Tensor] = []
@@ -262,6 +269,10 @@ class ClippedOptimizer(Optimizer):
     @max_norm.setter
     def max_norm(self, value: float | ClipRule) -> None:
         value = _check_clip_setting(value)
+        if _is_per_tensor_rule(value) and self._guard is not None and self._guard.action == "clip":
+            raise ValueError(f"spike_guard action='clip' clips the global norm, and max_norm="
+                             f"{type(value).__name__}(...) clips each tensor on its own; use "
+                             "action='flag' or 'skip' with a per-tensor rule")
         rule = value if isinstance(value, ClipRule) else None
         if rule is not None:
             rule.bind(self._first_param_device())
@@ -456,6 +467,7 @@ class ClippedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         keep = ("optimizer", "_max_norm", "_norm_type", "error_if_nonfinite", "backend",
+                "process_group",
                 "_folds_scale", "_step_state", "_guard", "_threshold", "track_tensor_norms",
                 "_tensor_norms")
         return {key: self.__dict__[key] for key in keep}
@@ -520,7 +532,7 @@ class ClippedOptimizer(Optimizer):
         threshold = self._max_norm if self._threshold is None else self._threshold
         stats = clip_parameters_norm_(params, self._norm_type, threshold,
                                       error_if_nonfinite=self.error_if_nonfinite,
-                                      backend=self.backend)
+                                      backend=self.backend, process_group=self.process_group)
         if stats is None:
             self._record(None)
         else:
@@ -602,7 +614,7 @@ class ClippedOptimizer(Optimizer):
         with torch.no_grad():
             stats = clip_norm_(grads, self._norm_type, threshold, inv_scale=inv_scale,
                                found_inf=None if inv_scale is not None else request.found_inf,
-                               backend=self.backend)
+                               backend=self.backend, process_group=self.process_group)
             found_inf = self._found_inf(request, stats)
             self._record(stats[NORM], self._clip_coef(stats))
             skip = self._with_spike(found_inf)
@@ -650,8 +662,8 @@ class ClippedOptimizer(Optimizer):
         inv_scale = None if scale is None else _reciprocal_of_scale(scale)
         max_norm = self._max_norm if self._threshold is None else math.inf
         with torch.no_grad():
-            stats = dispatch.norm_stats(grads, self._norm_type, max_norm, inv_scale,
-                                        self.backend)
+            stats = norm_stats(grads, self._norm_type, max_norm, inv_scale, self.backend,
+                               process_group=self.process_group, found_inf=request.found_inf)
             if self._threshold is not None:
                 stats = with_device_threshold(stats, self._threshold, inv_scale)
             found_inf = self._found_inf(request, stats)
