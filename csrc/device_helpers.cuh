@@ -31,6 +31,19 @@ GRADCLIP_HOST_DEVICE inline int first_tensor_after(const TensorTable& table, int
   return lo;
 }
 
+// Blocks [*b0, *b1) (of `grid` over `num_chunks` chunks, block_chunk_range's split) whose
+// chunks meet chunks [c0, c1) of one tensor; empty when c0 == c1. Block b starts at
+// floor(num_chunks * b / grid), so chunk c lies in block ((c + 1) * grid - 1) / num_chunks.
+GRADCLIP_HOST_DEVICE inline void tensor_blocks(int64_t num_chunks, int64_t grid, int64_t c0, int64_t c1,
+                                               int64_t* b0, int64_t* b1) {
+  if (c0 >= c1) {
+    *b0 = *b1 = 0;
+    return;
+  }
+  *b0 = ((c0 + 1) * grid - 1) / num_chunks;
+  *b1 = (c1 * grid - 1) / num_chunks + 1;
+}
+
 // Elements [*first, *last) of tensor i that chunks [c0, c1) cover; false when none.
 GRADCLIP_HOST_DEVICE inline bool element_range(const TensorTable& table, int i, int64_t c0, int64_t c1,
                                                int64_t* first, int64_t* last) {

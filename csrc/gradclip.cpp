@@ -3,6 +3,8 @@
 // Only light ATen/c10 headers: this unit, python.cpp and kernels.cu compile in parallel.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,8 +12,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -56,6 +60,7 @@ struct Packed {
   bool any_double = false;
   std::vector<at::Tensor> copies;   // Access::kRead: contiguous copies, alive until launched
   std::vector<at::Tensor> strided;  // Access::kWrite: the tensors that are not dense, for ATen
+  std::vector<int64_t> strided_at;  // with kPerTensor: their positions in the input
 
   Packed() { tables.swap(spare_tables()); }
   Packed(Packed&&) = default;
@@ -87,10 +92,16 @@ void append(Packed& packed, TensorTable*& table, void* ptr, int64_t numel, DType
   table->dtype[i] = dtype;
 }
 
+// Whether the tables keep one entry per input tensor (the per-tensor ops index their
+// outputs by it): zero-size tensors get an entry with no chunks, and with Access::kWrite a
+// tensor set aside for ATen does too.
+enum class Layout { kCompact, kPerTensor };
+
 // Checks every tensor (defined, strided layout, float dtype, on `device` when given) and
 // packs the dense ones; `op` names the caller in error messages.
 Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device,
-            Access access) {
+            Access access, Layout layout = Layout::kCompact) {
+  const bool per_tensor = layout == Layout::kPerTensor;
   Packed packed;
   TensorTable* table = nullptr;
   for (size_t k = 0; k < tensors.size(); ++k) {
@@ -110,13 +121,20 @@ Packed pack(TensorRefs tensors, const char* op, std::optional<at::Device> device
     if (access == Access::kWrite) {
       if (!dense) {
         packed.strided.push_back(t);
+        if (per_tensor) {
+          packed.strided_at.push_back(static_cast<int64_t>(k));
+          append(packed, table, nullptr, 0, *dtype);
+        }
         continue;
       }
       // Raises for an inference tensor outside inference mode, as ATen's in-place ops do.
       t.unsafeGetTensorImpl()->bump_version();
     }
     const int64_t numel = t.numel();
-    if (numel == 0) continue;
+    if (numel == 0) {
+      if (per_tensor) append(packed, table, nullptr, 0, *dtype);
+      continue;
+    }
     const at::Tensor* source = &t;
     if (!dense) {
       packed.copies.push_back(t.contiguous());
@@ -162,9 +180,19 @@ cudaStream_t current_stream(at::Device device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
-// Launches the norm over the packed tables; returns stats [norm, coef, found_inf].
+// Per-tensor outputs of a norm: each tensor's norm, and with `coefs` its clip factor.
+struct TensorNormsOut {
+  at::Tensor norms;
+  std::optional<at::Tensor> coefs;
+  double max_norm = 0.0;
+};
+
+// Launches the norm over the packed tables; returns stats [norm, coef, found_inf]. With
+// `per_tensor` (tables packed with Layout::kPerTensor) it also fills each tensor's norm
+// (and factor), from the same read.
 at::Tensor run_norm(Packed& packed, const at::Tensor& like, double norm_type, double max_norm,
-                    const std::optional<at::Tensor>& inv_scale) {
+                    const std::optional<at::Tensor>& inv_scale,
+                    TensorNormsOut* per_tensor = nullptr) {
   const at::Device device = like.device();
   TORCH_CHECK(norm_type > 0, "gradclip::norm_stats: norm_type must be > 0 or inf, got ", text(norm_type));
   TORCH_CHECK(!std::isnan(max_norm), "gradclip::norm_stats: max_norm is NaN; pass a number >= 0");
@@ -199,19 +227,73 @@ at::Tensor run_norm(Packed& packed, const at::Tensor& like, double norm_type, do
   params.counter = static_cast<unsigned int*>(workspace.data_ptr());
   params.slots = reinterpret_cast<Partial*>(static_cast<char*>(workspace.data_ptr()) + 16);
   params.total_blocks = total_blocks;
+  int total_tensors = 0;
+  at::Tensor tensor_slots;
+  if (per_tensor != nullptr) {
+    for (int l = 0; l < packed.num_tables; ++l) total_tensors += tables[l].num_tensors;
+    // Slots b + t are never read unless written (see NormParams): no zeroing needed.
+    tensor_slots = like.new_empty({static_cast<int64_t>(sizeof(Partial)) * (total_blocks + total_tensors)},
+                                  at::TensorOptions().dtype(at::kByte).device(device));
+    params.tensor_slots = static_cast<Partial*>(tensor_slots.data_ptr());
+  }
+  int tensor_offset = 0;
   for (int l = 0; l < packed.num_tables; ++l) {
+    params.tensor_offset = tensor_offset;
     C10_CUDA_CHECK(launch_norm(kind, tables[l], params, grids[l], stream));
+    tensor_offset += tables[l].num_tensors;
+  }
+  if (per_tensor == nullptr) return stats;
+  TensorNormParams finish{};
+  finish.p = norm_type;
+  finish.max_norm = per_tensor->max_norm;
+  finish.tensor_slots = params.tensor_slots;
+  finish.inv_scale = params.inv_scale;
+  finish.inv_scale_dtype = params.inv_scale_dtype;
+  finish.out_dtype = params.stats_dtype;
+  per_tensor->norms = like.new_empty({total_tensors}, at::TensorOptions().dtype(stats_type).device(device));
+  finish.norms = per_tensor->norms.data_ptr();
+  if (per_tensor->coefs.has_value()) {
+    per_tensor->coefs = per_tensor->norms.new_empty({total_tensors});
+    finish.coefs = per_tensor->coefs->data_ptr();
+  }
+  tensor_offset = 0;
+  for (int l = 0; l < packed.num_tables; ++l) {
+    finish.tensor_offset = tensor_offset;
+    finish.grid = grids[l];
+    C10_CUDA_CHECK(launch_tensor_norms(kind, tables[l], finish, stream));
+    tensor_offset += tables[l].num_tensors;
   }
   return stats;
 }
 
-void run_pointwise(Packed& packed, at::Device device, Pointwise op, const PointwiseParams& params) {
+void run_pointwise(Packed& packed, at::Device device, Pointwise op, PointwiseParams params) {
   const int limit = std::max(1, pointwise_grid_limit(device.index(), op));
   const cudaStream_t stream = current_stream(device);
   auto& tables = packed.tables;
+  params.tensor_offset = 0;
   for (int l = 0; l < packed.num_tables; ++l) {
     const int grid = static_cast<int>(std::min<int64_t>(tables[l].num_chunks, limit));
     if (grid > 0) C10_CUDA_CHECK(launch_pointwise(op, tables[l], params, grid, stream));
+    params.tensor_offset += tables[l].num_tensors;
+  }
+}
+
+// Each tensor by its own factor coefs[k] (a float32/float64 device vector, one per input
+// tensor), tables packed with Layout::kPerTensor; non-dense tensors take ATen's mul_ by
+// their factor on the device (no host sync; written even when the factor is 1).
+void scale_each(Packed& packed, at::Device device, const at::Tensor& coefs) {
+  PointwiseParams params{};
+  params.coefs = coefs.data_ptr();
+  params.scale_dtype = coefs.scalar_type() == at::kDouble ? kDouble : kFloat;
+  run_pointwise(packed, device, Pointwise::kScaleEach, params);
+  for (size_t s = 0; s < packed.strided.size(); ++s) {
+    const at::Tensor& t = packed.strided[s];
+    const at::Tensor factor = coefs.select(0, packed.strided_at[s]);
+    if (at::isReducedFloatingType(t.scalar_type())) {
+      t.copy_(t.to(at::kFloat).mul_(factor));
+    } else {
+      t.mul_(factor);
+    }
   }
 }
 
@@ -318,6 +400,101 @@ at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
   return stats;
 }
 
+std::tuple<at::Tensor, at::Tensor> norm_stats_per_tensor_cuda(TensorRefs tensors, double norm_type,
+                                                             double max_norm,
+                                                             const std::optional<at::Tensor>& inv_scale) {
+  const char* op = "gradclip::norm_stats_per_tensor";
+  const at::Device device = check_device(tensors, op);
+  const c10::cuda::CUDAGuard guard(device);
+  Packed packed = pack(tensors, op, device, Access::kRead, Layout::kPerTensor);
+  TensorNormsOut out;
+  at::Tensor stats = run_norm(packed, tensors[0], norm_type, max_norm, inv_scale, &out);
+  return {stats, out.norms};
+}
+
+void scale_per_tensor_cuda(TensorRefs tensors, const at::Tensor& coefs) {
+  const char* op = "gradclip::scale_per_tensor_";
+  if (tensors.empty()) return;
+  const at::Device device = check_device(tensors, op);
+  const c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(coefs.numel() == static_cast<int64_t>(tensors.size()), op, ": coefs has ",
+              text(coefs.numel()), " elements for ", text(tensors.size()), " tensors; pass one factor per tensor");
+  TORCH_CHECK(coefs.device() == device, op, ": coefs is on ", coefs.device().str(), " but the tensors are on ",
+              device.str(), "; move it with .to(", device.str(), ")");
+  at::Tensor factors = coefs.reshape({-1});
+  if (factors.scalar_type() != at::kFloat && factors.scalar_type() != at::kDouble) factors = factors.to(at::kFloat);
+  factors = factors.contiguous();
+  Packed packed = pack(tensors, op, device, Access::kWrite, Layout::kPerTensor);
+  scale_each(packed, device, factors);
+}
+
+at::Tensor clip_per_tensor_cuda(TensorRefs tensors, double norm_type, double max_norm) {
+  const char* op = "gradclip::clip_per_tensor_";
+  const at::Device device = check_device(tensors, op);
+  const c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(max_norm >= 0, op, ": max_norm must be >= 0, got ", text(max_norm));
+  Packed packed = pack(tensors, op, device, Access::kWrite, Layout::kPerTensor);
+  TensorNormsOut out;
+  out.coefs = at::Tensor();
+  out.max_norm = max_norm;
+  if (packed.strided.empty()) {
+    run_norm(packed, tensors[0], norm_type, std::numeric_limits<double>::infinity(), std::nullopt, &out);
+  } else {
+    Packed reading = pack(tensors, op, device, Access::kRead, Layout::kPerTensor);  // rare
+    run_norm(reading, tensors[0], norm_type, std::numeric_limits<double>::infinity(), std::nullopt, &out);
+  }
+  scale_each(packed, device, *out.coefs);
+  return out.norms;
+}
+
+// AGC with ATen ops, tensor by tensor (no fused kernel yet: the triton backend has one).
+// Unit norms accumulate in float32 (float64 for float64), as the other backends do.
+at::Tensor agc_cuda(TensorRefs params, TensorRefs grads, double clip_factor, double eps, double norm_type) {
+  const char* op = "gradclip::agc_";
+  const at::Device device = check_device(grads, op);
+  TORCH_CHECK(params.size() == grads.size(), op, ": ", text(params.size()), " params for ",
+              text(grads.size()), " grads; pass one parameter per gradient");
+  TORCH_CHECK(clip_factor >= 0 && eps >= 0, op, ": clip_factor and eps must be >= 0");
+  const c10::cuda::CUDAGuard guard(device);
+  bool any_double = false;
+  for (size_t k = 0; k < grads.size(); ++k) any_double |= grads[k].scalar_type() == at::kDouble;
+  const auto out_type = any_double ? at::kDouble : at::kFloat;
+  std::vector<at::Tensor> unit_norms;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const at::Tensor& w = params[k];
+    const at::Tensor& g = grads[k];
+    TORCH_CHECK(w.sizes() == g.sizes() && w.device() == device, op, ": params[", text(k),
+                "] does not match its gradient's shape and device");
+    const int64_t units = g.dim() <= 1 ? 1 : g.size(0);
+    const auto wide = [&](const at::Tensor& t) {
+      const auto type = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      return t.reshape({units, units == 0 ? 0 : t.numel() / std::max<int64_t>(units, 1)}).to(type);
+    };
+    const at::Tensor g_rows = wide(g);
+    if (g_rows.size(1) == 0) {
+      unit_norms.push_back(g_rows.new_zeros({units}, g_rows.options().dtype(out_type)));
+      continue;
+    }
+    const at::Tensor grad_norms = at::linalg_vector_norm(g_rows, norm_type, {1}, false, std::nullopt);
+    const at::Tensor weight_norms =
+        at::linalg_vector_norm(wide(w), norm_type, {1}, false, std::nullopt).to(grad_norms.scalar_type());
+    const at::Tensor limit = weight_norms.clamp_min(eps).mul_(clip_factor);
+    const at::Tensor scaled = limit.div(grad_norms.clamp_min(1e-6));
+    // timm's rule: 1 below the limit, else limit / max(norm, 1e-6) (NaN norms give NaN).
+    const at::Tensor coefs = scaled.new_ones({}).where(grad_norms.lt(limit), scaled);
+    std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(g.dim(), 1)), 1);
+    shape[0] = g.dim() <= 1 ? 1 : units;
+    const at::Tensor factor = g.dim() == 0 ? coefs.reshape({}) : coefs.reshape(shape);
+    if (at::isReducedFloatingType(g.scalar_type())) {
+      g.copy_(g.to(at::kFloat).mul_(factor));
+    } else {
+      g.mul_(factor);
+    }
+    unit_norms.push_back(grad_norms.to(out_type));
+  }
+  return at::linalg_vector_norm(at::cat(unit_norms), norm_type, std::nullopt, false, std::nullopt);
+}
+
 int64_t pack_for_writing(TensorRefs tensors) {
   return static_cast<int64_t>(pack(tensors, "pack_for_writing", std::nullopt, Access::kWrite).strided.size());
 }
@@ -355,6 +532,30 @@ SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay) {
   return result;
 }
 
+bool simulate_tensor_slots(TensorRefs tensors, int64_t grid) {
+  TORCH_CHECK(grid > 0, "simulate_tensor_slots: grid must be > 0, got ", text(grid));
+  Packed packed = pack(tensors, "simulate_tensor_slots", std::nullopt, Access::kRead, Layout::kPerTensor);
+  TORCH_CHECK(packed.copies.empty(), "simulate_tensor_slots: pass dense tensors");
+  std::vector<int> grids(packed.num_tables);
+  int total_blocks = 0, total_tensors = 0;
+  for (int l = 0; l < packed.num_tables; ++l) {
+    grids[l] = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(packed.tables[l].num_chunks, grid)));
+    total_blocks += grids[l];
+    total_tensors += packed.tables[l].num_tensors;
+  }
+  if (total_tensors != static_cast<int>(tensors.size())) return false;  // one entry per tensor
+  std::vector<uint8_t> writes(static_cast<size_t>(total_blocks + total_tensors), 0);
+  bool ok = true;
+  int block_offset = 0, tensor_offset = 0;
+  for (int l = 0; l < packed.num_tables; ++l) {
+    ok &= gradclip::simulate_tensor_slots(packed.tables[l], grids[l], block_offset, tensor_offset,
+                                         writes.data(), static_cast<int64_t>(writes.size()));
+    block_offset += grids[l];
+    tensor_offset += packed.tables[l].num_tensors;
+  }
+  return ok;
+}
+
 }  // namespace gradclip
 
 TORCH_LIBRARY(gradclip, m) {
@@ -363,6 +564,11 @@ TORCH_LIBRARY(gradclip, m) {
   m.def("scale_(Tensor(a!)[] tensors, Tensor scale, Tensor? found_inf) -> ()");
   m.def("clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
   m.def("clip_grads_(Tensor(a!)[] grads, float norm_type, float max_norm, Tensor? inv_scale) -> Tensor");
+  m.def("norm_stats_per_tensor(Tensor[] tensors, float norm_type, float max_norm, Tensor? inv_scale) "
+        "-> (Tensor, Tensor)");
+  m.def("scale_per_tensor_(Tensor(a!)[] tensors, Tensor coefs) -> ()");
+  m.def("clip_per_tensor_(Tensor(a!)[] tensors, float norm_type, float max_norm) -> Tensor");
+  m.def("agc_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
@@ -380,5 +586,19 @@ TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
   m.impl("clip_grads_", [](at::TensorList grads, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale) {
     return gradclip::clip_grads_cuda(grads, norm_type, max_norm, inv_scale);
+  });
+  m.impl("norm_stats_per_tensor", [](at::TensorList tensors, double norm_type, double max_norm,
+                                     const std::optional<at::Tensor>& inv_scale) {
+    return gradclip::norm_stats_per_tensor_cuda(tensors, norm_type, max_norm, inv_scale);
+  });
+  m.impl("scale_per_tensor_", [](at::TensorList tensors, const at::Tensor& coefs) {
+    gradclip::scale_per_tensor_cuda(tensors, coefs);
+  });
+  m.impl("clip_per_tensor_", [](at::TensorList tensors, double norm_type, double max_norm) {
+    return gradclip::clip_per_tensor_cuda(tensors, norm_type, max_norm);
+  });
+  m.impl("agc_", [](at::TensorList params, at::TensorList grads, double clip_factor, double eps,
+                    double norm_type) {
+    return gradclip::agc_cuda(params, grads, clip_factor, eps, norm_type);
   });
 }

@@ -206,6 +206,28 @@ struct NormAcc {
     if constexpr (K != NormKind::kInf) add_sum(term(x));
   }
 
+  // The same accumulator, emptied (for one tensor's span).
+  __device__ __forceinline__ NormAcc fresh() const {
+    NormAcc out;
+    out.scale_f = scale_f;
+    out.scale_d = scale_d;
+    out.p_f = p_f;
+    out.p_d = p_d;
+    return out;
+  }
+  __device__ __forceinline__ void merge(const NormAcc& other) {
+    sum_f += other.sum_f;
+    sum_d += other.sum_d;
+    amax_f = max(amax_f, other.amax_f);
+    amax_d = max(amax_d, other.amax_d);
+  }
+  // This thread's (sum, largest |x| bits as a double) for a block reduction.
+  __device__ __forceinline__ void totals(double* sum, unsigned long long* amax) const {
+    *sum = static_cast<double>(sum_f) + sum_d;
+    const double amax_float = static_cast<double>(__uint_as_float(amax_f));  // NaN stays NaN
+    *amax = max(static_cast<unsigned long long>(__double_as_longlong(amax_float)), amax_d);
+  }
+
   template <int D>
   __device__ __forceinline__ void add_vector(const uint4& v) {
     using C = typename Traits<D>::Compute;
@@ -241,6 +263,17 @@ __device__ __forceinline__ void norm_span(NormAcc<K>& acc, const void* base, int
   }
   const char* tail = p + (plan.head + plan.vectors * T::kPerVector) * T::kSize;
   for (int64_t i = threadIdx.x; i < plan.tail; i += kBlockThreads) acc.add(T::load(tail, i));
+}
+
+template <NormKind K>
+__device__ __forceinline__ void norm_any(NormAcc<K>& acc, int dtype, const void* base, int64_t first,
+                                         int64_t n) {
+  switch (dtype) {
+    case kHalf: norm_span<kHalf>(acc, base, first, n); break;
+    case kBFloat16: norm_span<kBFloat16>(acc, base, first, n); break;
+    case kFloat: norm_span<kFloat>(acc, base, first, n); break;
+    default: norm_span<kDouble>(acc, base, first, n); break;
+  }
 }
 
 // Sum and max over the block, in a fixed order; the result is valid in thread 0.
@@ -286,22 +319,29 @@ __device__ void write_stats(void* stats, double norm_value, double max_norm, boo
   out[2] = found_inf ? T(1) : T(0);
 }
 
+// The norm from a (sum, largest |x| bits) total: NaN when any element was NaN.
 template <NormKind K>
-__device__ void finalise(const NormParams& params, double sum, unsigned long long amax_bits) {
-  const bool has_inv = params.inv_scale != nullptr;
-  const double inv = has_inv ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
+__device__ double norm_of(double sum, unsigned long long amax_bits, double p, double inv) {
   double norm;
   if constexpr (K == NormKind::kL2) {
     norm = sqrt(sum);
   } else if constexpr (K == NormKind::kL1) {
     norm = sum;
   } else if constexpr (K == NormKind::kP) {
-    norm = pow(sum, 1.0 / params.p);
+    norm = pow(sum, 1.0 / p);
   } else {
     // The max was taken over the raw values; scaling by |inv| commutes with it exactly.
     norm = __longlong_as_double(static_cast<long long>(amax_bits)) * fabs(inv);
   }
   if (amax_bits > kInfBits) norm = __longlong_as_double(static_cast<long long>(kNanBits));
+  return norm;
+}
+
+template <NormKind K>
+__device__ void finalise(const NormParams& params, double sum, unsigned long long amax_bits) {
+  const bool has_inv = params.inv_scale != nullptr;
+  const double inv = has_inv ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
+  const double norm = norm_of<K>(sum, amax_bits, params.p, inv);
   const bool found_inf = amax_bits >= kInfBits;
   if (params.stats_dtype == kDouble) {
     write_stats<double>(params.stats, norm, params.max_norm, has_inv, inv, found_inf);
@@ -324,18 +364,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   acc.p_f = static_cast<float>(params.p);
 
   for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
-    switch (dtype) {
-      case kHalf: norm_span<kHalf>(acc, table.ptr[i], first, last - first); break;
-      case kBFloat16: norm_span<kBFloat16>(acc, table.ptr[i], first, last - first); break;
-      case kFloat: norm_span<kFloat>(acc, table.ptr[i], first, last - first); break;
-      default: norm_span<kDouble>(acc, table.ptr[i], first, last - first); break;
+    if (params.tensor_slots == nullptr) {
+      norm_any(acc, dtype, table.ptr[i], first, last - first);
+      return;
+    }
+    // Per-tensor norms: this block's part of tensor i, reduced over the block (all threads
+    // walk the same spans) into its slot, then merged into the block's total.
+    NormAcc<K> span = acc.fresh();
+    norm_any(span, dtype, table.ptr[i], first, last - first);
+    acc.merge(span);
+    double span_sum;
+    unsigned long long span_amax;
+    span.totals(&span_sum, &span_amax);
+    block_reduce(span_sum, span_amax);
+    if (threadIdx.x == 0) {
+      params.tensor_slots[table.block_offset + blockIdx.x + params.tensor_offset + i] =
+          Partial{span_sum, span_amax};
     }
   });
 
-  double sum = static_cast<double>(acc.sum_f) + acc.sum_d;
-  const double amax_f = static_cast<double>(__uint_as_float(acc.amax_f));  // NaN stays NaN
-  unsigned long long amax =
-      max(static_cast<unsigned long long>(__double_as_longlong(amax_f)), acc.amax_d);
+  double sum;
+  unsigned long long amax;
+  acc.totals(&sum, &amax);
   block_reduce(sum, amax);
 
   __shared__ bool is_last;
@@ -355,6 +405,47 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   block_reduce(sum, amax);
   if (threadIdx.x == 0) finalise<K>(params, sum, amax);
+}
+
+// Each tensor's norm from the slots of the blocks that read it, summed in block order
+// (deterministic), and with coefs torch's clip factor of that norm. Reads 16 bytes per
+// (block, tensor) pair; no tensor data.
+template <NormKind K, typename T>
+__device__ void write_tensor_norm(const TensorNormParams& params, int64_t at, double norm_value) {
+  const T norm = static_cast<T>(norm_value);
+  static_cast<T*>(params.norms)[at] = norm;
+  if (params.coefs != nullptr) {
+    T coef = T(1) / (norm + static_cast<T>(1e-6));
+    coef = coef * static_cast<T>(params.max_norm);
+    static_cast<T*>(params.coefs)[at] = coef > T(1) ? T(1) : coef;  // NaN stays NaN
+  }
+}
+
+constexpr int kTensorNormThreads = 128;
+
+template <NormKind K>
+__global__ void __launch_bounds__(kTensorNormThreads)
+    tensor_norms_kernel(const __grid_constant__ TensorTable table, const TensorNormParams params) {
+  const int i = blockIdx.x * kTensorNormThreads + threadIdx.x;
+  if (i >= table.num_tensors) return;
+  int64_t b0, b1;
+  tensor_blocks(table.num_chunks, params.grid, chunk_begin(table, i), table.chunk_end[i], &b0, &b1);
+  double sum = 0.0;
+  unsigned long long amax = 0;
+  const int64_t base = int64_t{table.block_offset} + params.tensor_offset + i;
+  for (int64_t b = b0; b < b1; ++b) {
+    const Partial part = params.tensor_slots[base + b];
+    sum += part.sum;
+    amax = max(amax, part.amax_bits);
+  }
+  const double inv = params.inv_scale ? read_scalar(params.inv_scale, params.inv_scale_dtype) : 1.0;
+  const double norm = norm_of<K>(sum, amax, params.p, inv);
+  const int64_t at = int64_t{params.tensor_offset} + i;
+  if (params.out_dtype == kDouble) {
+    write_tensor_norm<K, double>(params, at, norm);
+  } else {
+    write_tensor_norm<K, float>(params, at, norm);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -411,24 +502,40 @@ __device__ __forceinline__ void pointwise_span(void* base, int64_t first, int64_
 template <Pointwise Op>
 __global__ void __launch_bounds__(kBlockThreads)
     pointwise_kernel(const __grid_constant__ TensorTable table, const PointwiseParams params) {
-  double a;
-  if constexpr (Op == Pointwise::kScale) {
-    a = read_scalar(params.scale, params.scale_dtype);
-    if (a == 1.0) return;
-    if (params.found_inf != nullptr && read_scalar(params.found_inf, params.found_inf_dtype) != 0.0) {
-      return;
-    }
+  if constexpr (Op == Pointwise::kScaleEach) {
+    // Each tensor by its own factor; a factor of exactly 1 skips the tensor's span.
+    for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
+      const int64_t at = int64_t{params.tensor_offset} + i;
+      const double a = params.scale_dtype == kDouble ? static_cast<const double*>(params.coefs)[at]
+                                                     : static_cast<const float*>(params.coefs)[at];
+      if (a == 1.0) return;
+      switch (dtype) {
+        case kHalf: pointwise_span<kHalf, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
+        case kBFloat16: pointwise_span<kBFloat16, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
+        case kFloat: pointwise_span<kFloat, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
+        default: pointwise_span<kDouble, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
+      }
+    });
   } else {
-    a = params.clip_value;
-  }
-  for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
-    switch (dtype) {
-      case kHalf: pointwise_span<kHalf, Op>(table.ptr[i], first, last - first, a); break;
-      case kBFloat16: pointwise_span<kBFloat16, Op>(table.ptr[i], first, last - first, a); break;
-      case kFloat: pointwise_span<kFloat, Op>(table.ptr[i], first, last - first, a); break;
-      default: pointwise_span<kDouble, Op>(table.ptr[i], first, last - first, a); break;
+    double a;
+    if constexpr (Op == Pointwise::kScale) {
+      a = read_scalar(params.scale, params.scale_dtype);
+      if (a == 1.0) return;
+      if (params.found_inf != nullptr && read_scalar(params.found_inf, params.found_inf_dtype) != 0.0) {
+        return;
+      }
+    } else {
+      a = params.clip_value;
     }
-  });
+    for_each_span(table, [&](int i, int dtype, int64_t first, int64_t last) {
+      switch (dtype) {
+        case kHalf: pointwise_span<kHalf, Op>(table.ptr[i], first, last - first, a); break;
+        case kBFloat16: pointwise_span<kBFloat16, Op>(table.ptr[i], first, last - first, a); break;
+        case kFloat: pointwise_span<kFloat, Op>(table.ptr[i], first, last - first, a); break;
+        default: pointwise_span<kDouble, Op>(table.ptr[i], first, last - first, a); break;
+      }
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -466,9 +573,12 @@ int norm_grid_limit(int device, NormKind kind) {
 }
 
 int pointwise_grid_limit(int device, Pointwise op) {
-  static std::atomic<int> cache[2][kCachedDevices];
-  return op == Pointwise::kScale ? grid_limit(device, pointwise_kernel<Pointwise::kScale>, cache[0])
-                                 : grid_limit(device, pointwise_kernel<Pointwise::kClamp>, cache[1]);
+  static std::atomic<int> cache[3][kCachedDevices];
+  switch (op) {
+    case Pointwise::kScale: return grid_limit(device, pointwise_kernel<Pointwise::kScale>, cache[0]);
+    case Pointwise::kClamp: return grid_limit(device, pointwise_kernel<Pointwise::kClamp>, cache[1]);
+    default: return grid_limit(device, pointwise_kernel<Pointwise::kScaleEach>, cache[2]);
+  }
 }
 
 size_t norm_workspace_bytes(int total_blocks) {
@@ -500,12 +610,74 @@ cudaError_t launch_norm(NormKind kind, const TensorTable& table, const NormParam
 
 cudaError_t launch_pointwise(Pointwise op, const TensorTable& table, const PointwiseParams& params,
                              int grid, cudaStream_t stream) {
-  if (op == Pointwise::kScale) {
-    pointwise_kernel<Pointwise::kScale><<<grid, kBlockThreads, 0, stream>>>(table, params);
-  } else {
-    pointwise_kernel<Pointwise::kClamp><<<grid, kBlockThreads, 0, stream>>>(table, params);
+  switch (op) {
+    case Pointwise::kScale:
+      pointwise_kernel<Pointwise::kScale><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
+    case Pointwise::kClamp:
+      pointwise_kernel<Pointwise::kClamp><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
+    default:
+      pointwise_kernel<Pointwise::kScaleEach><<<grid, kBlockThreads, 0, stream>>>(table, params);
+      break;
   }
   return cudaGetLastError();
+}
+
+cudaError_t launch_tensor_norms(NormKind kind, const TensorTable& table, const TensorNormParams& params,
+                                cudaStream_t stream) {
+  if (table.num_tensors == 0) return cudaSuccess;
+  const int grid = (table.num_tensors + kTensorNormThreads - 1) / kTensorNormThreads;
+  switch (kind) {
+    case NormKind::kL2:
+      tensor_norms_kernel<NormKind::kL2><<<grid, kTensorNormThreads, 0, stream>>>(table, params);
+      break;
+    case NormKind::kL1:
+      tensor_norms_kernel<NormKind::kL1><<<grid, kTensorNormThreads, 0, stream>>>(table, params);
+      break;
+    case NormKind::kInf:
+      tensor_norms_kernel<NormKind::kInf><<<grid, kTensorNormThreads, 0, stream>>>(table, params);
+      break;
+    default:
+      tensor_norms_kernel<NormKind::kP><<<grid, kTensorNormThreads, 0, stream>>>(table, params);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+bool simulate_tensor_slots(const TensorTable& table, int grid, int block_offset, int tensor_offset,
+                           uint8_t* slot_writes, int64_t num_slots) {
+  bool ok = true;
+  // What the norm kernel writes: for_each_span's walk, block by block.
+  for (int block = 0; block < grid; ++block) {
+    int64_t c0, c1;
+    block_chunk_range(table.num_chunks, grid, block, &c0, &c1);
+    for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
+         ++i) {
+      int64_t first, last;
+      if (!element_range(table, i, c0, c1, &first, &last)) continue;
+      const int64_t slot = int64_t{block_offset} + block + tensor_offset + i;
+      if (slot < 0 || slot >= num_slots || slot_writes[slot] != 0) {
+        ok = false;
+        continue;
+      }
+      slot_writes[slot] = 1;
+      // What the finaliser reads for tensor i must include this block.
+      int64_t b0, b1;
+      tensor_blocks(table.num_chunks, grid, chunk_begin(table, i), table.chunk_end[i], &b0, &b1);
+      if (block < b0 || block >= b1) ok = false;
+    }
+  }
+  // Every block the finaliser reads was written.
+  for (int i = 0; i < table.num_tensors; ++i) {
+    int64_t b0, b1;
+    tensor_blocks(table.num_chunks, grid, chunk_begin(table, i), table.chunk_end[i], &b0, &b1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t slot = int64_t{block_offset} + b + tensor_offset + i;
+      if (b < 0 || b >= grid || slot >= num_slots || slot_writes[slot] != 1) ok = false;
+    }
+  }
+  return ok;
 }
 
 bool simulate_visits(const TensorTable& table, int grid, int threads, uint8_t* const* visits) {

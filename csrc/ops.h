@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -46,6 +47,16 @@ void clamp_cuda(TensorRefs tensors, double clip_value);
 at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
                            const std::optional<at::Tensor>& inv_scale);
 
+// The per-tensor ops (gradclip/backends/base.py): each tensor's norm from the same read as
+// the stats; each tensor by its own factor (1 skips it); each tensor clipped to its own
+// norm (returns the norms); AGC (ATen ops for now).
+std::tuple<at::Tensor, at::Tensor> norm_stats_per_tensor_cuda(TensorRefs tensors, double norm_type,
+                                                             double max_norm,
+                                                             const std::optional<at::Tensor>& inv_scale);
+void scale_per_tensor_cuda(TensorRefs tensors, const at::Tensor& coefs);
+at::Tensor clip_per_tensor_cuda(TensorRefs tensors, double norm_type, double max_norm);
+at::Tensor agc_cuda(TensorRefs params, TensorRefs grads, double clip_factor, double eps, double norm_type);
+
 // How the kernels would split `tensors` among `grid` blocks, replayed on the host: for each
 // tensor the fewest and most reads of one element (1 and 1 when the split is right).
 struct SplitReplay {
@@ -55,6 +66,10 @@ struct SplitReplay {
 };
 // With replay false, only packs (to time the host-side packing without a GPU).
 SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay = true);
+
+// Whether the per-tensor norm slots line up (written once each, read exactly where
+// written) for `tensors` over launches of at most `grid` blocks; no GPU needed.
+bool simulate_tensor_slots(TensorRefs tensors, int64_t grid);
 
 // For tests on any device: checks and packs `tensors` as an op that writes them does,
 // bumping the version counters of those the kernels would write; returns how many are set

@@ -127,6 +127,10 @@ py::tuple simulate_split_py(const std::vector<at::Tensor>& tensors, int64_t grid
   return py::make_tuple(replay.ok, replay.launches, replay.min_visits, replay.max_visits);
 }
 
+bool simulate_tensor_slots_py(const std::vector<at::Tensor>& tensors, int64_t grid) {
+  return simulate_tensor_slots(at::TensorList(tensors), grid);
+}
+
 py::dict dtype_codes() {
   py::dict codes;
   for (const at::ScalarType type : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
@@ -167,6 +171,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("replay") = true,
         "Test helper: replay on the host how the kernels split a list among blocks; returns "
         "(ok, launches, min_visits, max_visits). With replay=False it only packs the list.");
+  m.def("simulate_tensor_slots", &gradclip::simulate_tensor_slots_py, py::arg("tensors"), py::arg("grid"),
+        "Test helper: whether the per-tensor norm slots line up for a list split over launches of "
+        "at most grid blocks (each written once, read exactly where written).");
   m.attr("DTYPE_CODES") = gradclip::dtype_codes();
   m.attr("MAX_TENSORS_PER_LAUNCH") = gradclip::kMaxTensorsPerLaunch;
   m.attr("CHUNK_BYTES") = gradclip::kChunkBytes;

@@ -38,8 +38,16 @@ from gradclip.backends.cuda import CudaBackend
 
 HAS_CUDA = torch.cuda.is_available()
 CAN_BUILD = cuda_build.build_problem() is None or cuda_build.prebuilt_available()
-OPS = ("clamp_", "clip_grads_", "norm_stats", "scale_")
+OPS = ("agc_", "clamp_", "clip_grads_", "clip_per_tensor_", "norm_stats", "norm_stats_per_tensor",
+       "scale_", "scale_per_tensor_")
 SCHEMAS = {
+    "norm_stats_per_tensor": "gradclip::norm_stats_per_tensor(Tensor[] tensors, float norm_type, "
+                             "float max_norm, Tensor? inv_scale) -> (Tensor, Tensor)",
+    "scale_per_tensor_": "gradclip::scale_per_tensor_(Tensor(a!)[] tensors, Tensor coefs) -> ()",
+    "clip_per_tensor_": "gradclip::clip_per_tensor_(Tensor(a!)[] tensors, float norm_type, "
+                        "float max_norm) -> Tensor",
+    "agc_": "gradclip::agc_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, "
+            "float norm_type) -> Tensor",
     "norm_stats": "gradclip::norm_stats(Tensor[] tensors, float norm_type, float max_norm, "
                   "Tensor? inv_scale) -> Tensor",
     "scale_": "gradclip::scale_(Tensor(a!)[] tensors, Tensor scale, Tensor? found_inf) -> ()",
@@ -324,7 +332,11 @@ def test_opcheck_on_meta_tensors(ext, op):
     args = {"norm_stats": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
             "scale_": (tensors, torch.empty(1, device="meta"), torch.empty(1, device="meta")),
             "clamp_": (tensors, 0.5),
-            "clip_grads_": (tensors, 2.0, 1.0, torch.empty(1, device="meta"))}[op]
+            "clip_grads_": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
+            "norm_stats_per_tensor": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
+            "scale_per_tensor_": (tensors, torch.empty(3, device="meta")),
+            "clip_per_tensor_": (tensors, 2.0, 1.0),
+            "agc_": ([torch.empty_like(t) for t in tensors], tensors, 0.01, 1e-3, 2.0)}[op]
     result = torch.library.opcheck(getattr(torch.ops.gradclip, op).default, args)
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -438,6 +450,23 @@ def test_split_of_more_tensors_than_one_launch_holds(ext, rng):
     ok, launches, lo, hi = ext.simulate_split(tensors, 528)
     assert ok and lo == hi == [1] * count
     assert launches == -(-nonempty // ext.MAX_TENSORS_PER_LAUNCH)
+
+
+@needs_build
+@pytest.mark.parametrize("grid", [1, 3, 132, 528, 100_000])
+def test_per_tensor_norm_slots_line_up(ext, rng, grid):
+    """Each (block, tensor) part of the per-tensor norms goes to its own slot, and the
+    finaliser reads exactly the slots of the blocks that read its tensor (empty tensors
+    and misaligned views included)."""
+    assert ext.simulate_tensor_slots(_meta_tensors(rng, 60), grid)
+
+
+@needs_build
+def test_per_tensor_norm_slots_line_up_over_several_launches(ext, rng):
+    tensors = _meta_tensors(rng, 2 * ext.MAX_TENSORS_PER_LAUNCH + 17, max_numel=300)
+    tensors[-1] = torch.empty(0, device="meta")
+    for grid in (7, 528):
+        assert ext.simulate_tensor_slots(tensors, grid)
 
 
 @pytest.mark.slow
@@ -900,3 +929,50 @@ def test_accepts_only_lists_the_fast_paths_take_whole(gen):
     assert not backend.accepts(cuda_list + [torch.randn(3)])  # several devices: split in Python
     assert not backend.accepts(cuda_list + [torch.ones(3, dtype=torch.int32, device="cuda")])
     assert not backend.accepts(cuda_list + [torch.randn(4, 3, device="cuda").to_sparse()])
+
+
+# ---------------------------------------------------------------------------------------
+# Per-tensor ops on a GPU (their contract tests over every backend are in test_tensor_norms.py
+# and test_per_tensor.py; these cover what is particular to the extension's tables)
+
+
+@on_gpu
+@pytest.mark.parametrize("count", [5, 1300])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 3.0])
+def test_per_tensor_norms_over_launches_match_float64(gen, rng, count, norm_type):
+    sizes = _random_sizes(rng, count, largest=200_000 if count < 100 else 3000)
+    sizes[-1] = 0
+    tensors = _random_list(gen, sizes, [torch.bfloat16, torch.float32, torch.float16], offset=rng.randrange(2))
+    stats, norms = _cuda().norm_stats_per_tensor(tensors, norm_type, 1.0)
+    assert_stats_match(stats, tensors, norm_type, 1.0)
+    want = torch.tensor([0.0 if t.numel() == 0 else float(torch.linalg.vector_norm(t.double(), norm_type))
+                         for t in tensors], dtype=torch.float64)
+    torch.testing.assert_close(norms.cpu().double(), want, rtol=2e-5, atol=0)
+
+
+@on_gpu
+def test_per_tensor_clip_writes_only_tensors_over_the_limit(gen, rng):
+    sizes = _random_sizes(rng, 1300, largest=3000)
+    tensors = _random_list(gen, sizes, [torch.float32, torch.bfloat16])
+    for t in tensors[::2]:
+        t.mul_(1e-4)  # these stay below the limit
+    strided = torch.randn(40, 6, device="cuda")[:, ::2]  # not dense: ATen's mul_
+    tensors.append(strided)
+    before = [t.clone() for t in tensors]
+    norms = _cuda().clip_per_tensor_(tensors, 2.0, 0.5)
+    for t, b, n in zip(tensors, before, norms.tolist()):
+        coef = min(1.0, 0.5 / (n + 1e-6))
+        if coef == 1.0:
+            assert torch.equal(t, b)
+        else:
+            torch.testing.assert_close(t, (b.float() * coef).to(b.dtype), rtol=2 * storage_rtol(b.dtype), atol=0)
+
+
+@on_gpu
+def test_scale_per_tensor_skips_factors_of_one(gen):
+    tensors = _random_list(gen, [100, 70_000, 0, 9], [torch.float16, torch.float64])
+    before = [t.clone() for t in tensors]
+    coefs = torch.tensor([1.0, 0.5, 0.25, 1.0], device="cuda")
+    _cuda().scale_per_tensor_(tensors, coefs)
+    assert torch.equal(tensors[0], before[0]) and torch.equal(tensors[3], before[3])
+    torch.testing.assert_close(tensors[1], before[1] * 0.5, rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """The CUDA backend: the Python face of the C++/CUDA extension in ``csrc/``.
 
 The ops are declared once, in C++ (``torch.ops.gradclip.norm_stats``, ``scale_``,
-``clamp_``, ``clip_grads_``); this module calls them and registers their fake
+``clamp_``, ``clip_grads_``, and the per-tensor ``norm_stats_per_tensor``,
+``scale_per_tensor_``, ``clip_per_tensor_``, ``agc_``); this module calls them and registers their fake
 implementations, so that ``torch.compile`` can trace them and CUDA graphs capture them.
 Eager calls first offer the list to the extension's pybind11 fast path of the same op (the
 same C++ function without the dispatcher's per-tensor boxing), which reads the gradients of
@@ -110,6 +111,27 @@ class CudaBackend(Backend):
     def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
         return self._run("clip_grads_", grads, float(norm_type), float(max_norm), inv_scale)
 
+    # Per-tensor ops: through the dispatcher (no fast path). The norms come from the norm
+    # kernel's read (per-block parts per tensor, reduced in block order); agc_ is ATen ops
+    # in C++ for now (the triton backend has the fused kernel).
+
+    def norm_stats_per_tensor(self, tensors, norm_type, max_norm, inv_scale=None):
+        self._module()
+        return tuple(torch.ops.gradclip.norm_stats_per_tensor(tensors, float(norm_type),
+                                                              float(max_norm), inv_scale))
+
+    def scale_per_tensor_(self, tensors, coefs):
+        self._module()
+        torch.ops.gradclip.scale_per_tensor_(tensors, coefs)
+
+    def clip_per_tensor_(self, tensors, norm_type, max_norm):
+        self._module()
+        return torch.ops.gradclip.clip_per_tensor_(tensors, float(norm_type), float(max_norm))
+
+    def agc_(self, params, grads, clip_factor, eps, norm_type):
+        self._module()
+        return torch.ops.gradclip.agc_(params, grads, float(clip_factor), float(eps), float(norm_type))
+
     def clip_parameters_(self, params, norm_type, max_norm, inv_scale=None):
         # Reads .grad in C++: eager calls only (None: the caller goes the general way).
         if torch.compiler.is_compiling():
@@ -140,8 +162,33 @@ def _clip_grads_fake(grads: list[Tensor], norm_type: float, max_norm: float,
     return grads[0].new_empty((3,), dtype=stats_dtype(grads))
 
 
+def _norm_stats_per_tensor_fake(tensors: list[Tensor], norm_type: float, max_norm: float,
+                                inv_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    torch._check(len(tensors) > 0, lambda: "gradclip::norm_stats_per_tensor: tensors is empty")
+    dtype = stats_dtype(tensors)
+    return tensors[0].new_empty((3,), dtype=dtype), tensors[0].new_empty((len(tensors),), dtype=dtype)
+
+
+def _scale_per_tensor_fake(tensors: list[Tensor], coefs: Tensor) -> None:
+    torch._check(coefs.numel() == len(tensors),
+                 lambda: "gradclip::scale_per_tensor_: coefs needs one element per tensor")
+
+
+def _clip_per_tensor_fake(tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
+    torch._check(len(tensors) > 0, lambda: "gradclip::clip_per_tensor_: tensors is empty")
+    return tensors[0].new_empty((len(tensors),), dtype=stats_dtype(tensors))
+
+
+def _agc_fake(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
+              norm_type: float) -> Tensor:
+    torch._check(len(grads) > 0, lambda: "gradclip::agc_: grads is empty")
+    return grads[0].new_empty((), dtype=stats_dtype(grads))
+
+
 _FAKES = {"norm_stats": _norm_stats_fake, "scale_": _scale_fake, "clamp_": _clamp_fake,
-          "clip_grads_": _clip_grads_fake}
+          "clip_grads_": _clip_grads_fake, "norm_stats_per_tensor": _norm_stats_per_tensor_fake,
+          "scale_per_tensor_": _scale_per_tensor_fake, "clip_per_tensor_": _clip_per_tensor_fake,
+          "agc_": _agc_fake}
 _fakes_registered = False
 
 
