@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import gpu, on_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
@@ -35,7 +36,7 @@ def set_grads(params, norm: float, gen: torch.Generator, scale: float = 1.0):
     raw = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     total = float(torch.cat([r.flatten() for r in raw]).norm())
     for p, r in zip(params, raw):
-        p.grad = (r * (norm / total) * scale).float()
+        p.grad = (r * (norm / total) * scale).float().to(p.device)
 
 
 def norm_sequence(n: int, spikes=(), seed: int = 0, factor: float = 20.0) -> list[float]:
@@ -416,6 +417,26 @@ def test_tensor_norms_are_the_pre_clip_norms_by_name(scaler_kind):
     assert opt.tensor_norms().shape == (3,)
 
 
+def test_tensor_norms_of_every_backend_match_the_float64_oracle(backend_device, gen):
+    """Mixed dtypes, an empty gradient and a parameter without one."""
+    backend, device = backend_device
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+    shapes = [(33,), (4, 5), (7,), (3, 3), (0,)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d, device=on_device(device)))
+              for s, d in zip(shapes, dtypes)]
+    params.append(torch.nn.Parameter(torch.zeros(2, device=on_device(device))))
+    for p in params[:-1]:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=0.1,
+                                    track_tensor_norms=True, backend=backend)
+    oracle = [float(p.grad.double().norm()) for p in params[:-1]]
+    opt.step()
+    norms = opt.tensor_norms()
+    assert norms.dtype == torch.float64 and norms.device == params[0].device  # float64 input
+    assert norms[:-1].cpu().tolist() == pytest.approx(oracle, rel=1e-6)
+    assert math.isnan(norms[-1].item())
+
+
 def test_tensor_norms_need_tracking():
     opt = gradclip.ClippedOptimizer(INNER["sgd"](make_params()))
     with pytest.raises(RuntimeError, match="track_tensor_norms=True"):
@@ -528,3 +549,109 @@ def test_demo_guarded_run_skips_exactly_its_bad_batches():
         torch.set_num_threads(threads)
     assert len(run["norm"]) == 60 and len(run["bad"]) == 3
     assert run["flagged"] == run["skipped"] == run["bad"]
+
+
+# ---------------------------------------------------------------------------------------
+# Per-tensor rules (gradclip.PerTensor, gradclip.AGC) in the wrapper
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_rule, clip_", [
+    (lambda: gradclip.PerTensor(0.3), lambda ps: gradclip.clip_grad_norm_per_tensor_(ps, 0.3)),
+    (lambda: gradclip.AGC(clip_factor=0.05), lambda ps: gradclip.adaptive_clip_grad_(ps, 0.05)),
+])
+def test_per_tensor_rules_clip_as_their_functions_and_record_the_global_norm(make_rule, clip_):
+    params, ref = make_params(), make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=make_rule(), history=8,
+                                    spike_guard=gradclip.SpikeGuard(window=3, action="flag"))
+    ref_opt = INNER["sgd"](ref)
+    gen, ref_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for norm in norm_sequence(6, spikes=[4]):
+        set_grads(params, norm, gen)
+        set_grads(ref, norm, ref_gen)
+        opt.step()
+        global_norm = float(torch.cat([p.grad.flatten() for p in ref]).norm())
+        clip_(ref)
+        ref_opt.step()
+        assert opt.last_norm.item() == pytest.approx(global_norm, rel=1e-5)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.detach(), q.detach())
+    assert opt.stats()["spike_steps"] == 1
+    assert isinstance(opt.state_dict()["gradclip"]["rule"], dict)
+
+
+def test_per_tensor_rule_under_a_scaler_needs_unscaled_gradients():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=gradclip.PerTensor(1.0))
+    scaler = SCALERS["gradclip"]()
+    set_grads(params, 1.0, torch.Generator().manual_seed(0), scale_of(scaler))
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.step(opt)
+    scaler = SCALERS["gradclip"]()
+    set_grads(params, 1.0, torch.Generator().manual_seed(0), scale_of(scaler))
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert opt.last_norm.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_guards_clip_cannot_be_combined_with_a_per_tensor_rule():
+    with pytest.raises(ValueError, match="per-tensor"):
+        gradclip.ClippedOptimizer(INNER["sgd"](make_params()), max_norm=gradclip.PerTensor(1.0),
+                                  spike_guard=gradclip.SpikeGuard(action="clip"))
+
+
+def test_deepcopy_keeps_the_rule_the_guard_and_their_state_together():
+    params = make_params()
+    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=gradclip.ZClip(warmup_steps=3),
+                                    history=8, spike_guard=gradclip.SpikeGuard(window=3, action="clip"))
+    run(opt, params, norm_sequence(6))
+    clone = copy.deepcopy(opt)
+    run(opt, params, norm_sequence(3, spikes=[1], seed=1))
+    cparams = [p for g in clone.param_groups for p in g["params"]]
+    run(clone, cparams, norm_sequence(3, spikes=[1], seed=1))
+    assert clone.stats() == opt.stats()
+    assert torch.equal(clone.norm_history(), opt.norm_history())
+    assert clone._threshold.state is clone._step_state and clone._threshold.rule is clone.max_norm
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: no synchronisation under torch.cuda.set_sync_debug_mode("error")
+# ---------------------------------------------------------------------------------------
+
+
+GPU_INNER = {"adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True),
+             "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)}
+
+
+@gpu
+@pytest.mark.parametrize("case", list(SYNC_FREE))
+def test_steps_never_synchronise_on_the_gpu(case):
+    settings = dict(SYNC_FREE[case])
+    inner, scaler_kind = settings.pop("inner"), settings.pop("scaler", None)
+    if callable(settings.get("max_norm")):
+        settings["max_norm"] = settings["max_norm"]()
+    if "spike_guard" in settings:
+        settings["spike_guard"] = copy.deepcopy(settings["spike_guard"])
+    params = [torch.nn.Parameter(torch.full(s, 0.5, device="cuda")) for s in SHAPES]
+    opt = gradclip.ClippedOptimizer(GPU_INNER[inner](params), **settings)
+    scaler = None
+    if scaler_kind == "gradclip":
+        scaler = gradclip.GradScaler("cuda", init_scale=1024.0, growth_interval=10_000)
+    gen = torch.Generator().manual_seed(0)
+    norms = norm_sequence(14, spikes=[9, 12])
+    for i, norm in enumerate(norms):
+        scale = 1.0 if scaler is None else float(scaler.scale(torch.ones((), device="cuda")))
+        set_grads(params, norm, gen, scale)
+        torch.cuda.synchronize()
+        if i >= 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+            opt.metrics()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt.stats()["steps"] == len(norms)
