@@ -418,11 +418,14 @@ void scale_per_tensor_cuda(TensorRefs tensors, const at::Tensor& coefs) {
   const at::Device device = check_device(tensors, op);
   const c10::cuda::CUDAGuard guard(device);
   TORCH_CHECK(coefs.numel() == static_cast<int64_t>(tensors.size()), op, ": coefs has ",
-              text(coefs.numel()), " elements for ", text(tensors.size()), " tensors; pass one factor per tensor");
-  TORCH_CHECK(coefs.device() == device, op, ": coefs is on ", coefs.device().str(), " but the tensors are on ",
-              device.str(), "; move it with .to(", device.str(), ")");
+              text(coefs.numel()), " elements for ", text(tensors.size()),
+              " tensors; pass one factor per tensor");
+  TORCH_CHECK(coefs.device() == device, op, ": coefs is on ", coefs.device().str(),
+              " but the tensors are on ", device.str(), "; move it with .to(", device.str(), ")");
   at::Tensor factors = coefs.reshape({-1});
-  if (factors.scalar_type() != at::kFloat && factors.scalar_type() != at::kDouble) factors = factors.to(at::kFloat);
+  if (factors.scalar_type() != at::kFloat && factors.scalar_type() != at::kDouble) {
+    factors = factors.to(at::kFloat);
+  }
   factors = factors.contiguous();
   Packed packed = pack(tensors, op, device, Access::kWrite, Layout::kPerTensor);
   scale_each(packed, device, factors);

@@ -509,11 +509,12 @@ __global__ void __launch_bounds__(kBlockThreads)
       const double a = params.scale_dtype == kDouble ? static_cast<const double*>(params.coefs)[at]
                                                      : static_cast<const float*>(params.coefs)[at];
       if (a == 1.0) return;
+      constexpr Pointwise kScale = Pointwise::kScale;
       switch (dtype) {
-        case kHalf: pointwise_span<kHalf, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-        case kBFloat16: pointwise_span<kBFloat16, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-        case kFloat: pointwise_span<kFloat, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
-        default: pointwise_span<kDouble, Pointwise::kScale>(table.ptr[i], first, last - first, a); break;
+        case kHalf: pointwise_span<kHalf, kScale>(table.ptr[i], first, last - first, a); break;
+        case kBFloat16: pointwise_span<kBFloat16, kScale>(table.ptr[i], first, last - first, a); break;
+        case kFloat: pointwise_span<kFloat, kScale>(table.ptr[i], first, last - first, a); break;
+        default: pointwise_span<kDouble, kScale>(table.ptr[i], first, last - first, a); break;
       }
     });
   } else {

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .backends import dispatch
-from .backends.base import clip_coefficient, stats_dtype
+from .backends.base import NORM, clip_coefficient, stats_dtype
 from .functional import TensorOrTensors, _as_list, check_max_norm, check_norm_type
 
 _GRAD_EPS = 1e-6  # timm's floor on a unit's gradient norm in the AGC factor
@@ -265,7 +265,7 @@ class AGC:
         if not kept:
             return norm
         with torch.no_grad():
-            rest = dispatch.norm_stats(kept, self.norm_type, math.inf, None, backend)[0]
+            rest = dispatch.norm_stats(kept, self.norm_type, math.inf, None, backend)[NORM]
         if not clipped:
             return rest
         dtype = stats_dtype([norm, rest])
