@@ -161,8 +161,11 @@ class ClippedOptimizer(Optimizer):
 
     Args:
         optimizer (torch.optim.Optimizer): the optimizer to wrap.
-        max_norm (float): the largest global norm allowed, > 0; ``float('inf')`` only
-            measures the norm (``last_norm``) and never scales the gradients. Default: 1.0
+        max_norm (float or rule): the largest global norm allowed, > 0; ``float('inf')``
+            only measures the norm (``last_norm``) and never scales the gradients. Or a
+            rule: :class:`gradclip.ZClip`, :class:`gradclip.AutoClip` (a threshold set on
+            the device each step), :class:`gradclip.PerTensor`, :class:`gradclip.AGC`
+            (each tensor clipped on its own). Default: 1.0
         norm_type (float): order of the norm, > 0; ``inf`` for the max norm. Default: 2.0
         error_if_nonfinite (bool): without a grad scaler, raise ``RuntimeError`` before
             touching the gradients when their norm is NaN or inf (costs a host
@@ -173,6 +176,13 @@ class ClippedOptimizer(Optimizer):
             gradients on each rank are disjoint parts of one model over this group (ZeRO
             shards, pipeline stages), as in :func:`gradclip.clip_grad_norm_`; DTensor
             gradients (FSDP2) need none. See ``docs/distributed.md``. Default: None
+        history (int): keep the last ``history`` pre-clip norms on the device
+            (:meth:`norm_history`, :func:`gradclip.log_metrics`). Default: 0
+        spike_guard (gradclip.SpikeGuard, optional): flag, clip or skip steps whose norm
+            jumps above the recent ones. Default: None
+        vanishing (float): a norm below it counts in ``vanishing_steps``. Default: 1e-5
+        track_tensor_norms (bool): keep each gradient's pre-clip norm
+            (:meth:`tensor_norms`; one more read of the gradients). Default: False
 
     Attributes:
         optimizer: the wrapped optimizer.
