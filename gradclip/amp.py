@@ -76,6 +76,10 @@ class GradScaler(torch.amp.GradScaler):
             if found_inf is None:
                 found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
             optimizer_state["found_inf_per_device"] = {found_inf.device: found_inf}
+        else:
+            # After a manual unscale_: the flags' sum, which a sharded clip replaced in
+            # place by the flag of all ranks, so that update() backs off alike everywhere.
+            optimizer_state["found_inf_per_device"] = {request.found_inf.device: request.found_inf}
         optimizer_state["stage"] = OptState.STEPPED
         if return_found_inf:
             return retval, request.found_inf if stage is OptState.UNSCALED else found_inf

@@ -381,6 +381,24 @@ def nonfinite(rank: int, world: int, backend: str) -> None:
     for p, b, t in zip(params, before, full):
         torch.testing.assert_close(p.detach().full_tensor(), b - t / (total + 1e-6))
 
+    # Plain shards over process_group, a manual unscale_ first: torch's unscale_ finds the
+    # NaN on rank 1 only (for DTensors it reduces the flag itself); every rank still skips
+    # and backs off alike.
+    shards = [torch.nn.Parameter(t.clone()) for t in full[rank::world]]
+    for p in shards:
+        p.grad = p.detach() * 128.0
+    if rank == 1:
+        shards[0].grad[0, 0] = math.nan
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(shards, lr=1.0), max_norm=1.0,
+                                    process_group=dist.group.WORLD, backend=backend)
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 64.0, scaler.get_scale()
+    for p, t in zip(shards, full[rank::world]):
+        torch.testing.assert_close(p.detach(), t)
+    assert opt.stats()["nonfinite_steps"] == 1
+
 
 def bad_inputs(rank: int, world: int, backend: str) -> None:
     """Partial placements, a mesh or process group without this rank, a rank whose
