@@ -31,6 +31,20 @@ GRADCLIP_HOST_DEVICE inline int first_tensor_after(const TensorTable& table, int
   return lo;
 }
 
+// The tensor of AGC row `row` (binary search; tensors with no rows are skipped).
+GRADCLIP_HOST_DEVICE inline int agc_tensor_of(const AgcTable& table, int64_t row) {
+  int lo = 0, hi = table.num_tensors;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (table.row_end[mid] > row) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
 // Blocks [*b0, *b1) (of `grid` over `num_chunks` chunks, block_chunk_range's split) whose
 // chunks meet chunks [c0, c1) of one tensor; empty when c0 == c1. Block b starts at
 // floor(num_chunks * b / grid), so chunk c lies in block ((c + 1) * grid - 1) / num_chunks.

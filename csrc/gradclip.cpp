@@ -450,50 +450,127 @@ at::Tensor clip_per_tensor_cuda(TensorRefs tensors, double norm_type, double max
   return out.norms;
 }
 
-// AGC with ATen ops, tensor by tensor (no fused kernel yet: the triton backend has one).
-// Unit norms accumulate in float32 (float64 for float64), as the other backends do.
-at::Tensor agc_cuda(TensorRefs params, TensorRefs grads, double clip_factor, double eps, double norm_type) {
-  const char* op = "gradclip::agc_";
-  const at::Device device = check_device(grads, op);
+// AGC of one tensor with ATen ops (a gradient whose rows are not contiguous memory): the
+// same rule and precision as the kernel; returns its rows' gradient norms.
+at::Tensor agc_aten(const at::Tensor& w, const at::Tensor& g, double clip_factor, double eps,
+                    double norm_type, at::ScalarType out_type) {
+  const int64_t units = g.dim() <= 1 ? 1 : g.size(0);
+  const int64_t width = units == 0 ? 0 : g.numel() / units;
+  const auto wide = [&](const at::Tensor& t) {
+    const auto type = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    return t.reshape({units, width}).to(type);
+  };
+  const at::Tensor g_rows = wide(g);
+  if (width == 0) return g_rows.new_zeros({units}, g_rows.options().dtype(out_type));
+  const at::Tensor grad_norms = at::linalg_vector_norm(g_rows, norm_type, {1}, false, std::nullopt).to(out_type);
+  const at::Tensor weight_norms =
+      at::linalg_vector_norm(wide(w), norm_type, {1}, false, std::nullopt).to(out_type);
+  const at::Tensor limit = weight_norms.clamp_min(eps).mul_(clip_factor);
+  const at::Tensor scaled = limit.div(grad_norms.clamp_min(1e-6));
+  // timm's rule: 1 below the limit, else limit / max(norm, 1e-6) (NaN norms give NaN).
+  const at::Tensor coefs = scaled.new_ones({}).where(grad_norms.lt(limit), scaled);
+  std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(g.dim(), 1)), 1);
+  shape[0] = units;
+  const at::Tensor factor = g.dim() == 0 ? coefs.reshape({}) : coefs.reshape(shape);
+  if (at::isReducedFloatingType(g.scalar_type())) {
+    g.copy_(g.to(at::kFloat).mul_(factor));
+  } else {
+    g.mul_(factor.to(g.scalar_type()));
+  }
+  return grad_norms;
+}
+
+// The AGC tables of a call: (weight, gradient) pairs as rows, split into launches.
+struct AgcPacked {
+  std::vector<AgcTable> tables;
+  std::vector<at::Tensor> copies;   // contiguous copies of weights that are not
+  std::vector<size_t> aside;        // gradients whose rows are not contiguous: ATen
+  int64_t total_rows = 0;
+  bool any_double = false;
+};
+
+AgcPacked pack_agc(TensorRefs params, TensorRefs grads, const char* op, std::optional<at::Device> device,
+                   bool writing) {
   TORCH_CHECK(params.size() == grads.size(), op, ": ", text(params.size()), " params for ",
               text(grads.size()), " grads; pass one parameter per gradient");
-  TORCH_CHECK(clip_factor >= 0 && eps >= 0, op, ": clip_factor and eps must be >= 0");
-  const c10::cuda::CUDAGuard guard(device);
-  bool any_double = false;
-  for (size_t k = 0; k < grads.size(); ++k) any_double |= grads[k].scalar_type() == at::kDouble;
-  const auto out_type = any_double ? at::kDouble : at::kFloat;
-  std::vector<at::Tensor> unit_norms;
+  AgcPacked packed;
+  AgcTable* table = nullptr;
   for (size_t k = 0; k < grads.size(); ++k) {
     const at::Tensor& w = params[k];
     const at::Tensor& g = grads[k];
-    TORCH_CHECK(w.sizes() == g.sizes() && w.device() == device, op, ": params[", text(k),
-                "] does not match its gradient's shape and device");
-    const int64_t units = g.dim() <= 1 ? 1 : g.size(0);
-    const auto wide = [&](const at::Tensor& t) {
-      const auto type = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      return t.reshape({units, units == 0 ? 0 : t.numel() / std::max<int64_t>(units, 1)}).to(type);
-    };
-    const at::Tensor g_rows = wide(g);
-    if (g_rows.size(1) == 0) {
-      unit_norms.push_back(g_rows.new_zeros({units}, g_rows.options().dtype(out_type)));
+    TORCH_CHECK(w.defined() && g.defined(), op, ": params[", text(k), "] or grads[", text(k), "] is None");
+    const auto wd = dtype_code(w.scalar_type()), gd = dtype_code(g.scalar_type());
+    TORCH_CHECK(wd.has_value() && gd.has_value(), op, ": params[", text(k), "] and grads[", text(k),
+                "] must be float16, bfloat16, float32 or float64");
+    TORCH_CHECK(w.sizes() == g.sizes(), op, ": params[", text(k), "] and grads[", text(k),
+                "] differ in shape");
+    TORCH_CHECK(!device.has_value() || (w.device() == *device && g.device() == *device), op,
+                ": params[", text(k), "] or grads[", text(k), "] is not on ", device->str());
+    TORCH_CHECK(w.layout() == at::kStrided && g.layout() == at::kStrided, op,
+                ": only dense (strided) tensors are supported");
+    packed.any_double |= *gd == kDouble;
+    if (!g.is_contiguous()) {
+      packed.aside.push_back(k);
       continue;
     }
-    const at::Tensor grad_norms = at::linalg_vector_norm(g_rows, norm_type, {1}, false, std::nullopt);
-    const at::Tensor weight_norms =
-        at::linalg_vector_norm(wide(w), norm_type, {1}, false, std::nullopt).to(grad_norms.scalar_type());
-    const at::Tensor limit = weight_norms.clamp_min(eps).mul_(clip_factor);
-    const at::Tensor scaled = limit.div(grad_norms.clamp_min(1e-6));
-    // timm's rule: 1 below the limit, else limit / max(norm, 1e-6) (NaN norms give NaN).
-    const at::Tensor coefs = scaled.new_ones({}).where(grad_norms.lt(limit), scaled);
-    std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(g.dim(), 1)), 1);
-    shape[0] = g.dim() <= 1 ? 1 : units;
-    const at::Tensor factor = g.dim() == 0 ? coefs.reshape({}) : coefs.reshape(shape);
-    if (at::isReducedFloatingType(g.scalar_type())) {
-      g.copy_(g.to(at::kFloat).mul_(factor));
-    } else {
-      g.mul_(factor);
+    const int64_t rows = g.dim() <= 1 ? 1 : g.size(0);
+    if (rows == 0) continue;
+    if (writing) g.unsafeGetTensorImpl()->bump_version();
+    const at::Tensor* weight = &w;
+    if (!w.is_contiguous()) {
+      packed.copies.push_back(w.contiguous());
+      weight = &packed.copies.back();
     }
-    unit_norms.push_back(grad_norms.to(out_type));
+    if (table == nullptr || table->num_tensors == kMaxAgcTensorsPerLaunch) {
+      packed.tables.emplace_back();
+      table = &packed.tables.back();
+      table->num_rows = 0;
+      table->row_offset = packed.total_rows;
+      table->num_tensors = 0;
+    }
+    const int i = table->num_tensors++;
+    table->num_rows += rows;
+    table->row_end[i] = table->num_rows;
+    table->width[i] = g.numel() / rows;
+    table->weight[i] = weight->data_ptr();
+    table->grad[i] = g.data_ptr();
+    table->weight_dtype[i] = *wd;
+    table->grad_dtype[i] = *gd;
+    packed.total_rows += rows;
+  }
+  return packed;
+}
+
+// AGC in one kernel per table: a warp per row reads the weight row and the gradient row
+// once and rescales the gradient row only when it clips. Returns the norm of all
+// gradients before clipping (the norm of the rows' norms).
+at::Tensor agc_cuda(TensorRefs params, TensorRefs grads, double clip_factor, double eps, double norm_type) {
+  const char* op = "gradclip::agc_";
+  const at::Device device = check_device(grads, op);
+  TORCH_CHECK(clip_factor >= 0 && eps >= 0, op, ": clip_factor and eps must be >= 0, got ",
+              text(clip_factor), " and ", text(eps));
+  TORCH_CHECK(norm_type > 0, op, ": norm_type must be > 0 or inf, got ", text(norm_type));
+  const c10::cuda::CUDAGuard guard(device);
+  AgcPacked packed = pack_agc(params, grads, op, device, /*writing=*/true);
+  const auto out_type = packed.any_double ? at::kDouble : at::kFloat;
+  std::vector<at::Tensor> unit_norms;
+  unit_norms.push_back(grads[0].new_zeros({packed.total_rows}, grads[0].options().dtype(out_type)));
+  AgcParams p{};
+  p.p = norm_type;
+  p.clip_factor = clip_factor;
+  p.eps = eps;
+  p.unit_norms = unit_norms[0].data_ptr();
+  p.out_dtype = packed.any_double ? kDouble : kFloat;
+  const NormKind kind = norm_kind(norm_type);
+  const int64_t limit = std::max(1, agc_grid_limit(device.index(), kind));
+  const cudaStream_t stream = current_stream(device);
+  for (const AgcTable& table : packed.tables) {
+    const int64_t wanted = (table.num_rows + kAgcThreads / 32 - 1) / (kAgcThreads / 32);
+    const int grid = static_cast<int>(std::max<int64_t>(1, std::min(wanted, limit)));
+    C10_CUDA_CHECK(launch_agc(kind, table, p, grid, stream));
+  }
+  for (const size_t k : packed.aside) {
+    unit_norms.push_back(agc_aten(params[k], grads[k], clip_factor, eps, norm_type, out_type));
   }
   return at::linalg_vector_norm(at::cat(unit_norms), norm_type, std::nullopt, false, std::nullopt);
 }
@@ -533,6 +610,32 @@ SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay) {
     result.max_visits.push_back(hi);
   }
   return result;
+}
+
+bool simulate_agc(TensorRefs params, TensorRefs grads, int64_t grid) {
+  TORCH_CHECK(grid > 0, "simulate_agc: grid must be > 0, got ", text(grid));
+  AgcPacked packed = pack_agc(params, grads, "simulate_agc", std::nullopt, /*writing=*/false);
+  TORCH_CHECK(packed.aside.empty() && packed.copies.empty(), "simulate_agc: pass contiguous tensors");
+  std::vector<std::vector<uint8_t>> visits(grads.size());
+  std::vector<uint8_t*> rows;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    visits[k].assign(static_cast<size_t>(grads[k].numel()), 0);
+    const int64_t units = grads[k].dim() <= 1 ? 1 : grads[k].size(0);
+    if (units > 0) rows.push_back(visits[k].data());  // the tensors pack_agc keeps, in order
+  }
+  bool ok = true;
+  int64_t rows_seen = 0;
+  size_t first = 0;
+  for (const AgcTable& table : packed.tables) {
+    ok &= table.row_offset == rows_seen;
+    ok &= gradclip::simulate_agc_rows(table, static_cast<int>(grid), rows.data() + first);
+    rows_seen += table.num_rows;
+    first += static_cast<size_t>(table.num_tensors);
+  }
+  for (const auto& tensor_visits : visits) {
+    for (const uint8_t v : tensor_visits) ok &= v == 1;
+  }
+  return ok && rows_seen == packed.total_rows;
 }
 
 bool simulate_tensor_slots(TensorRefs tensors, int64_t grid) {

@@ -46,6 +46,34 @@ struct TensorTable {
 
 enum class NormKind : int32_t { kL2 = 0, kL1 = 1, kInf = 2, kP = 3 };
 
+// AGC: tensors seen as (rows, width), a row per unit (one row for ndim <= 1), weight and
+// gradient of the same shape; a warp takes a row, grid-stride over the rows of a launch.
+constexpr int kMaxAgcTensorsPerLaunch = 896;
+constexpr int kAgcThreads = 256;
+
+struct AgcTable {
+  int64_t num_rows;     // rows of the tensors of this launch
+  int64_t row_offset;   // rows of the call in earlier launches (index of unit_norms)
+  int32_t num_tensors;
+  int32_t unused;
+  int64_t row_end[kMaxAgcTensorsPerLaunch];  // rows of tensors 0..i together
+  int64_t width[kMaxAgcTensorsPerLaunch];    // elements per row (0 for an empty 1-d tensor)
+  const void* weight[kMaxAgcTensorsPerLaunch];
+  void* grad[kMaxAgcTensorsPerLaunch];
+  uint8_t weight_dtype[kMaxAgcTensorsPerLaunch];
+  uint8_t grad_dtype[kMaxAgcTensorsPerLaunch];
+};
+
+struct AgcParams {
+  double p;
+  double clip_factor;
+  double eps;
+  void* unit_norms;     // one gradient norm per row of the call, dtype out_dtype
+  int32_t out_dtype;    // kFloat or kDouble: also the precision of the factor
+};
+
+static_assert(sizeof(AgcTable) + sizeof(AgcParams) <= 32764, "AGC kernel parameters too large");
+
 // One block's contribution: the sum (of x^2, |x| or |x|^p) and the bit pattern of the
 // largest |x| as a double, whose integer order puts NaN above inf above every finite value.
 struct Partial {
@@ -120,6 +148,17 @@ cudaError_t launch_pointwise(Pointwise op, const TensorTable& table,
 // One thread per tensor of `table`: its norm (and factor) from the slots its blocks wrote.
 cudaError_t launch_tensor_norms(NormKind kind, const TensorTable& table,
                                 const TensorNormParams& params, cudaStream_t stream);
+
+// AGC over one table: each row's weight and gradient read once, the gradient row scaled
+// in place (re-read from cache) only when its factor is not 1; writes every row's norm.
+int agc_grid_limit(int device, NormKind kind);
+cudaError_t launch_agc(NormKind kind, const AgcTable& table, const AgcParams& params, int grid,
+                       cudaStream_t stream);
+
+// Host replay of how agc_kernel assigns rows to the warps of `grid` blocks: adds to
+// visits[i][e] for each gradient element e of tensor i a lane would read; false if an
+// access would leave its tensor (weight or gradient).
+bool simulate_agc_rows(const AgcTable& table, int grid, uint8_t* const* visits);
 
 // Host replay of the per-tensor slots of a norm launch over `grid` blocks: true when the
 // slots the norm kernel writes for each tensor are exactly those the finaliser reads, and

@@ -49,7 +49,7 @@ at::Tensor clip_grads_cuda(TensorRefs grads, double norm_type, double max_norm,
 
 // The per-tensor ops (gradclip/backends/base.py): each tensor's norm from the same read as
 // the stats; each tensor by its own factor (1 skips it); each tensor clipped to its own
-// norm (returns the norms); AGC (ATen ops for now).
+// norm (returns the norms); AGC, a warp per unit (returns the global norm).
 std::tuple<at::Tensor, at::Tensor> norm_stats_per_tensor_cuda(TensorRefs tensors, double norm_type,
                                                              double max_norm,
                                                              const std::optional<at::Tensor>& inv_scale);
@@ -66,6 +66,10 @@ struct SplitReplay {
 };
 // With replay false, only packs (to time the host-side packing without a GPU).
 SplitReplay simulate_split(TensorRefs tensors, int64_t grid, bool replay = true);
+
+// Whether agc_'s kernels would read every gradient element of `grads` exactly once (each
+// row by one warp, never outside its tensor) over `grid` blocks; no GPU needed.
+bool simulate_agc(TensorRefs params, TensorRefs grads, int64_t grid);
 
 // Whether the per-tensor norm slots line up (written once each, read exactly where
 // written) for `tensors` over launches of at most `grid` blocks; no GPU needed.

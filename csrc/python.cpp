@@ -127,6 +127,11 @@ py::tuple simulate_split_py(const std::vector<at::Tensor>& tensors, int64_t grid
   return py::make_tuple(replay.ok, replay.launches, replay.min_visits, replay.max_visits);
 }
 
+bool simulate_agc_py(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     int64_t grid) {
+  return simulate_agc(at::TensorList(params), at::TensorList(grads), grid);
+}
+
 bool simulate_tensor_slots_py(const std::vector<at::Tensor>& tensors, int64_t grid) {
   return simulate_tensor_slots(at::TensorList(tensors), grid);
 }
@@ -174,6 +179,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simulate_tensor_slots", &gradclip::simulate_tensor_slots_py, py::arg("tensors"), py::arg("grid"),
         "Test helper: whether the per-tensor norm slots line up for a list split over launches of "
         "at most grid blocks (each written once, read exactly where written).");
+  m.def("simulate_agc", &gradclip::simulate_agc_py, py::arg("params"), py::arg("grads"), py::arg("grid"),
+        "Test helper: whether agc_'s kernel would read every gradient element exactly once "
+        "(a warp per row) over grid blocks.");
+  m.attr("MAX_AGC_TENSORS_PER_LAUNCH") = gradclip::kMaxAgcTensorsPerLaunch;
   m.attr("DTYPE_CODES") = gradclip::dtype_codes();
   m.attr("MAX_TENSORS_PER_LAUNCH") = gradclip::kMaxTensorsPerLaunch;
   m.attr("CHUNK_BYTES") = gradclip::kChunkBytes;

@@ -976,3 +976,22 @@ def test_scale_per_tensor_skips_factors_of_one(gen):
     _cuda().scale_per_tensor_(tensors, coefs)
     assert torch.equal(tensors[0], before[0]) and torch.equal(tensors[3], before[3])
     torch.testing.assert_close(tensors[1], before[1] * 0.5, rtol=0, atol=0)
+
+
+@needs_build
+@pytest.mark.parametrize("grid", [1, 5, 528])
+def test_agc_reads_every_gradient_element_once(ext, rng, grid):
+    """agc_'s warps cover each row once (0-d, 1-d, empty, Linear and conv shapes, mixed dtypes)."""
+    shapes = [(), (0,), (7,), (0, 3), (3, 0), (33, 5), (4, 3, 3, 3), (2, 70_000), (100_003,)]
+    shapes += [(rng.randrange(1, 50), rng.randrange(1, 300)) for _ in range(20)]
+    grads = [torch.empty(s, dtype=rng.choice(DTYPES), device="meta") for s in shapes]
+    params = [torch.empty(s, dtype=rng.choice(DTYPES), device="meta") for s in shapes]
+    assert ext.simulate_agc(params, grads, grid)
+
+
+@needs_build
+def test_agc_rows_over_several_launches(ext, rng):
+    count = 2 * ext.MAX_AGC_TENSORS_PER_LAUNCH + 5
+    shapes = [(rng.randrange(0, 4), rng.randrange(0, 40)) for _ in range(count)]
+    grads = [torch.empty(s, device="meta") for s in shapes]
+    assert ext.simulate_agc(grads, grads, 3)

@@ -112,8 +112,8 @@ class CudaBackend(Backend):
         return self._run("clip_grads_", grads, float(norm_type), float(max_norm), inv_scale)
 
     # Per-tensor ops: through the dispatcher (no fast path). The norms come from the norm
-    # kernel's read (per-block parts per tensor, reduced in block order); agc_ is ATen ops
-    # in C++ for now (the triton backend has the fused kernel).
+    # kernel's read (per-block parts per tensor, reduced in block order); agc_ is one
+    # kernel per launch table, a warp per unit (weight and gradient rows read once).
 
     def norm_stats_per_tensor(self, tensors, norm_type, max_norm, inv_scale=None):
         self._module()
