@@ -471,7 +471,7 @@ class ClippedOptimizer(Optimizer):
             current.load_state_dict(saved)
             return current
         if kind in RULES:
-            return rule_from_state(saved)
+            return rule_from_state(saved, self._first_param_device())
         raise ValueError(f"the checkpoint's max_norm is a {kind}, this optimizer's a "
                          f"{type(current).__name__}; build the optimizer with a {kind} to load it")
 

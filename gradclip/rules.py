@@ -301,12 +301,15 @@ class SpikeGuard:
 RULES = {cls.__name__: cls for cls in (ZClip, AutoClip)}
 
 
-def rule_from_state(state: dict) -> ClipRule:
-    """The rule a ``ClipRule.state_dict()`` describes, with its state loaded."""
+def rule_from_state(state: dict, device: torch.device | str | None = None) -> ClipRule:
+    """The rule a ``ClipRule.state_dict()`` describes, with its state loaded (onto
+    ``device``, default: where the saved tensors are)."""
     cls = RULES.get(state.get("rule"))
     if cls is None:
         raise ValueError(f"unknown clip rule {state.get('rule')!r}; known: {sorted(RULES)}")
     rule = cls(**state["config"])
+    if device is not None:
+        rule.bind(device)
     rule.load_state_dict(state)
     return rule
 

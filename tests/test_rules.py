@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import gpu
 
 import gradclip
 from gradclip.rules import rule_from_state
@@ -219,6 +220,20 @@ def test_rule_state_round_trips_through_the_optimizer_state_dict(make_rule):
         resumed.step()
     for p, q in zip(params, whole):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+@gpu
+def test_a_rule_checkpointed_on_the_gpu_is_loaded_onto_the_parameters_device():
+    rule = gradclip.ZClip(warmup_steps=2)
+    for g in (1.0, 2.0, 3.0):
+        rule.threshold_(torch.tensor(g, device="cuda"))
+    state = rule.state_dict()
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
+    own = opt.state_dict()
+    own["gradclip"].update(rule_type="ZClip", rule=state)
+    opt.load_state_dict(own)
+    assert opt.max_norm.device == torch.device("cpu")
+    assert torch.equal(opt.max_norm.state_dict()["mean"], state["mean"].cpu())
 
 
 def test_rule_state_dict_restores_a_rule_of_its_own():
