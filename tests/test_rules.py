@@ -292,3 +292,33 @@ def test_suggest_max_norm_refuses_what_it_cannot_judge():
         gradclip.suggest_max_norm([math.nan, math.inf], skip_first=0)
     with pytest.raises(ValueError, match="percentile"):
         gradclip.suggest_max_norm([1.0, 2.0], percentile=40)
+
+
+@gpu
+@pytest.mark.parametrize("make_rule", [lambda: gradclip.ZClip(warmup_steps=3),
+                                       lambda: gradclip.AutoClip(25.0, history=8)])
+def test_a_rule_clip_replays_in_a_cuda_graph(make_rule):
+    """Captured once, replayed on new gradients: the same clips as eager calls."""
+    norms = synthetic_norms(12, [9], seed=8)
+    grads = [tuple(g.cuda() for g in pair) for pair in grads_with_norms(norms)]
+    eager_rule, graph_rule = make_rule(), make_rule()
+    eager = [torch.nn.Parameter(torch.zeros(7, device="cuda")),
+             torch.nn.Parameter(torch.zeros(3, 2, device="cuda"))]
+    captured = [torch.nn.Parameter(torch.zeros(7, device="cuda")),
+                torch.nn.Parameter(torch.zeros(3, 2, device="cuda"))]
+    for p, g in zip(captured, grads[0]):
+        p.grad = g.clone()
+    gradclip.clip_grad_norm_(captured, max_norm=graph_rule, backend="cuda")  # warm-up: step 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gradclip.clip_grad_norm_(captured, max_norm=graph_rule, backend="cuda")
+    for step, pair in enumerate(grads):
+        for p, g in zip(eager, pair):
+            p.grad = g.clone()
+        gradclip.clip_grad_norm_(eager, max_norm=eager_rule, backend="cuda")
+        if step:
+            for p, g in zip(captured, pair):
+                p.grad.copy_(g)
+            graph.replay()
+        for p, q in zip(captured, eager):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"step {step}: {m}")
