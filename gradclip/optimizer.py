@@ -107,7 +107,8 @@ class _GuardedThreshold:
         else:
             threshold = torch.full_like(norm, self.max_norm)
         if limit is not None and self.guard.action == "clip":
-            threshold = torch.minimum(threshold, limit.to(norm.dtype))
+            spike_limit = torch.where(state.spike, limit.to(norm.dtype), math.inf)
+            threshold = torch.minimum(threshold, spike_limit)
         state.threshold.copy_(threshold)
         return threshold
 

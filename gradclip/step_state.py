@@ -135,15 +135,15 @@ class StepState:
     @torch.no_grad()
     def judge(self, norm: Tensor) -> Tensor:
         """Flag ``norm`` a spike if it exceeds ``factor`` x the mean of the accepted norms
-        in the window, once ``warmup`` norms were accepted; returns ``factor * mean``, the
-        spike guard's clip threshold (``inf`` when ``norm`` is no spike)."""
+        in the window, once ``warmup`` norms were accepted (into ``spike``); returns
+        ``factor * mean``."""
         guard = self.guard
         # Slots not yet written hold 0, so the window's sum is that of its accepted norms.
         count = torch.clamp(self._accepted, max=self.window_size).to(self._window.dtype)
         limit = self._window.sum() / count * guard.factor
         warmed = self._accepted >= guard.warmup
         self.spike.copy_(warmed & torch.isfinite(norm) & (norm > limit))
-        return torch.where(self.spike, limit, math.inf)
+        return limit
 
     # -- recording -----------------------------------------------------------------------
 
