@@ -154,6 +154,21 @@ def test_per_tensor_clip_with_a_nan_gradient_nans_only_that_tensor(backend_devic
     assert params[2].grad.isfinite().all()
 
 
+def test_complex_and_real_gradients_in_one_list_keep_their_order(gen):
+    """Complex gradients go to the reference backend, real ones to the chosen one: the norms
+    come back in input order and each tensor gets its own factor."""
+    grads = [torch.randn(5, generator=gen) * 3, torch.randn(3, dtype=torch.complex64, generator=gen) * 3,
+             torch.full((4,), 1e-3)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norms = gradclip.clip_grad_norm_per_tensor_(params, 1.0)
+    want = [float(g.abs().double().norm()) for g in grads]
+    assert norms.tolist() == pytest.approx(want, rel=2e-5)
+    for p, g, n in zip(params, grads, want):
+        torch.testing.assert_close(p.grad, g * min(1.0, 1.0 / (n + 1e-6)))
+
+
 def test_parameters_without_grads_are_skipped():
     with_grad, without = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
     with_grad.grad = torch.full((4,), 2.0)
