@@ -36,23 +36,29 @@ BACKENDS = ["reference", "triton"]
 # -- the harness ------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, store: str, scenario: str, backend: str) -> None:
+def _worker(rank: int, world: int, store: str, scenario: str, backends: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=90))
     try:
-        SCENARIOS[scenario](rank, world, backend)
-        dist.barrier()
+        for backend in backends:
+            SCENARIOS[scenario](rank, world, backend)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(scenario: str, backend: str, world: int = 2) -> None:
-    """Run ``scenario`` on ``world`` spawned gloo ranks; fail on an error or past the deadline."""
-    if backend == "triton" and not gradclip.available_backends()["triton"].available:
-        pytest.skip("the triton backend cannot run here")
+def runnable_backends() -> list[str]:
+    """The reference backend, and the Triton kernels where they run (the interpreter here)."""
+    return [b for b in BACKENDS if gradclip.available_backends()[b].available]
+
+
+def run_ranks(scenario: str, backends: list[str] | None = None, world: int = 2) -> None:
+    """Run ``scenario`` for each backend (one spawn for all: starting ranks costs seconds)
+    on ``world`` gloo ranks; fail on an error or past the deadline."""
+    backends = runnable_backends() if backends is None else backends
     with tempfile.TemporaryDirectory() as folder:
         context = torch.multiprocessing.start_processes(
-            _worker, args=(world, os.path.join(folder, "store"), scenario, backend),
+            _worker, args=(world, os.path.join(folder, "store"), scenario, backends),
             nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + DEADLINE_S
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
@@ -117,7 +123,7 @@ class Watch(TorchDispatchMode):
         name = str(func)
         if "_local_scalar_dense" in name and not self.allow_host_reads:
             raise AssertionError("host synchronisation (aten._local_scalar_dense)")
-        if "all_reduce" in name and "wait" not in name:
+        if ("all_reduce" in name or "allreduce" in name) and "wait" not in name:
             self.all_reduces += 1
         return func(*args, **(kwargs or {}))
 
@@ -290,6 +296,20 @@ def process_groups(rank: int, world: int, backend: str) -> None:
     for p, t in zip(params, mine):
         torch.testing.assert_close(p.grad, t * (max_norm / (oracle_norm(full, 2.0) + 1e-6)))
 
+    # torch.compile traces the reduction: the all-reduce is in the graph (finding the
+    # groups is host bookkeeping and runs eagerly, before it).
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(lambda ts: gradclip.get_total_norm(ts, 3.5, process_group=group,
+                                                                backend="reference"),
+                             backend=record)
+    assert_close(compiled(mine).item(), oracle_norm(full, 3.5), norm_rtol(3.5), "compiled")
+    assert any("all_reduce" in graph for graph in graphs), graphs
+
     # A rank with nothing to measure still joins, and the others get the right answer.
     local = mine if rank == 0 else []
     norm = gradclip.get_total_norm(local, process_group=group, backend=backend)
@@ -380,6 +400,21 @@ def nonfinite(rank: int, world: int, backend: str) -> None:
     total = oracle_norm(full, 2.0)
     for p, b, t in zip(params, before, full):
         torch.testing.assert_close(p.detach().full_tensor(), b - t / (total + 1e-6))
+
+    # torch.amp.GradScaler with a non-fused inner optimizer: torch unscales, and for
+    # DTensor grads its inf check is reduced over the mesh, so every rank skips.
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    torch_scaler.scale(torch.ones(()))
+    for p, t in zip(params, full):
+        p.grad = distribute_tensor(t * 256.0, mesh, [Shard(0)])
+    if rank == 1:
+        params[2].grad.to_local()[0, 0] = math.inf
+    kept = [p.detach().full_tensor().clone() for p in params]
+    torch_scaler.step(opt)
+    torch_scaler.update()
+    assert torch_scaler.get_scale() == 128.0, torch_scaler.get_scale()
+    for p, k in zip(params, kept):
+        torch.testing.assert_close(p.detach().full_tensor(), k)
 
     # Plain shards over process_group, a manual unscale_ first: torch's unscale_ finds the
     # NaN on rank 1 only (for DTensors it reduces the flag itself); every rank still skips
@@ -499,42 +534,36 @@ SCENARIOS = {f.__name__: f for f in (dtensor_layouts, mesh_2d, two_meshes, proce
                                      nonfinite, bad_inputs, fsdp2_training, documented_examples)}
 
 
-# -- the tests ----------------------------------------------------------------------------
+# -- the tests (each scenario over the reference backend and the Triton kernels) -------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dtensor_shard_replicate_and_mixed_match_the_full_gradient_norm(backend):
-    run_ranks("dtensor_layouts", backend)
+def test_dtensor_shard_replicate_and_mixed_match_the_full_gradient_norm():
+    run_ranks("dtensor_layouts")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_2d_mesh_and_pipeline_stages_reduce_once_per_group(backend):
-    run_ranks("mesh_2d", backend, world=4)
+def test_2d_mesh_and_pipeline_stages_reduce_once_per_group():
+    run_ranks("mesh_2d", world=4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_meshes_in_one_call(backend):
-    run_ranks("two_meshes", backend)
+def test_two_meshes_in_one_call():
+    run_ranks("two_meshes")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_process_group_pairs_experts_and_tensor_parallel(backend):
-    run_ranks("process_groups", backend)
+def test_process_group_pairs_experts_and_tensor_parallel():
+    run_ranks("process_groups")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_on_one_rank_is_seen_by_every_rank(backend):
-    run_ranks("nonfinite", backend)
+def test_nonfinite_on_one_rank_is_seen_by_every_rank():
+    run_ranks("nonfinite")
 
 
 def test_bad_inputs_raise_or_answer_never_hang():
-    run_ranks("bad_inputs", "reference")
+    run_ranks("bad_inputs", ["reference"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fsdp2_clipped_optimizer_trains_as_torch_clip_grad_norm(backend):
-    run_ranks("fsdp2_training", backend)
+def test_fsdp2_clipped_optimizer_trains_as_torch_clip_grad_norm():
+    run_ranks("fsdp2_training")
 
 
 def test_documented_multi_rank_examples_run():
-    run_ranks("documented_examples", "reference")
+    run_ranks("documented_examples", ["reference"])
