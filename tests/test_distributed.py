@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
+from conftest import gpu
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -567,3 +568,40 @@ def test_fsdp2_clipped_optimizer_trains_as_torch_clip_grad_norm():
 
 def test_documented_multi_rank_examples_run():
     run_ranks("documented_examples", ["reference"])
+
+
+# -- on a GPU (not run without one) ---------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_nccl_mesh_of_one_gpu_clips_and_captures_in_a_cuda_graph(backend, tmp_path):
+    """Each GPU backend on DTensor local shards over a 1-process NCCL mesh, eager and
+    replayed from a CUDA graph that captured the clip with its all-reduce."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        full = [t.cuda() for t in full_tensors(60, SHAPES)]
+        grads = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full]
+        for norm_type in NORM_TYPES:
+            norm = gradclip.get_total_norm(grads, norm_type, backend=backend)
+            assert_close(norm.full_tensor().item(), oracle_norm(full, norm_type),
+                         norm_rtol(norm_type), f"{backend} p={norm_type}")
+        params = as_params(grads)
+        total = oracle_norm(full, 2.0)
+        max_norm = 0.5 * total
+        gradclip.clip_grad_norm_(params, max_norm, backend=backend)  # warm-up (tables, plans)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gradclip.clip_grad_norm_(params, max_norm, backend=backend)
+        for p, t in zip(params, full):
+            p.grad.to_local().copy_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        for p, t in zip(params, full):
+            torch.testing.assert_close(p.grad.full_tensor(), t * (max_norm / (total + 1e-6)))
+    finally:
+        dist.destroy_process_group()
