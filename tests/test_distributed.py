@@ -508,6 +508,17 @@ def fsdp2_training(rank: int, world: int, backend: str) -> None:
             torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=1e-5, atol=1e-6)
     assert opt.stats()["clipped_steps"] == 4
 
+    # A rule sees the global norm (the same on every rank): every rank keeps the same state.
+    rule_opt = gradclip.ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0),
+                                         max_norm=gradclip.ZClip(warmup_steps=2), backend=backend)
+    for _ in range(3):
+        torch.nn.functional.mse_loss(ours(x), y).backward()
+        rule_opt.step()
+        rule_opt.zero_grad()
+    norms = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(norms, rule_opt.last_norm.double().reshape(1))
+    assert all(n.item() == norms[0].item() for n in norms), norms
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
