@@ -15,11 +15,13 @@ How a norm is reduced (the design, in ``docs/distributed.md``):
 2. The tensors of one chain are measured together by the backend, on their local shards,
    in one read: a *row* ``[sum |g|^p (max |g| for inf), NaN flag, inf/NaN flag]`` in
    float64.
-3. Each distinct group is reduced once: the rows of every chain that contains it are
-   stacked and all-reduced together (SUM, MAX for the inf norm) with a functional
-   collective, which ``torch.compile`` traces and which never reads the host. Groups are
-   reduced in one order on every rank (mesh dimensions before ``process_group``s, then
-   by mesh dimension and name), so ranks never wait on each other crosswise.
+3. Each distinct group is reduced once: the rows of the chains that end at it are summed,
+   those that go on are stacked after them, and all are all-reduced together (SUM, MAX
+   for the inf norm): a functional collective when ``torch.compile`` traces it, the c10d
+   op eagerly; neither reads the host. Groups are reduced in one order on every rank
+   (mesh dimensions before ``process_group``s, then by mesh dimension and name), so
+   ranks never wait on each other crosswise. The plan that finds the chains is host
+   bookkeeping and runs eagerly under ``torch.compile``.
 4. The rows are combined on the device, the root taken, and the clip coefficient
    computed there; each rank then scales its own local shards.
 
