@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed
 from .backends import dispatch
 from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient, stats_dtype
 from .functional import (check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_,
@@ -608,10 +609,7 @@ class ClippedOptimizer(Optimizer):
         """One AMP step: unscale (unless done), clip, and skip the step on inf/NaN."""
         scale = request.scale
         if not grads:
-            if request.found_inf_out is None and scale is not None:
-                request.found_inf_out = torch.zeros((), dtype=torch.float32, device=scale.device)
-            self._record(None)
-            return self.optimizer.step()
+            return self._scaled_step_without_grads(request)
         inv_scale = None if scale is None else _reciprocal_of_scale(scale)
         if self.track_tensor_norms:
             self._track_tensor_norms(inv_scale)
@@ -631,6 +629,29 @@ class ClippedOptimizer(Optimizer):
             skip = self._with_spike(found_inf)
         # A non-fused optimizer cannot skip on a device flag: read it, as torch does.
         if skip.item():
+            return None
+        return self.optimizer.step()
+
+    def _scaled_step_without_grads(self, request: ScalerRequest):
+        """An AMP step in which no parameter of this rank has a gradient. Sharded, the
+        other ranks' reductions are still joined (the norm and the inf flag are the whole
+        model's): no rank is left waiting in a collective, and every rank skips alike."""
+        scale = request.scale
+        params = self._params()
+        if not distributed.involved(params, self.process_group):
+            if request.found_inf_out is None and scale is not None:
+                request.found_inf_out = torch.zeros((), dtype=torch.float32, device=scale.device)
+            self._record(None)
+            return self.optimizer.step()
+        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
+        _, silent = distributed.grads_and_silent(params)
+        with torch.no_grad():
+            plan = distributed.plan([], self.process_group, silent_owners=silent)
+            stats = distributed.norm_stats(plan, self._norm_type, math.inf, inv_scale,
+                                           self.backend, request.found_inf)
+            found_inf = self._found_inf(request, stats)
+            self._record(stats[NORM])
+        if found_inf.item():  # nothing of ours to step; the flag is the one host read
             return None
         return self.optimizer.step()
 

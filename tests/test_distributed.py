@@ -472,6 +472,26 @@ def bad_inputs(rank: int, world: int, backend: str) -> None:
     opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=1.0, backend=backend)
     opt.step()
     assert_close(opt.last_norm.item(), math.sqrt(sq.item()), 1e-5, "optimizer, a rank without grads")
+    # The same under AMP, where the step of a rank without grads used to return early and
+    # leave the other rank in the all-reduce; and with an inf on rank 0, both skip alike.
+    for fused, inf in ((False, False), (True, False), (False, True)):
+        # torch has no DTensor rule for fused SGD; fused AdamW is what FSDP2 users run.
+        inner = torch.optim.AdamW(params, lr=0.0, fused=True) if fused else torch.optim.SGD(params, lr=0.0)
+        opt = gradclip.ClippedOptimizer(inner, max_norm=1.0, backend=backend)
+        scaler = gradclip.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(torch.zeros(()))  # as a loss would: the scale exists from here
+        scaled = [distribute_tensor(t * 4.0, mesh, [Shard(0)]) for t in full]  # a collective
+        if rank == 0:
+            for p, g in zip(params, scaled):
+                p.grad = g
+            if inf:
+                params[0].grad.to_local().view(-1)[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        expected = math.inf if inf else math.sqrt(sq.item())
+        if not inf:
+            assert_close(opt.last_norm.item(), expected, 1e-5, f"AMP (fused={fused}), a rank without grads")
+        assert scaler.get_scale() == (2.0 if inf else 4.0), "every rank backs off alike"
 
 
 def fsdp2_training(rank: int, world: int, backend: str) -> None:
