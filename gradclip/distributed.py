@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .backends import dispatch
+from .eager import run_eagerly
 from .backends.base import NORM, clip_coefficient
 
 _DTENSOR_MODULE = "torch.distributed.tensor"
@@ -260,7 +261,7 @@ def _tails(items: Sequence[Tensor], process_group) -> tuple[list, list[_Group]]:
 
 # Host-side bookkeeping over Python objects (meshes, groups, caches keyed by identity):
 # under torch.compile it runs eagerly, and the reduction after it is traced.
-@torch.compiler.disable
+@run_eagerly
 def plan(tensors: Sequence[Tensor], process_group=None, *,
          silent_owners: Sequence[Tensor] = ()) -> Plan:
     """Sort ``tensors`` into chains.

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from . import distributed
 from .backends import dispatch
+from .eager import run_eagerly
 from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient, stats_dtype
 from .functional import (check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_,
                          norm_stats, with_device_threshold)
@@ -562,7 +563,7 @@ class ClippedOptimizer(Optimizer):
             return None
         return self.optimizer.step()
 
-    @torch.compiler.disable
+    @run_eagerly
     def _fused_step(self, grad_scale: Tensor | None, found_inf: Tensor):
         """Torch's fused step with its AMP hand-off: divide by ``grad_scale`` (when given),
         skip where ``found_inf``; set on the inner optimizer for this call only. Traced by
@@ -578,7 +579,7 @@ class ClippedOptimizer(Optimizer):
             inner.__dict__.pop("grad_scale", None)
             del inner.found_inf
 
-    @torch.compiler.disable
+    @run_eagerly
     def _track_tensor_norms(self, inv_scale: Tensor | None) -> None:
         """The pre-clip norm of each parameter's gradient into ``_tensor_norms`` (NaN where
         there is none). Eager under torch.compile: the buffer follows the parameter list."""
@@ -685,7 +686,7 @@ class ClippedOptimizer(Optimizer):
 
     # Traced by torch.compile, the attributes set on the inner optimizer would not reach
     # its fused step: this runs eagerly (that step is one fused kernel already).
-    @torch.compiler.disable
+    @run_eagerly
     def _folded_step(self, grads: list[Tensor], request: ScalerRequest):
         """One read: the norm of the unscaled grads and the inf flag. The fused step divides
         the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips the update where
