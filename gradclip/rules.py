@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .eager import run_eagerly
+
 
 def _state_dtype(device: torch.device) -> torch.dtype:
     # The rules' running statistics in float64 (as the reference code's Python floats),
@@ -34,6 +36,17 @@ def _state_dtype(device: torch.device) -> torch.dtype:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+# torch 2.13's Inductor loses in-place updates of a rule's 0-d state (seen: ZClip's mean
+# and variance stay 0, so a compiled step clips every gradient to 0). There the rule's
+# update runs eagerly inside a compiled step (a graph break); from 2.14 it is traced.
+_TRACEABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+@run_eagerly
+def _update_eagerly(rule: ClipRule, x: Tensor) -> Tensor:
+    return rule._update(x)
 
 
 class ClipRule:
@@ -80,7 +93,8 @@ class ClipRule:
         ignored, as the scaler skips those steps) and return the threshold to clip it to,
         a 0-d tensor on the norm's device; ``inf`` means "do not clip"."""
         self.bind(norm.device)
-        return self._update(norm.reshape(()).to(_state_dtype(norm.device)))
+        x = norm.reshape(()).to(_state_dtype(norm.device))
+        return self._update(x) if _TRACEABLE else _update_eagerly(self, x)
 
     def state_dict(self) -> dict:
         """Settings and state tensors; ``ClippedOptimizer.state_dict`` includes it."""
