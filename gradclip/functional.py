@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import distributed
 from .backends import dispatch
-from .backends.base import NORM, clip_coefficient, coef_of, found_inf_of
+from .backends.base import FOUND_INF, NORM, clip_coefficient, coef_of, found_inf_of
 
 TensorOrTensors = Tensor | Iterable[Tensor]
 
@@ -114,12 +114,19 @@ def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, 
         if error_if_nonfinite:
             _raise_if_nonfinite(stats[NORM], norm_type)
         if not only_measures:
-            skip = found_inf
-            if skip is None and inv_scale is not None:
-                skip = found_inf_of(stats)
-            dispatch.scale_(grads, coef_of(stats), skip, backend)
+            _rescale_(grads, stats, inv_scale, found_inf, backend)
         return stats
     return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
+
+
+def _rescale_(grads: list[Tensor], stats: Tensor, inv_scale: Tensor | None,
+              found_inf: Tensor | None, backend: str) -> None:
+    """Scale ``grads`` by ``stats[COEF]``, skipped on inf/NaN: the flag already known, else
+    (under AMP) the one the norm pass found; without AMP a non-finite norm scales, as torch."""
+    skip = found_inf
+    if skip is None and inv_scale is not None:
+        skip = found_inf_of(stats)
+    dispatch.scale_(grads, coef_of(stats), skip, backend)
 
 
 def is_device_threshold(max_norm) -> bool:
@@ -137,7 +144,7 @@ def with_device_threshold(stats: Tensor, max_norm, inv_scale: Tensor | None) -> 
     threshold = threshold.reshape(()).to(device=norm.device, dtype=norm.dtype)
     coef = clip_coefficient(norm, threshold, None if inv_scale is None
                             else inv_scale.to(norm.device).reshape(()))
-    return torch.stack([norm, coef.to(norm.dtype), stats[2]])
+    return torch.stack([norm, coef.to(norm.dtype), stats[FOUND_INF]])
 
 
 def _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
@@ -147,8 +154,7 @@ def _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
         # Before the rule sees the norm: a raising step changes no state.
         _raise_if_nonfinite(stats[NORM], norm_type)
     stats = with_device_threshold(stats, max_norm, inv_scale)
-    skip = found_inf if found_inf is not None else (None if inv_scale is None else found_inf_of(stats))
-    dispatch.scale_(grads, coef_of(stats), skip, backend)
+    _rescale_(grads, stats, inv_scale, found_inf, backend)
     return stats
 
 
@@ -201,10 +207,7 @@ def clip_distributed_(plan: distributed.Plan, norm_type: float, max_norm, *,
     only_measures = (not is_device_threshold(max_norm) and math.isinf(max_norm)
                      and inv_scale is None)
     if plan.locals and not only_measures:
-        skip = found_inf
-        if skip is None and inv_scale is not None:
-            skip = found_inf_of(stats)
-        dispatch.scale_(plan.locals, coef_of(stats), skip, backend)
+        _rescale_(plan.locals, stats, inv_scale, found_inf, backend)
     return stats
 
 

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -35,6 +36,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Dtype mixes the backends are checked over: one dtype, all four, and 16-bit among 32-bit.
+DTYPE_MIXES = {
+    "fp32": [torch.float32],
+    "bf16": [torch.bfloat16],
+    "fp16": [torch.float16],
+    "fp64": [torch.float64],
+    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+    "mixed16-32": [torch.bfloat16, torch.float32, torch.float16],
+}
+
+
+class FailOnHostReads(TorchDispatchMode):
+    """Fails on ``aten._local_scalar_dense``: what ``.item()``, ``bool()`` and every other
+    host read of a tensor lower to, on any device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "_local_scalar_dense" in str(func):
+            raise AssertionError("host synchronisation (aten._local_scalar_dense)")
+        return func(*args, **(kwargs or {}))
 
 
 def runnable_backends() -> list[tuple[str, str]]:
@@ -89,4 +109,4 @@ def on_device(device: str):
     return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
 
 
-__all__ = ["BACKEND_DEVICES", "FLOAT_DTYPES", "HAS_CUDA", "gpu", "gradclip", "random_tensors"]
+__all__ = ["BACKEND_DEVICES", "DTYPE_MIXES", "FLOAT_DTYPES", "FailOnHostReads", "HAS_CUDA", "gpu", "gradclip", "random_tensors"]

@@ -8,21 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, on_device, random_tensors
+from conftest import DTYPE_MIXES, HAS_CUDA, on_device, random_tensors
 from reference import assert_stats_match, storage_rtol
 
 from gradclip.backends import get_backend, resolve
 from gradclip.backends.base import COEF, FOUND_INF, NORM
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.5]
-DTYPE_MIXES = {
-    "fp32": [torch.float32],
-    "bf16": [torch.bfloat16],
-    "fp16": [torch.float16],
-    "fp64": [torch.float64],
-    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float64],
-    "mixed16-32": [torch.bfloat16, torch.float32, torch.float16],
-}
 SMALL_SHAPES = [(), (0,), (1,), (7,), (33, 5), (0, 3), (129,), (2, 3, 4)]
 LARGE_SHAPES = [(1 << 16,), (65537,), (3, 100_003), (1 << 20,), (257, 4099)]
 

@@ -9,21 +9,13 @@ import os
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, HAS_CUDA, on_device, random_tensors
+from conftest import BACKEND_DEVICES, DTYPE_MIXES, HAS_CUDA, FailOnHostReads, on_device, random_tensors
 from reference import norm_rtol, storage_rtol
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 from gradclip.backends import get_backend
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.5]
-MIXES = {
-    "fp32": [torch.float32],
-    "bf16": [torch.bfloat16],
-    "fp16": [torch.float16],
-    "fp64": [torch.float64],
-    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float64],
-}
 # 0-d, 1-d, Linear, conv, empty; rows and tensors longer than the interpreter's 64-element chunk
 SHAPES = [(), (7,), (8, 5), (4, 3, 3, 3), (0,), (0, 3), (3, 0), (150,), (3, 150)]
 GPU_SHAPES = [(1 << 16,), (3, 100_003), (257, 4099)]
@@ -86,10 +78,10 @@ def _near(norms: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
 # -- clip_grad_norm_per_tensor_ ----------------------------------------------------------
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("mix", list(DTYPE_MIXES))
 def test_per_tensor_clip_matches_float64_oracle(backend_device, gen, mix, norm_type):
     name, device = backend_device
-    params = _params(gen, device, MIXES[mix], grad_scales=[0.01, 3.0, 0.3])
+    params = _params(gen, device, DTYPE_MIXES[mix], grad_scales=[0.01, 3.0, 0.3])
     before = [p.grad.clone() for p in params]
     norms = gradclip.clip_grad_norm_per_tensor_(params, 1.0, norm_type, backend=name)
     rtol = norm_rtol(before)
@@ -105,7 +97,7 @@ def test_per_tensor_clip_matches_float64_oracle(backend_device, gen, mix, norm_t
 
 def test_per_tensor_clip_leaves_small_gradients_bitwise_untouched(backend_device, gen):
     name, device = backend_device
-    params = _params(gen, device, MIXES["mixed"], grad_scales=[1e-3])
+    params = _params(gen, device, DTYPE_MIXES["mixed"], grad_scales=[1e-3])
     before = [p.grad.clone() for p in params]
     gradclip.clip_grad_norm_per_tensor_(params, 100.0, backend=name)
     assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
@@ -198,10 +190,10 @@ def agc_oracle(params, clip_factor, eps, norm_type):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("mix", list(DTYPE_MIXES))
 def test_agc_matches_float64_oracle(backend_device, gen, mix, norm_type):
     name, device = backend_device
-    params = _params(gen, device, MIXES[mix], grad_scales=[0.01])
+    params = _params(gen, device, DTYPE_MIXES[mix], grad_scales=[0.01])
     before = [p.grad.clone() for p in params]
     coefs, ties, norm = agc_oracle(params, 0.01, 1e-3, norm_type)
     got = gradclip.adaptive_clip_grad_(params, 0.01, 1e-3, norm_type, backend=name)
@@ -332,19 +324,14 @@ def test_bad_exclude_and_non_numbers_are_type_errors():
 
 # -- no host synchronisation -------------------------------------------------------------------
 
-class _FailOnHostReads(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "_local_scalar_dense" in str(func):
-            raise AssertionError("host synchronisation (aten._local_scalar_dense)")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif(("triton", "cpu") not in BACKEND_DEVICES, reason="needs the triton interpreter")
 def test_triton_clips_read_nothing_on_the_host(gen):
-    params = _params(gen, "cpu", MIXES["mixed"], grad_scales=[0.01, 3.0])
+    params = _params(gen, "cpu", DTYPE_MIXES["mixed"], grad_scales=[0.01, 3.0])
     gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend="triton")  # builds the tables
     gradclip.adaptive_clip_grad_(params, backend="triton")
-    with _FailOnHostReads():
+    with FailOnHostReads():
         gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend="triton")
         gradclip.adaptive_clip_grad_(params, backend="triton")
         gradclip.AGC().clip_(params, backend="triton")
@@ -353,7 +340,7 @@ def test_triton_clips_read_nothing_on_the_host(gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_fused_clips_do_not_synchronise(gen, name):
-    params = _params(gen, "cuda", MIXES["mixed"], grad_scales=[0.01, 3.0])
+    params = _params(gen, "cuda", DTYPE_MIXES["mixed"], grad_scales=[0.01, 3.0])
     gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend=name)
     gradclip.adaptive_clip_grad_(params, backend=name)
     torch.cuda.set_sync_debug_mode("error")
@@ -405,7 +392,7 @@ def test_compiled_clips_match_eager(backend_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton", "reference"])
 def test_clips_replay_in_a_cuda_graph(gen, name):
-    params = _params(gen, "cuda", MIXES["mixed"], grad_scales=[0.01, 3.0])
+    params = _params(gen, "cuda", DTYPE_MIXES["mixed"], grad_scales=[0.01, 3.0])
     fresh = [p.grad.clone() for p in params]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     stream = torch.cuda.Stream()

@@ -8,22 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, on_device, random_tensors
+from conftest import DTYPE_MIXES, HAS_CUDA, FailOnHostReads, on_device, random_tensors
 from reference import assert_stats_match, norm_rtol
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 from gradclip.backends import dispatch
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.5]
-MIXES = {
-    "fp32": [torch.float32],
-    "bf16": [torch.bfloat16],
-    "fp16": [torch.float16],
-    "fp64": [torch.float64],
-    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.float64],
-    "mixed16-32": [torch.bfloat16, torch.float32, torch.float16],
-}
 SHAPES = [(), (0,), (7,), (33, 5), (0, 3), (2, 3, 4), (300,)]
 GPU_SHAPES = [(1 << 16,), (3, 100_003), (257, 4099)]
 
@@ -52,17 +43,17 @@ def _tensors(gen, device, mix):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("mix", list(DTYPE_MIXES))
 def test_tensor_norms_match_float64_oracle(backend_device, gen, mix, norm_type):
     name, device = backend_device
-    tensors = _tensors(gen, device, MIXES[mix])
+    tensors = _tensors(gen, device, DTYPE_MIXES[mix])
     assert_norms_match(gradclip.tensor_norms(tensors, norm_type, backend=name), tensors, norm_type)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_global_stats_come_with_the_norms(backend_device, gen, norm_type):
     name, device = backend_device
-    tensors = _tensors(gen, device, MIXES["mixed"])
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
     stats, norms = dispatch.norm_stats_per_tensor(tensors, norm_type, 1.0, backend=name)
     assert_stats_match(stats, tensors, norm_type, 1.0)
     assert_norms_match(norms, tensors, norm_type)
@@ -70,7 +61,7 @@ def test_global_stats_come_with_the_norms(backend_device, gen, norm_type):
 
 def test_norms_of_unscaled_values_under_amp(backend_device, gen):
     name, device = backend_device
-    tensors = _tensors(gen, device, MIXES["mixed16-32"])
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed16-32"])
     inv_scale = torch.tensor([2.0 ** -10], device=on_device(device))
     stats, norms = dispatch.norm_stats_per_tensor(tensors, 2.0, 1.0, inv_scale, backend=name)
     assert_stats_match(stats, tensors, 2.0, 1.0, inv_scale=2.0 ** -10)
@@ -89,7 +80,7 @@ def test_only_the_tensor_holding_nan_or_inf_is_nonfinite(backend_device, gen):
 
 def test_norms_are_bitwise_repeatable(backend_device, gen):
     name, device = backend_device
-    tensors = _tensors(gen, device, MIXES["mixed"])
+    tensors = _tensors(gen, device, DTYPE_MIXES["mixed"])
     first = gradclip.tensor_norms(tensors, backend=name)
     assert torch.equal(first, gradclip.tensor_norms(tensors, backend=name))
 
@@ -118,27 +109,22 @@ def test_complex_tensors_take_the_norm_of_their_modulus(gen):
     assert norms[1].item() == 2.0
 
 
-class _FailOnHostReads(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "_local_scalar_dense" in str(func):
-            raise AssertionError("host synchronisation (aten._local_scalar_dense)")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the fused backends are checked on the GPU below")
 def test_triton_per_tensor_norms_read_nothing_on_the_host(gen):
     if ("triton", "cpu") not in __import__("conftest").BACKEND_DEVICES:
         pytest.skip("the triton interpreter is not available")
-    tensors = _tensors(gen, "cpu", MIXES["mixed"])
+    tensors = _tensors(gen, "cpu", DTYPE_MIXES["mixed"])
     gradclip.tensor_norms(tensors, backend="triton")  # builds and caches the tables
-    with _FailOnHostReads():
+    with FailOnHostReads():
         gradclip.tensor_norms(tensors, backend="triton")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_fused_per_tensor_norms_do_not_synchronise(gen, name):
-    tensors = _tensors(gen, "cuda", MIXES["mixed"])
+    tensors = _tensors(gen, "cuda", DTYPE_MIXES["mixed"])
     gradclip.tensor_norms(tensors, backend=name)
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -244,7 +244,12 @@ def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None
         device = tensors[0].device
         whole.scale_(tensors, scale.to(device), None if found_inf is None else found_inf.to(device))
         return
-    for part, group in _split(tensors, "tensors").items():
+    _scale_parts(_split(tensors, "tensors"), scale, found_inf, backend)
+
+
+def _scale_parts(parts: dict[_Part, list[Tensor]], scale: Tensor, found_inf: Tensor | None,
+                 backend: str) -> None:
+    for part, group in parts.items():
         device = part[0]
         skip = None if found_inf is None else found_inf.to(device)
         _resolve_part(backend, part).scale_(group, scale.to(device), skip)
@@ -261,8 +266,9 @@ def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
         (part, group), = parts.items()
         return _resolve_part(backend, part).clip_grads_(group, norm_type, max_norm, inv_scale)
     stats = _combine_parts(parts, grads[0].device, norm_type, max_norm, inv_scale, backend)
-    skip = found_inf_of(stats) if inv_scale is not None else None
-    scale_(grads, coef_of(stats), skip, backend)
+    # The parts are known: scale them without splitting the list again.
+    _scale_parts(parts, coef_of(stats), found_inf_of(stats) if inv_scale is not None else None,
+                 backend)
     return stats
 
 
