@@ -45,7 +45,7 @@ from .functional import (check_max_norm, check_norm_type, clip_norm_, clip_param
                          norm_stats, with_device_threshold)
 from .per_tensor import tensor_norms
 from .rules import RULES, ClipRule, SpikeGuard, rule_from_state
-from .step_state import COUNTER_NAMES, StepState
+from .step_state import StepState
 
 _STATE_KEY = "gradclip"
 _HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",

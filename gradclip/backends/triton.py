@@ -248,10 +248,6 @@ class TritonBackend(Backend):
         # The interpreter reads the table's raw addresses on the host: CPU tensors only.
         return device.type == ("cpu" if _interpreting() else "cuda")
 
-    def supports(self, device: torch.device) -> bool:
-        # The interpreter reads the table's raw addresses on the host: CPU tensors only.
-        return device.type == ("cpu" if _interpreting() else "cuda")
-
     def load(self) -> None:
         """Import (and so check) the kernels; raises BackendUnavailableError if triton fails."""
         try:

@@ -176,25 +176,14 @@ def norm_kernel(meta_ptr, n_chunks, partial_ptr, stats_ptr, scale_ptr, max_norm_
         parts = tl.load(partial_ptr + idx, mask=live, other=0.0, cache_modifier=".cg")
         bigs = tl.load(partial_ptr + G + idx, mask=live, other=0.0, cache_modifier=".cg")
         if NORM_KIND == NORM_INF:
-            raw = tl.reduce(parts, 0, _max_nan)
-            found = raw != raw
-            found = found | (raw == float("inf"))
-            norm = raw
-            if HAS_SCALE:
-                norm = raw * tl.abs(s)
+            total = tl.reduce(parts, 0, _max_nan)
+            found = total != total
+            found = found | (total == float("inf"))
         else:
             total = tl.sum(parts, 0)
             found = total != total
             found = found | (tl.max(bigs, 0) == float("inf"))
-            if NORM_KIND == NORM_2:
-                if ACC == tl.float32:
-                    norm = tl.sqrt_rn(total)
-                else:
-                    norm = tl.sqrt(total)
-            elif NORM_KIND == NORM_1:
-                norm = total
-            else:
-                norm = tl.exp2(tl.log2(total) / p)
+        norm = _finish_norm(total, s, p, ACC, NORM_KIND, HAS_SCALE)
         # torch: clamp(reciprocal(norm + 1e-6) * max_norm, max=1); NaN survives the clamp.
         eps = tl.full((), 1e-6, ACC)
         one = zero + 1.0
