@@ -33,25 +33,37 @@ CLIP_COUNTERS = COUNTER_NAMES[:3]
 _DELTAS = ((1, 0, 0, 0, 0, 1), (1, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0), (1, 0, 1, 0, 0, 0))
 # The window of accepted norms behind metrics()' mean and std when no spike guard sets one.
 DEFAULT_WINDOW = 100
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def largest_unclipped_norm(max_norm: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` norm whose clip coefficient is exactly 1 (torch's formula and
-    rounding, as ``clip_coefficient``), so that "clipped" means what the rescale did."""
+    rounding, as ``clip_coefficient``), so that "clipped" means what the rescale did.
+
+    The coefficient falls as the norm grows, and so does it along the bit patterns of
+    non-negative floats, which are ordered as integers: a binary search over those finds
+    the boundary in at most 64 evaluations, whatever ``max_norm`` is.
+    """
     finfo = torch.finfo(dtype)
     if math.isinf(max_norm) or max_norm >= finfo.max:
         return finfo.max
-    x = torch.tensor(max(max_norm - 1e-6, 0.0), dtype=dtype)
-    up, down = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+    as_int = _INT_VIEW[dtype]
 
-    def clips(v: Tensor) -> bool:
-        return bool(clip_coefficient(v, max_norm) < 1)
+    def clips(bits: int) -> bool:
+        value = torch.tensor(bits, dtype=as_int).view(dtype)
+        return bool(clip_coefficient(value, max_norm) < 1)
 
-    while clips(x) and x > 0:
-        x = torch.nextafter(x, down)
-    while not clips(torch.nextafter(x, up)):
-        x = torch.nextafter(x, up)
-    return float(x)
+    low = 0  # +0.0: its coefficient is max_norm / 1e-6, clipped only for tiny max_norm
+    if clips(low):
+        return 0.0
+    high = int(torch.tensor(finfo.max, dtype=dtype).view(as_int))
+    while high - low > 1:  # invariant: clips(high) or high is the top; not clips(low)
+        middle = (low + high) // 2
+        if clips(middle):
+            high = middle
+        else:
+            low = middle
+    return float(torch.tensor(low, dtype=as_int).view(dtype))
 
 
 def _largest_below(value: float, dtype: torch.dtype) -> float:
