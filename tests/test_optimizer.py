@@ -356,9 +356,13 @@ def test_state_dict_round_trip_continues_identically(gen):
     saved = torch.load(buffer, weights_only=False)
 
     resumed = clone_params(saved["params"])
-    opt2 = gradclip.ClippedOptimizer(torch.optim.Adam(groups_of(resumed), lr=1.0), max_norm=123.0)
+    # The inner optimizer's hyperparameters come from the checkpoint, as in torch; the
+    # wrapper's settings are those it is built with (docs/optimizer.md, "Resuming").
+    opt2 = gradclip.ClippedOptimizer(torch.optim.Adam(groups_of(resumed), lr=1.0), MAX_NORM)
     sched2 = lambda_scheduler(opt2)
-    opt2.load_state_dict(saved["opt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything fits: nothing dropped, nothing said
+        opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
     assert opt2.max_norm == MAX_NORM and opt2.stats() == opt.stats()
     run_wrapped(resumed, opt2, batches[5:], scheduler=sched2)
