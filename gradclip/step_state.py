@@ -98,6 +98,10 @@ class StepState:
         self.history_size = int(history)
         self._history = torch.full((self.history_size,), math.nan, dtype=norm_dtype, device=device)
         self._written = torch.zeros((), dtype=torch.int64, device=device)
+        # How many of the recorded norms gradclip.log_metrics has written to every sink:
+        # host-side, set by log_metrics (never by a step), in the state dict, so that a
+        # resumed run does not write them again.
+        self.logged = 0
         keeps_window = guard is not None or self.history_size > 0
         size = guard.window if guard is not None else DEFAULT_WINDOW
         self.window_size = size if keeps_window else 0
@@ -257,7 +261,7 @@ class StepState:
                 "last_coef": self.last_coef.clone(), "threshold": self.threshold.clone(),
                 "spike": self.spike.clone(), "history": self._history.clone(),
                 "written": self._written.clone(), "window": self._window.clone(),
-                "accepted": self._accepted.clone()}
+                "accepted": self._accepted.clone(), "logged": torch.tensor(self.logged)}
 
     def load_state_dict(self, state: dict) -> None:
         counters = torch.as_tensor(state["counters"], dtype=torch.int64)
@@ -274,6 +278,8 @@ class StepState:
         for key, own in (("history", self._history), ("window", self._window)):
             if key in state:
                 self._load_ring(key, own, torch.as_tensor(state[key]))
+        # A checkpoint from before log_metrics' progress was saved: all of it is unwritten.
+        self.logged = int(state.get("logged", 0))
 
     def _load_ring(self, key: str, own: Tensor, saved: Tensor) -> None:
         if saved.numel() != own.numel():
