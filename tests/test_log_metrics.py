@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FailOnHostReads
+from conftest import FailOnHostReads, gpu
 from test_health import INNER, SCALERS, make_params, norm_sequence, scale_of, set_grads
 
 import gradclip
@@ -315,3 +315,22 @@ def test_a_copied_optimizer_keeps_the_count():
     twin = copy.deepcopy(opt)
     assert twin.state_dict()["gradclip"]["logged"] == 10
     assert gradclip.log_metrics(twin, Records(), 10, every=5, flush=True) == 0
+
+
+@gpu
+def test_between_writes_log_metrics_never_synchronises_on_the_gpu():
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    opt = gradclip.ClippedOptimizer(torch.optim.AdamW(params, lr=0.01, fused=True), history=16)
+    sink = Records()
+    gen = torch.Generator().manual_seed(0)
+    for step, norm in enumerate(norm_sequence(20), start=1):
+        set_grads(params, norm, gen)
+        torch.cuda.synchronize()
+        if step % 10 and step > 2:  # after the first steps' lazy set-up
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+            gradclip.log_metrics(opt, sink, step, every=10)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sorted(sink.norms()) == list(range(1, 21))

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FailOnHostReads
+from conftest import FailOnHostReads, gpu
 from test_rules import (
     SPIKES,
     assert_same_clips,
@@ -313,3 +313,23 @@ def test_numpy_numbers_are_taken_as_python_numbers():
         assert thresholds(rule, norms) == thresholds(same, norms)
     # A whole-valued float is an integer, as before.
     assert gradclip.ZClip(warmup_steps=np.float64(10.0)).warmup_steps == 10
+
+
+@gpu
+@pytest.mark.parametrize("kwargs", list(CLIP_RULES.values()), ids=list(CLIP_RULES))
+def test_every_mode_replays_in_a_cuda_graph(kwargs):
+    """Captured once, replayed on new norms: the thresholds of eager calls."""
+    norms = spiky_norms(80)
+    settings = dict(kwargs, warmup_steps=5, skip_update_on_spike=True, max_norm=3.0)
+    eager = thresholds(gradclip.ZClip(**settings), norms)
+    rule = gradclip.ZClip(**settings).bind("cuda")
+    x = torch.tensor(norms[0], dtype=torch.float64, device="cuda")
+    replayed = [float(rule.threshold_(x))]  # step 0, eagerly: the warm-up before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rule.threshold_(x)
+    for g in norms[1:]:
+        x.fill_(g)
+        graph.replay()
+        replayed.append(float(out))
+    assert replayed == pytest.approx(eager, rel=1e-12)
