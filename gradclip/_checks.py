@@ -1,14 +1,14 @@
 """Argument checks shared by the public constructors: constant time, clear errors.
 
-Numbers are accepted as Python and NumPy ints and floats (anything ``operator.index`` or
-``float`` takes); ``bool`` is refused where a count or a threshold is meant, since
-``window=True`` is a typo, not a window of 1.
+Numbers are Python's or NumPy's (``numbers.Real``; ints and ``numpy.int64`` alike); a
+``bool`` is refused where a number is meant, since ``window=True`` is a slip, not a window
+of 1. Each error names the argument, the value and what to pass instead.
 """
 
 from __future__ import annotations
 
 import math
-import operator
+import numbers
 
 
 def check(condition: bool, message: str) -> None:
@@ -16,44 +16,41 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def integer(value, name: str, *, minimum: int, example: str) -> int:
-    """``value`` as an int >= ``minimum``: ints and NumPy integers, and floats that are
-    whole numbers (``warmup_steps=25.0``); not bools, NaN, inf or fractions."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}; for example {example}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        try:
-            real = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be an integer, got {value!r}; "
-                            f"for example {example}") from None
-        if not real.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {value!r}; "
-                             f"for example {example}") from None
-        number = int(real)
-    if number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}; for example {example}")
+def real(name: str, value, hint: str, *, finite: bool = True) -> float:
+    """``value`` as a float: a real number, not a bool, not NaN (nor inf when ``finite``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}; "
+                        f"{hint}")
+    value = float(value)
+    if finite:
+        check(math.isfinite(value), f"{name} must be finite, got {value!r}; {hint}")
+    else:
+        check(not math.isnan(value), f"{name} must not be NaN; {hint}")
+    return value
+
+
+def integer(name: str, value, hint: str, *, minimum: int | None = None) -> int:
+    """``value`` as an int: an integer (not a bool) or a finite float with an integer
+    value, at least ``minimum`` when given."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    else:
+        as_float = real(name, value, hint)
+        check(as_float.is_integer(), f"{name} must be an integer, got {value!r}; {hint}")
+        number = int(as_float)
+    check(minimum is None or number >= minimum,
+          f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
     return number
 
 
-def real(value, name: str, *, example: str, finite: bool = True) -> float:
-    """``value`` as a float (ints, floats, NumPy scalars, 0-d tensors); NaN is refused,
-    and so is inf when ``finite``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}; for example {example}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}; for example {example}") from None
-    if math.isnan(number) or (finite and math.isinf(number)):
-        kind = "finite number" if finite else "number (not NaN)"
-        raise ValueError(f"{name} must be a {kind}, got {value!r}; for example {example}")
-    return number
+def flag(name: str, value) -> bool:
+    """``value`` as a bool: Python's ``True``/``False`` or NumPy's ``bool_``."""
+    if not (isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
-def choice(value, name: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+def choice(name: str, value, choices: tuple[str, ...]) -> str:
+    check(isinstance(value, str) and value in choices,
+          f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value

@@ -172,23 +172,23 @@ class SpikeGuard:
         if factor is None and sigma is None:
             factor = 3.0
         if factor is not None:
-            factor = _checks.real(factor, "factor", example="factor=3.0")
+            factor = _checks.real("factor", factor, "for example factor=3.0")
             _checks.check(factor > 1, f"factor must be > 1, got {factor!r}; a spike is a value "
                           "several times the recent centre (3.0 is the usual choice)")
         if sigma is not None:
-            sigma = _checks.real(sigma, "sigma", example="sigma=6.0")
+            sigma = _checks.real("sigma", sigma, "for example sigma=6.0")
             _checks.check(sigma > 0, f"sigma must be > 0, got {sigma!r}; for example sigma=6.0")
         self.factor, self.sigma = factor, sigma
-        self.window = _checks.integer(window, "window", minimum=1, example="window=100")
+        self.window = _checks.integer("window", window, "for example window=100", minimum=1)
         self.warmup = self.window if warmup is None else _checks.integer(
-            warmup, "warmup", minimum=1, example="warmup=10")
-        self.action = _checks.choice(action, "action", ACTIONS)
-        self.watch = _checks.choice(watch, "watch", WATCHES)
+            "warmup", warmup, "for example warmup=10", minimum=1)
+        self.action = _checks.choice("action", action, ACTIONS)
+        self.watch = _checks.choice("watch", watch, WATCHES)
         _checks.check(not (action == "clip" and watch == "loss"),
                       "action='clip' clips the gradient norm to its spike limit, which needs "
                       "the norm watched: use watch='norm' or 'both', or action='flag'/'skip'")
-        self.max_consecutive = _checks.integer(max_consecutive, "max_consecutive", minimum=1,
-                                               example="max_consecutive=5")
+        self.max_consecutive = _checks.integer("max_consecutive", max_consecutive,
+                                               "for example max_consecutive=5", minimum=1)
         self._windows: RollingWindows | None = None
         self._consecutive: Tensor | None = None
         self._owner = None
@@ -325,7 +325,7 @@ def _as_value(loss, device: torch.device, dtype: torch.dtype) -> Tensor:
             raise ValueError(f"loss must have one element (the step's loss), got shape "
                              f"{tuple(loss.shape)}; pass loss.mean() or the reduced loss")
         return loss.detach().reshape(()).to(device=device, dtype=dtype)
-    return torch.tensor(_checks.real(loss, "loss", example="opt.step(loss=loss)", finite=False),
+    return torch.tensor(_checks.real("loss", loss, "pass opt.step(loss=loss)", finite=False),
                         dtype=dtype, device=device)
 
 

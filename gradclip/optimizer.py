@@ -205,8 +205,8 @@ class ClippedOptimizer(Optimizer):
             raise TypeError("optimizer is already a ClippedOptimizer; set its max_norm or "
                             "norm_type instead of wrapping it twice")
         dispatch.requested_backend(backend)
-        history = _checks.integer(history, "history", minimum=0, example="history=1024")
-        vanishing = _checks.real(vanishing, "vanishing", example="vanishing=1e-5")
+        history = _checks.integer("history", history, "for example history=1024", minimum=0)
+        vanishing = _checks.real("vanishing", vanishing, "for example vanishing=1e-5")
         _checks.check(vanishing >= 0, f"vanishing must be >= 0, got {vanishing!r}; "
                       "for example vanishing=1e-5")
         self.optimizer = optimizer

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _checks
 from .eager import run_eagerly
 from .guard import SpikeGuard  # noqa: F401  (its home until this release)
 
@@ -37,11 +38,6 @@ def _state_dtype(device: torch.device) -> torch.dtype:
     # The rules' running statistics in float64 (as the reference code's Python floats),
     # except where the device has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 # torch 2.13's Inductor loses in-place updates of a rule's 0-d state (seen: ZClip's mean
@@ -137,10 +133,10 @@ class GlobalRule:
         if state.get("rule") != type(self).__name__:
             raise ValueError(f"this state is a {state.get('rule')}'s, not a "
                              f"{type(self).__name__}'s; load it into that rule")
-        _check(state["config"] == self.config(),
+        _checks.check(state["config"] == self.config(),
                f"the checkpoint's {type(self).__name__} settings {state['config']} differ from "
                f"this one's {self.config()}; build the rule with the saved settings")
-        _check(self.restore_fitting(state), f"the checkpoint's {type(self).__name__} state does "
+        _checks.check(self.restore_fitting(state), f"the checkpoint's {type(self).__name__} state does "
                "not fit this rule")
 
     def restore_fitting(self, state: dict) -> bool:
@@ -221,51 +217,109 @@ class LocalRule:
 
 
 class ZClip(GlobalRule):
-    r"""Clip the norm when its z-score against running statistics is an outlier (ZClip,
-    Kumar et al. 2025, the default ``zscore`` mode with ``adaptive_scaling``).
+    r"""Clip the norm when it is an outlier against running statistics of the norms (ZClip,
+    Kumar et al. 2025), with every option of the authors' code.
 
     The first ``warmup_steps`` finite norms set the mean and variance (population
-    variance); after that, each step computes ``z = (norm - mean) / (std + eps)``. When
-    ``z > z_thresh`` the norm is clipped to ``mean + z_thresh * std / (z / z_thresh)``
-    (larger outliers are clipped harder), and that threshold, not the outlier, updates
-    the statistics: ``mean = alpha * mean + (1 - alpha) * x``, then
-    ``var = alpha * var + (1 - alpha) * (x - mean) ** 2``. Otherwise the norm is left
-    alone and updates them itself.
+    variance); nothing is clipped by the rule until then. After that, each step decides
+    whether its norm is a spike and the value to clip it to:
+
+    - ``mode="zscore"`` (default): a spike when ``z = (norm - mean) / (std + eps)`` exceeds
+      ``z_thresh``. Clipped to ``clip_factor * (mean + z_thresh * std / (z / z_thresh))``
+      with ``clip_option="adaptive_scaling"`` (default: larger outliers are clipped
+      harder), or to ``mean`` with ``clip_option="mean"``.
+    - ``mode="percentile"``: a spike when the norm exceeds ``mean + z_thresh * std``, and
+      clipped to that value.
+
+    Then the statistics are updated with the clip value in place of a spike's norm (a
+    norm that is not a spike updates them itself): ``mean = alpha * mean + (1 - alpha) *
+    x``, then ``var = alpha * var + (1 - alpha) * (x - mean) ** 2``; with
+    ``skip_update_on_spike=True`` a spike leaves them as they were. ``max_norm``, if set,
+    caps the threshold at every step, warm-up included.
 
     Args:
         alpha (float): EMA smoothing of the mean and variance, in (0, 1). Default: 0.97
-        z_thresh (float): z-score above which a norm is clipped, > 0. Default: 2.5
-        warmup_steps (int): finite norms collected before the statistics start. Default: 25
-        max_norm (float, optional): a fixed ceiling applied at every step, warm-up
-            included (the reference code's ``max_grad_norm``, whose default is 1.0 there;
-            here ``None``, no ceiling). Default: None
-        eps (float): added to the standard deviation of the z-score. Default: 1e-6
+        z_thresh (float): the spike threshold, in standard deviations, > 0. Default: 2.5
+        warmup_steps (int): finite norms collected before the statistics start, >= 1.
+            Default: 25
+        max_norm (float, optional): a fixed ceiling applied at every step, > 0 (the
+            reference code's ``max_grad_norm``, whose default is 1.0 there; here ``None``,
+            no ceiling). Default: None
+        eps (float): added to the standard deviation of the z-score, >= 0. Default: 1e-6
+        mode (str): ``"zscore"`` or ``"percentile"``. Default: ``"zscore"``
+        clip_option (str): with ``mode="zscore"``, what a spike is clipped to:
+            ``"adaptive_scaling"`` or ``"mean"``. Default: ``"adaptive_scaling"``
+        clip_factor (float): with ``"adaptive_scaling"``, multiplies the clip value, > 0
+            (0.5 to 0.9 clip harder). Default: 1.0
+        skip_update_on_spike (bool): a spike does not update the statistics.
+            Default: False
 
-    Differences from the reference code: non-finite norms (steps the GradScaler skips)
-    update nothing; the statistics are float64 tensors on the device.
+    An option that the chosen mode does not use (``clip_option="mean"`` or a
+    ``clip_factor`` other than 1 with ``mode="percentile"``, a ``clip_factor`` with
+    ``clip_option="mean"``) raises ``ValueError`` (the reference code ignores it).
+    Non-finite norms (steps the GradScaler skips) update nothing; the statistics are
+    float64 tensors on the device.
 
     Example::
 
         >>> opt = gradclip.ClippedOptimizer(torch.optim.AdamW(params), max_norm=gradclip.ZClip())
+        >>> harder = gradclip.ZClip(mode="zscore", clip_factor=0.7, skip_update_on_spike=True)
     """
 
+    MODES = ("zscore", "percentile")
+    CLIP_OPTIONS = ("adaptive_scaling", "mean")
+    # What a checkpoint saved before these options existed was built with.
+    _OPTION_DEFAULTS = {"mode": "zscore", "clip_option": "adaptive_scaling", "clip_factor": 1.0,
+                        "skip_update_on_spike": False}
+
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, *,
-                 max_norm: float | None = None, eps: float = 1e-6):
+                 max_norm: float | None = None, eps: float = 1e-6, mode: str = "zscore",
+                 clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+                 skip_update_on_spike: bool = False):
         super().__init__()
-        _check(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha!r}; the paper uses 0.97")
-        _check(z_thresh > 0, f"z_thresh must be > 0, got {z_thresh!r}; the paper uses 2.5")
-        _check(int(warmup_steps) == warmup_steps and warmup_steps >= 1,
-               f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
-        _check(max_norm is None or max_norm > 0,
+        self.alpha = _checks.real("alpha", alpha, "the paper uses 0.97")
+        _checks.check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {alpha!r}; the paper uses 0.97")
+        self.z_thresh = _checks.real("z_thresh", z_thresh, "the paper uses 2.5")
+        _checks.check(self.z_thresh > 0, f"z_thresh must be > 0, got {z_thresh!r}; the paper uses 2.5")
+        self.warmup_steps = _checks.integer("warmup_steps", warmup_steps, "the paper uses 25")
+        _checks.check(self.warmup_steps >= 1, f"warmup_steps must be an integer >= 1, got {warmup_steps!r}")
+        no_ceiling = "pass max_norm=None for no ceiling"
+        self.max_norm = None if max_norm is None else _checks.real("max_norm", max_norm, no_ceiling)
+        _checks.check(self.max_norm is None or self.max_norm > 0,
                f"max_norm must be > 0 or None (no ceiling), got {max_norm!r}")
-        _check(eps >= 0, f"eps must be >= 0, got {eps!r}")
-        self.alpha, self.z_thresh, self.warmup_steps = float(alpha), float(z_thresh), int(warmup_steps)
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.eps = float(eps)
+        self.eps = _checks.real("eps", eps, "the paper uses 1e-6")
+        _checks.check(self.eps >= 0, f"eps must be >= 0, got {eps!r}")
+        self.mode = _checks.choice("mode", mode, self.MODES)
+        self.clip_option = _checks.choice("clip_option", clip_option, self.CLIP_OPTIONS)
+        self.clip_factor = _checks.real("clip_factor", clip_factor, "1.0 keeps the adaptive threshold")
+        _checks.check(self.clip_factor > 0, f"clip_factor must be > 0, got {clip_factor!r}; 1.0 keeps "
+               "the adaptive threshold, 0.5 to 0.9 clip harder")
+        self.skip_update_on_spike = _checks.flag("skip_update_on_spike", skip_update_on_spike)
+        self._check_options_are_used()
+
+    def _check_options_are_used(self) -> None:
+        if self.mode == "percentile":
+            _checks.check(self.clip_option == "adaptive_scaling" and self.clip_factor == 1.0,
+                   f"mode='percentile' clips to mean + z_thresh * std and uses neither "
+                   f"clip_option nor clip_factor (got clip_option={self.clip_option!r}, "
+                   f"clip_factor={self.clip_factor!r}); drop them, or use mode='zscore'")
+        elif self.clip_option == "mean":
+            _checks.check(self.clip_factor == 1.0,
+                   f"clip_option='mean' clips to the mean and does not use clip_factor (got "
+                   f"{self.clip_factor!r}); drop it, or use clip_option='adaptive_scaling'")
 
     def config(self) -> dict:
         return {"alpha": self.alpha, "z_thresh": self.z_thresh, "warmup_steps": self.warmup_steps,
-                "max_norm": self.max_norm, "eps": self.eps}
+                "max_norm": self.max_norm, "eps": self.eps, "mode": self.mode,
+                "clip_option": self.clip_option, "clip_factor": self.clip_factor,
+                "skip_update_on_spike": self.skip_update_on_spike}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A checkpoint saved before mode, clip_option, clip_factor and skip_update_on_spike
+        # existed holds a ZClip built with their defaults.
+        if state.get("rule") == type(self).__name__:
+            state = {**state, "config": {**self._OPTION_DEFAULTS, **state["config"]}}
+        super().load_state_dict(state)
 
     def _allocate(self, device):
         dtype = _state_dtype(device)
@@ -274,15 +328,27 @@ class ZClip(GlobalRule):
                 "count": torch.zeros((), dtype=torch.int64, device=device),
                 "warmup": torch.zeros(self.warmup_steps, dtype=dtype, device=device)}
 
+    def _spike_and_clip_value(self, x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """Whether ``x`` is a spike against the statistics, and the value to clip it to."""
+        zt = self.z_thresh
+        if self.mode == "percentile":
+            limit = mean + zt * std
+            return x > limit, limit
+        z = (x - mean) / (std + self.eps)
+        if self.clip_option == "mean":
+            return z > zt, mean
+        limit = mean + (zt * std) / (z / zt)
+        if self.clip_factor != 1.0:
+            limit = limit * self.clip_factor
+        return z > zt, limit
+
     def _update(self, x: Tensor) -> Tensor:
-        s, a, zt = self._state, self.alpha, self.z_thresh
+        s, a = self._state, self.alpha
         finite = torch.isfinite(x)
         in_warmup = s["count"] < self.warmup_steps
-        std = s["var"].sqrt()
-        z = (x - s["mean"]) / (std + self.eps)
-        outlier = ~in_warmup & finite & (z > zt)
-        adaptive = s["mean"] + (zt * std) / (z / zt)
-        threshold = torch.where(outlier, adaptive, math.inf)
+        spike, limit = self._spike_and_clip_value(x, s["mean"], s["var"].sqrt())
+        outlier = ~in_warmup & finite & spike
+        threshold = torch.where(outlier, limit, math.inf)
         if self.max_norm is not None:
             threshold = torch.clamp(threshold, max=self.max_norm)
 
@@ -294,11 +360,13 @@ class ZClip(GlobalRule):
         starts = in_warmup & (count == self.warmup_steps)
         start_mean = s["warmup"].mean()
         start_var = (s["warmup"] - start_mean).square().mean()
-        # After warm-up: the EMA, fed the threshold in place of an outlier.
-        fed = torch.where(outlier, adaptive, x)
+        # After warm-up: the EMA, fed the clip value in place of a spike's norm.
+        fed = torch.where(outlier, limit, x)
         ema_mean = a * s["mean"] + (1 - a) * fed
         ema_var = a * s["var"] + (1 - a) * (fed - ema_mean).square()
         updates = ~in_warmup & finite
+        if self.skip_update_on_spike:
+            updates = updates & ~outlier
         s["mean"].copy_(torch.where(starts, start_mean, torch.where(updates, ema_mean, s["mean"])))
         s["var"].copy_(torch.where(starts, start_var, torch.where(updates, ema_var, s["var"])))
         s["count"].copy_(count)
@@ -327,10 +395,11 @@ class AutoClip(GlobalRule):
 
     def __init__(self, percentile: float = 10.0, history: int = 1000):
         super().__init__()
-        _check(0 <= percentile <= 100, f"percentile must be in [0, 100], got {percentile!r}")
-        _check(int(history) == history and history >= 1,
-               f"history must be an integer >= 1, got {history!r}")
-        self.percentile, self.history = float(percentile), int(history)
+        self.percentile = _checks.real("percentile", percentile, "the paper uses 10")
+        _checks.check(0 <= self.percentile <= 100,
+               f"percentile must be in [0, 100], got {percentile!r}; the paper uses 10")
+        self.history = _checks.integer("history", history, "for example history=1000")
+        _checks.check(self.history >= 1, f"history must be an integer >= 1, got {history!r}")
 
     def config(self) -> dict:
         return {"percentile": self.percentile, "history": self.history}
@@ -414,9 +483,9 @@ def suggest_max_norm(norms: Tensor | Iterable[float], percentile: float = 90.0,
         >>> ...  # train a few hundred steps
         >>> max_norm = gradclip.suggest_max_norm(probe.norm_history())
     """
-    _check(50 < percentile < 100, f"percentile must be in (50, 100), got {percentile!r}: "
+    _checks.check(50 < percentile < 100, f"percentile must be in (50, 100), got {percentile!r}: "
            "the threshold must sit above the median norm and below the largest")
-    _check(0 <= skip_first < 1, f"skip_first must be in [0, 1), got {skip_first!r}")
+    _checks.check(0 <= skip_first < 1, f"skip_first must be in [0, 1), got {skip_first!r}")
     values = torch.as_tensor(norms if isinstance(norms, Tensor) else list(norms),
                              dtype=torch.float64).detach().cpu().flatten()
     values = values[int(len(values) * skip_first):]

@@ -115,6 +115,10 @@ class StepState:
         self.history_size = int(history)
         self._history = torch.full((self.history_size,), math.nan, dtype=norm_dtype, device=device)
         self._written = torch.zeros((), dtype=torch.int64, device=device)
+        # How many of the recorded norms gradclip.log_metrics has written to every sink:
+        # host-side, set by log_metrics (never by a step), in the state dict, so that a
+        # resumed run does not write them again.
+        self.logged = 0
         self.guard = None
         self._own_window: RollingWindows | None = None
         self.set_guard(None)
@@ -276,7 +280,8 @@ class StepState:
     def state_dict(self) -> dict[str, Tensor]:
         state = {"counters": self.counters.clone(), "last_norm": self.last_norm.clone(),
                  "last_coef": self.last_coef.clone(), "threshold": self.threshold.clone(),
-                 "history": self._history.clone(), "written": self._written.clone()}
+                 "history": self._history.clone(), "written": self._written.clone(),
+                 "logged": torch.tensor(self.logged)}
         if self._own_window is not None:
             state["norm_window"] = self._own_window.state_dict()
         return state
@@ -292,6 +297,7 @@ class StepState:
         for key, own in (("last_coef", self.last_coef), ("threshold", self.threshold)):
             if key in state:
                 own.copy_(state[key])
+        self.logged = int(state.get("logged", 0))
         dropped = []
         if "history" in state:
             dropped += self._load_history(torch.as_tensor(state["history"]),

@@ -1,4 +1,4 @@
-"""Gradient health on the device: history, metrics, the spike guard, per-tensor norms, logging.
+"""Gradient health on the device: history, metrics, the spike guard, per-tensor norms.
 
 Every step below is checked for what it records and, where the design says so, for not
 reading the host (a TorchDispatchMode that fails on ``aten._local_scalar_dense``, the op
@@ -436,70 +436,6 @@ def test_tensor_norms_need_tracking():
     opt = gradclip.ClippedOptimizer(INNER["sgd"](make_params()))
     with pytest.raises(RuntimeError, match="track_tensor_norms=True"):
         opt.tensor_norms()
-
-
-# ---------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------
-
-
-def test_log_metrics_writes_every_norm_at_its_step_and_reads_nothing_between(device_decides):
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), history=16, track_tensor_norms=True)
-    written = []
-    sink = lambda name, value, step: written.append((name, value, step))  # noqa: E731
-    norms = norm_sequence(25)
-    gen = torch.Generator().manual_seed(0)
-    recorded = []
-    for step, norm in enumerate(norms, start=1):
-        set_grads(params, norm, gen)
-        opt.step()
-        recorded.append(opt.last_norm.clone())
-        if step % 10:
-            with FailOnHostReads():
-                assert gradclip.log_metrics(opt, sink, step, every=10) == 0
-        else:
-            assert gradclip.log_metrics(opt, sink, step, every=10, top_k=2) == 10
-    logged = [(s, v) for name, v, s in written if name == "gradclip/norm"]
-    assert logged == [(s, r.item()) for s, r in enumerate(recorded[:20], start=1)]
-    at_20 = {name: v for name, v, s in written if s == 20 and name != "gradclip/norm"}
-    assert at_20["gradclip/steps"] == 20 and "gradclip/mean" in at_20
-    assert len([n for n in at_20 if n.startswith("gradclip/tensor_norm/")]) == 2
-
-
-def test_log_metrics_needs_a_history_as_long_as_every():
-    opt = gradclip.ClippedOptimizer(INNER["sgd"](make_params()), history=10)
-    with pytest.raises(ValueError, match="history >= every"):
-        gradclip.log_metrics(opt, print, 50, every=50)
-    with pytest.raises(TypeError, match="sink"):
-        gradclip.log_metrics(opt, object(), 10, every=10)
-
-
-def test_tensorboard_sink_writes_one_scalar_per_step(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
-
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), history=32,
-                                    spike_guard=gradclip.SpikeGuard(window=5, action="flag"))
-    writer = SummaryWriter(str(tmp_path))
-    recorded = []
-    gen = torch.Generator().manual_seed(0)
-    for step, norm in enumerate(norm_sequence(30, spikes=[17]), start=1):
-        set_grads(params, norm, gen)
-        opt.step()
-        recorded.append(opt.last_norm.item())
-        gradclip.log_metrics(opt, writer, step, every=10)
-    writer.close()
-    assert list(tmp_path.glob("events.out.tfevents.*"))
-    events = EventAccumulator(str(tmp_path))
-    events.Reload()
-    norms = events.Scalars("gradclip/norm")
-    assert [e.step for e in norms] == list(range(1, 31))
-    assert [e.value for e in norms] == pytest.approx(recorded, rel=1e-6)
-    assert [(e.step, e.value) for e in events.Scalars("gradclip/spike_steps")] == [
-        (10, 0.0), (20, 1.0), (30, 1.0)]
 
 
 # ---------------------------------------------------------------------------------------
