@@ -231,6 +231,11 @@ class SpikeGuard:
     def detach(self) -> None:
         self._owner = None
 
+    def __getstate__(self) -> dict:
+        # Not the optimizer it guards: a copy is free until given to one (the optimizer's
+        # own copy re-attaches its copy of the guard).
+        return {**self.__dict__, "_owner": None}
+
     def bind(self, device: torch.device | str) -> SpikeGuard:
         """Allocate the windows on ``device`` (done by the first step otherwise)."""
         device = torch.device(device)

@@ -545,6 +545,9 @@ class ClippedOptimizer(Optimizer):
         self.__dict__.update(state)
         self._params_key, self._flat_params = (), []
         self._tensor_norm_slots = None
+        for owned in (self._max_norm, self._guard):
+            if hasattr(owned, "attach"):
+                owned.attach(self)
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
         self._patch_step_function()

@@ -104,6 +104,11 @@ class GlobalRule:
     def detach(self) -> None:
         self._owner = None
 
+    def __getstate__(self) -> dict:
+        # Not the optimizer it serves: a copy is free until given to one (the optimizer's
+        # own copy re-attaches its copy of the rule).
+        return {**self.__dict__, "_owner": None}
+
     @torch.no_grad()
     def threshold_(self, norm: Tensor, accept: Tensor | None = None) -> Tensor:
         """Update the state with this step's pre-clip ``norm`` (0-d; non-finite norms are

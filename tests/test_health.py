@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FailOnHostReads, gpu, on_device
+from recipes import GuardPort
 
 import gradclip
 from gradclip.step_state import COUNTER_NAMES
@@ -86,18 +87,6 @@ def device_decides(monkeypatch):
     monkeypatch.setattr(reference, "_decides_on_host", lambda device: False)
 
 
-def guard_port(norms, factor, window, warmup):
-    """The spike guard's rule in plain Python: flags, and the window means it judged by."""
-    accepted, flags = [], []
-    for g in norms:
-        recent = accepted[-window:]
-        spike = len(accepted) >= warmup and math.isfinite(g) and g > factor * (sum(recent) / len(recent))
-        flags.append(spike)
-        if math.isfinite(g) and not spike:
-            accepted.append(g)
-    return flags, accepted
-
-
 # ---------------------------------------------------------------------------------------
 # History and metrics
 # ---------------------------------------------------------------------------------------
@@ -135,7 +124,9 @@ def test_metrics_are_device_tensors_consistent_with_stats():
     assert all(v.dim() == 0 and v.device == params[0].device for v in metrics.values())
     stats = opt.stats()
     assert stats == {name: int(metrics[name]) for name in COUNTER_NAMES}
-    flags, accepted = guard_port(norms, 3.0, 10, 10)
+    port = GuardPort(3.0, 10, action="flag")
+    flags = [port.judge(g)["spike"] for g in norms]
+    accepted = port.accepted["norm"]
     assert stats["spike_steps"] == sum(flags) == 2 and stats["skipped_steps"] == 0
     assert stats["vanishing_steps"] == 1 and stats["nonfinite_steps"] == 1
     assert stats["clipped_steps"] == sum(1 for g in norms if math.isfinite(g) and 1.05 / (g + 1e-6) < 1)
@@ -189,97 +180,6 @@ def test_health_state_round_trips_through_the_state_dict():
     with pytest.warns(UserWarning, match="spike guard's windows"):
         gradclip.ClippedOptimizer(INNER["adamw"](make_params()), history=16).load_state_dict(
             first.state_dict())
-
-
-# ---------------------------------------------------------------------------------------
-# The spike detector
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("factor, window, warmup", [(3.0, 20, None), (2.0, 8, 4), (5.0, 50, 10)])
-def test_detector_flags_exactly_the_injected_spikes_none_in_warmup(factor, window, warmup):
-    spikes = [60, 61, 95, 140]
-    in_warmup = [1, 3]  # as large, but before the guard judges anything
-    norms = norm_sequence(160, spikes=spikes + in_warmup, seed=7)
-    params = make_params()
-    guard = gradclip.SpikeGuard(factor, window, warmup, action="flag")
-    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=math.inf, spike_guard=guard)
-    counts = []
-    run(opt, params, norms, each=lambda i: counts.append(opt.counters[4].clone()))
-    flagged = [i for i, (a, b) in enumerate(zip([torch.tensor(0)] + counts, counts)) if b > a]
-    assert flagged == spikes
-    assert flagged == [i for i, f in enumerate(guard_port(norms, factor, window, guard.warmup)[0]) if f]
-
-
-def test_spikes_do_not_enter_the_rolling_mean():
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=math.inf,
-                                    spike_guard=gradclip.SpikeGuard(window=5, action="flag"))
-    run(opt, params, [1.0] * 5 + [100.0] * 3)
-    assert opt.metrics()["mean"].item() == pytest.approx(1.0, rel=1e-5)
-    assert opt.stats()["spike_steps"] == 3
-
-
-def test_clip_action_clips_a_spike_to_factor_times_the_mean():
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=math.inf,
-                                    spike_guard=gradclip.SpikeGuard(factor=3.0, window=4, action="clip"))
-    run(opt, params, [2.0] * 4 + [60.0])
-    post = float(torch.cat([p.grad.flatten() for p in params]).norm())
-    assert post == pytest.approx(6.0, rel=1e-5)
-    assert opt.metrics()["max_norm"].item() == pytest.approx(6.0, rel=1e-6)
-    assert opt.stats()["clipped_steps"] == 1 and opt.stats()["spike_steps"] == 1
-
-
-# ---------------------------------------------------------------------------------------
-# Skipping: bit for bit, and the scale untouched
-# ---------------------------------------------------------------------------------------
-
-
-def snapshot(opt, params):
-    state = {k: v.clone() if torch.is_tensor(v) else v
-             for s in opt.optimizer.state.values() for k, v in s.items()}
-    tensors = [p.detach().clone() for p in params]
-    tensors += [v for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return [t.clone() for t in tensors], state
-
-
-@pytest.mark.parametrize("inner, scaler_kind", [
-    ("adamw_fused", None), ("adamw", None), ("sgd", None),
-    ("adamw_fused", "gradclip"), ("adamw", "gradclip"),
-    ("adamw_fused", "torch"), ("adamw", "torch")])
-def test_a_skipped_step_leaves_parameters_and_state_bit_identical(inner, scaler_kind):
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(INNER[inner](params), max_norm=1.0,
-                                    spike_guard=gradclip.SpikeGuard(window=5, action="skip"))
-    scaler = None if scaler_kind is None else SCALERS[scaler_kind]()
-    norms = norm_sequence(12, spikes=[8])
-    before = {}
-
-    def watch(i):
-        if i == 7:
-            before["tensors"], _ = snapshot(opt, params)
-            before["scale"] = None if scaler is None else scaler.get_scale()
-        if i == 8:
-            after, _ = snapshot(opt, params)
-            assert len(after) == len(before["tensors"]) > len(params)
-            for a, b in zip(after, before["tensors"]):
-                assert torch.equal(a, b)
-            if scaler is not None:
-                assert scaler.get_scale() == before["scale"]  # a spike never backs it off
-
-    run(opt, params, norms, scaler=scaler, each=watch)
-    assert opt.stats()["skipped_steps"] == opt.stats()["spike_steps"] == 1
-    assert before["tensors"][0].shape == params[0].shape
-    # The steps after the skip were taken.
-    assert not torch.equal(params[0].detach(), before["tensors"][0])
-
-
-def test_closures_are_refused_with_a_spike_guard():
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(torch.optim.LBFGS(params), spike_guard=gradclip.SpikeGuard())
-    with pytest.raises(RuntimeError, match="closure"):
-        opt.step(lambda: sum(p.sum() for p in params))
 
 
 # ---------------------------------------------------------------------------------------
