@@ -15,6 +15,10 @@ from ..backends import available_backends, requested_backend, resolve
 
 logger = logging.getLogger("gradclip")
 
+# Supported Lightning versions (Trainer and Fabric): [minimum, below). Tested: see
+# docs/integrations.md.
+LIGHTNING_VERSIONS = ("2.1.0", "3")
+
 
 class FrameworkClipsWarning(UserWarning):
     """An integration left a clip to the framework's own code; the message says why.

@@ -50,10 +50,15 @@ import types
 from torch import Tensor
 
 from .. import functional
-from ._common import announce, check_backend, first_device, leave_to_framework, local_norm, require
-
-# Supported versions: [minimum, below). Tested: see docs/integrations.md.
-LIGHTNING_VERSIONS = ("2.1.0", "3")
+from ._common import (
+    LIGHTNING_VERSIONS,
+    announce,
+    check_backend,
+    first_device,
+    leave_to_framework,
+    local_norm,
+    require,
+)
 
 _NAME = "lightning"
 _REPLACED = ("clip_gradients", "clip_grad_by_norm", "clip_grad_by_value")
@@ -109,6 +114,12 @@ def _why_lightning_clips(plugin: Precision) -> str | None:
             f"{why}. The callback leaves it alone.")
 
 
+_NOT_FOR_FABRIC = (
+    "FusedGradientClipping is a lightning.Trainer callback: Fabric never calls its setup, so "
+    "it would leave fabric.clip_gradients to torch. For Fabric, pass "
+    "gradclip.integrations.fabric.FabricGradientClipping() in Fabric(callbacks=[...]).")
+
+
 class FusedGradientClipping(Callback):
     r"""Makes its trainer's ``gradient_clip_val`` clip with gradclip.
 
@@ -157,11 +168,14 @@ class FusedGradientClipping(Callback):
         self.uninstall(trainer.precision_plugin)
 
     def on_after_setup(self, fabric=None, module=None) -> None:
-        """Fabric's hook (a Trainer never calls it): refuse, rather than clip nothing."""
-        raise TypeError(
-            "FusedGradientClipping is a lightning.Trainer callback: Fabric never calls its setup, "
-            "so it would leave fabric.clip_gradients to torch. For Fabric, pass "
-            "gradclip.integrations.fabric.FabricGradientClipping() in Fabric(callbacks=[...]).")
+        """Fabric's hook after ``fabric.setup()`` (a Trainer never calls it): refuse,
+        rather than clip nothing."""
+        raise TypeError(_NOT_FOR_FABRIC)
+
+    def on_after_optimizer_step(self, strategy=None, optimizer=None) -> None:
+        """Fabric's hook after each optimizer step (a Trainer never calls it): refuse where
+        ``fabric.setup_module()`` left ``on_after_setup`` uncalled."""
+        raise TypeError(_NOT_FOR_FABRIC)
 
     def install(self, plugin: Precision) -> bool:
         """Point ``plugin``'s clipping at gradclip; returns whether it did (the callback's
