@@ -260,18 +260,22 @@ def lightning_trainer_run(layout: str, callbacks: list, world: int, precision: s
 
 
 def fabric_run(layout: str, callbacks: list, world: int, precision: str = "32-true"):
+    """STEPS steps of Fabric with ModelParallelStrategy on a 2 x (world/2) mesh, or DDP
+    (``layout="ddp"``); returns the norms fabric.clip_gradients returned and the final weights."""
     import lightning as L
     from lightning.fabric.strategies import ModelParallelStrategy
 
     os.environ["WORLD_SIZE"] = str(world)
+    strategy = "ddp" if layout == "ddp" else ModelParallelStrategy(
+        lambda m, mesh: parallelize(m, mesh, layout), data_parallel_size=2, tensor_parallel_size=world // 2)
     fabric = L.Fabric(accelerator="cpu", devices=world, precision=precision, callbacks=callbacks,
-                      strategy=ModelParallelStrategy(lambda m, mesh: parallelize(m, mesh, layout),
-                                                     data_parallel_size=2, tensor_parallel_size=world // 2))
+                      strategy=strategy)
     fabric.launch()
     torch.manual_seed(0)
     model = fabric.setup(MLP())
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    dp_rank = fabric.strategy.device_mesh["data_parallel"].get_local_rank()
+    dp_rank = (fabric.global_rank if layout == "ddp"
+               else fabric.strategy.device_mesh["data_parallel"].get_local_rank())
     norms = []
     for x, y in batches(10 + dp_rank, WIDTH):
         fabric.backward(torch.nn.functional.mse_loss(model(x), y))
@@ -309,6 +313,12 @@ def lightning_layouts(rank: int, world: int) -> dict:
         compare(f"Fabric, ModelParallelStrategy, {layout}", theirs, ours, theirs_w, ours_w, rows)
 
     with watching_clips() as recorder:
+        theirs, theirs_w = fabric_run("ddp", [], world)
+        ours, ours_w = fabric_run("ddp", [FabricGradientClipping()], world)
+        assert recorder.calls["gradclip norm"] == STEPS and recorder.calls["torch norm"] == STEPS
+    compare("Fabric, DDP", theirs, ours, theirs_w, ours_w, rows)
+
+    with watching_clips() as recorder:
         theirs, theirs_w = fabric_run("fsdp2+tp", [], world, "bf16-mixed")
         ours, ours_w = fabric_run("fsdp2+tp", [FabricGradientClipping()], world, "bf16-mixed")
         assert recorder.calls["gradclip norm"] == STEPS
@@ -318,7 +328,7 @@ def lightning_layouts(rank: int, world: int) -> dict:
 
 def test_lightning_trainer_and_fabric_model_parallel_fsdp2_tp_and_both():
     rows = run_ranks(__name__, "lightning_layouts", world=4)
-    assert len(rows) == 2 * len(LAYOUTS) + 1
+    assert len(rows) == 2 * len(LAYOUTS) + 2
 
 
 # -- Accelerate and the Hugging Face Trainer -----------------------------------------------------
@@ -343,8 +353,9 @@ def accelerator_told(fsdp2: bool):
 
 
 def accelerate_run(mesh, rank: int, clip, fsdp2_plugin: bool):
-    """A plain Accelerate loop over a fully_shard-ed MLP (DTensor gradients); ``clip``
-    clips through the Accelerator. Returns the clip results and the final weights."""
+    """A plain Accelerate loop over an MLP: fully_shard-ed over ``mesh`` (DTensor
+    gradients), or prepared by Accelerate (DDP) when ``mesh`` is None; ``clip`` clips
+    through the Accelerator. Returns the clip results and the final weights."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedType
@@ -356,10 +367,14 @@ def accelerate_run(mesh, rank: int, clip, fsdp2_plugin: bool):
     assert accelerator.distributed_type == DistributedType.MULTI_CPU
     torch.manual_seed(0)
     model = MLP()
-    fully_shard(model.up, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    accelerator._models.append(model)  # what prepare(model) records under FSDP
+    if mesh is None:
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    else:
+        fully_shard(model.up, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-2))
+        accelerator._models.append(model)  # what prepare(model) records under FSDP
     results = []
     with accelerator_told(fsdp2_plugin):
         for x, y in batches(20 + rank, WIDTH):
@@ -428,13 +443,15 @@ def hugging_face(rank: int, world: int) -> dict:
     def by_value(accelerator, model):
         accelerator.clip_grad_value_(model.parameters(), 0.01)
 
-    for fsdp2_plugin, name in ((False, "Accelerate loop, fully_shard by hand (MULTI_CPU)"),
-                               (True, "Accelerate loop, FSDP2 plugin (distributed_type FSDP)")):
+    for layout_mesh, fsdp2_plugin, name in (
+            (None, False, "Accelerate loop, DDP (MULTI_CPU)"),
+            (mesh, False, "Accelerate loop, fully_shard by hand (MULTI_CPU)"),
+            (mesh, True, "Accelerate loop, FSDP2 plugin (distributed_type FSDP)")):
         with watching_clips() as recorder:
-            theirs, theirs_w = accelerate_run(mesh, rank, by_norm, fsdp2_plugin)
+            theirs, theirs_w = accelerate_run(layout_mesh, rank, by_norm, fsdp2_plugin)
             assert recorder.calls["gradclip norm"] == 0
             with gradclip_hf.patched():
-                ours, ours_w = accelerate_run(mesh, rank, by_norm, fsdp2_plugin)
+                ours, ours_w = accelerate_run(layout_mesh, rank, by_norm, fsdp2_plugin)
             assert recorder.calls["gradclip norm"] == STEPS
         compare(name, theirs, ours, theirs_w, ours_w, rows)
 
@@ -462,4 +479,60 @@ def test_hugging_face_fsdp2_dtensor_gradients_and_the_trainers_mixed_mesh_norm()
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     rows = run_ranks(__name__, "hugging_face", world=2)
-    assert len(rows) == 4
+    assert len(rows) == 5
+
+
+# -- the examples of docs/integrations.md ---------------------------------------------------------
+
+
+def docs_blocks(kind: str) -> list[str]:
+    """The ```python blocks (one process) or ```py blocks (several ranks) of the docs."""
+    return re.findall(rf"```{kind}\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+def documented_examples(rank: int, world: int) -> dict:
+    """Every multi-rank example of docs/integrations.md, as torchrun would run it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    for code in docs_blocks("py"):
+        os.environ["WORLD_SIZE"] = str(world)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        with watching_clips() as recorder, contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, str(DOCS), "exec"), {"__name__": "__example__"})
+        assert recorder.calls["gradclip norm"] >= 1, code
+        assert recorder.calls["torch norm"] == recorder.calls["torch total norm"] == 0, code
+        dist.barrier()
+    return {}
+
+
+def test_documented_multi_rank_examples_run():
+    pytest.importorskip("accelerate")
+    pytest.importorskip("lightning")
+    pytest.importorskip("torchtitan")
+    assert len(docs_blocks("py")) == 4, "Accelerate, Lightning, Fabric and torchtitan"
+    run_ranks(__name__, "documented_examples", world=2)
+
+
+INTEGRATIONS = ("gradclip.integrations.huggingface", "gradclip.integrations.lightning",
+                "gradclip.integrations.fabric", "gradclip.integrations.torchtitan")
+
+
+def test_every_one_process_example_is_run_by_a_test():
+    """test_integrations_{hf,lightning,fabric,torchtitan}.py each run the ```python blocks
+    that use their integration; a block that uses none is run here."""
+    for code in docs_blocks("python"):
+        used = [name for name in INTEGRATIONS if name in code]
+        assert len(used) <= 1, used
+        if used:
+            continue
+        import logging
+        import warnings
+
+        level = logging.getLogger("gradclip").level
+        try:
+            with warnings.catch_warnings():
+                exec(compile(code, str(DOCS), "exec"), {"__name__": "__example__"})
+        finally:
+            logging.getLogger("gradclip").setLevel(level)
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from test_integrations_sharded import (  # noqa: E402
 )
 
 import gradclip  # noqa: E402
+import gradclip.functional  # noqa: E402
 import gradclip.integrations.torchtitan as gradclip_titan  # noqa: E402
 from gradclip.integrations import _common  # noqa: E402
 
@@ -284,3 +286,21 @@ def torchtitan_layouts(rank: int, world: int) -> dict:
 def test_torchtitan_layouts_fsdp2_hsdp_tp_pipeline_and_experts():
     rows = run_ranks(__name__, "torchtitan_layouts", world=4)
     assert len(rows) == len(LAYOUTS)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+EXAMPLES = [block for block in re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+            if "gradclip.integrations.torchtitan" in block]
+
+
+def test_the_docs_show_torchtitan():
+    assert any("patch()" in code and "dist_utils.clip_grad_norm_" in code for code in EXAMPLES)
+
+
+@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example-{i}" for i in range(len(EXAMPLES))])
+def test_documented_example_runs(code, monkeypatch):
+    calls = []
+    original = gradclip.functional.clip_grad_norm_
+    monkeypatch.setattr(gradclip.functional, "clip_grad_norm_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    exec(compile(code, str(DOCS), "exec"), {"__name__": "__example__"})
+    assert calls and not gradclip_titan.is_patched(), "the example clips with gradclip, then unpatches"
