@@ -274,7 +274,8 @@ def test_a_plugin_subclass_that_keeps_lightnings_clipping_clips_with_gradclip(re
 
 
 def test_a_plugin_that_overrides_a_clipping_method_is_left_alone_saying_which():
-    with pytest.warns(FrameworkClipsWarning, match="ClipsItsOwnWay overrides clip_grad_by_norm, so it clips its own way"):
+    match = "ClipsItsOwnWay overrides clip_grad_by_norm, so it clips its own way"
+    with pytest.warns(FrameworkClipsWarning, match=match):
         assert not FusedGradientClipping().install(ClipsItsOwnWay())
 
 

@@ -28,7 +28,7 @@ dist_utils = pytest.importorskip("torchtitan.distributed.utils")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_integrations_sharded import (  # noqa: E402
     MAX_NORM,
-    STEPS,
+    MLP,
     WIDTH,
     batches,
     compare,
@@ -133,16 +133,6 @@ def test_a_changed_signature_or_version_is_refused(monkeypatch):
 
 
 # -- 4 ranks: torchtitan's layouts -----------------------------------------------------------------
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = torch.nn.Linear(WIDTH, 2 * WIDTH)
-        self.down = torch.nn.Linear(2 * WIDTH, WIDTH)
-
-    def forward(self, x):
-        return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
 class Experts(torch.nn.Module):

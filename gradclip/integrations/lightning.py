@@ -78,8 +78,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision, XLAPr
 # Why a plugin that overrides a clipping method clips its own way, for Lightning's own.
 _OWN_WAY = {
     "FSDPPrecision": "FSDP v1 (strategy='fsdp') holds flat parameter shards that torch's clip "
-                     "cannot measure, so Lightning refuses norm clipping there and clips values "
-                     "itself (for FSDP2 use ModelParallelStrategy, which gradclip clips)",
+                     "cannot measure, so Lightning refuses norm clipping there (values it clips "
+                     "with torch's clip); for FSDP2 use ModelParallelStrategy, which gradclip clips",
     "DeepSpeedPrecision": "DeepSpeed clips inside its engine (gradient_clipping in its config)",
 }
 
