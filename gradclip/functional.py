@@ -22,9 +22,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import distributed, pipeline
 from .backends import dispatch
-from .backends.base import FOUND_INF, NORM, clip_coefficient, coef_of, found_inf_of
+from .backends.base import clip_coefficient
+from .rules import GlobalRule, LocalRule
 
 TensorOrTensors = Tensor | Iterable[Tensor]
 
@@ -46,6 +47,8 @@ def _grads(parameters: list[Tensor]) -> list[Tensor]:
 
 
 def _as_float(value, name: str, hint: str) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}; {hint}")
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -53,12 +56,23 @@ def _as_float(value, name: str, hint: str) -> float:
 
 
 def check_max_norm(max_norm) -> float:
-    """``max_norm`` as a float; NaN or negative values raise ``ValueError``."""
+    """``max_norm`` as a float; NaN or negative values raise ``ValueError``, a bool or a
+    non-number ``TypeError``."""
     value = _as_float(max_norm, "max_norm", "for example max_norm=1.0")
     if math.isnan(value) or value < 0:
         raise ValueError(f"max_norm must be >= 0 (or inf to only measure), got {max_norm!r}; "
                          "a negative or NaN max_norm would flip or NaN every gradient")
     return value
+
+
+def check_threshold(max_norm) -> float | Tensor | GlobalRule | LocalRule:
+    """What the pipeline takes as a threshold: a float >= 0, a 0-d tensor (a threshold
+    kept on the device), or a rule."""
+    if isinstance(max_norm, (GlobalRule, LocalRule)):
+        return max_norm
+    if isinstance(max_norm, Tensor) and max_norm.numel() == 1:
+        return max_norm
+    return check_max_norm(max_norm)
 
 
 def check_norm_type(norm_type) -> float:
@@ -70,157 +84,9 @@ def check_norm_type(norm_type) -> float:
     return value
 
 
-def _raise_if_nonfinite(norm: Tensor, norm_type: float) -> None:
-    if not torch.isfinite(norm).item():
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is "
-            "non-finite, so it cannot be clipped; no gradient was changed. To disable this "
-            "error and scale the gradients by the non-finite norm anyway, as torch does, set "
-            "`error_if_nonfinite=False`")
-
-
 def _zero_norm() -> Tensor:
     # torch's value for "nothing to measure": a float32 zero on the CPU.
     return torch.tensor(0.0)
-
-
-def clip_norm_(grads: list[Tensor], norm_type: float, max_norm: float | Tensor, *,
-               inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
-               error_if_nonfinite: bool = False, backend: str = "auto",
-               process_group=None) -> Tensor:
-    """The one global-norm clip behind :func:`clip_grad_norm_` and ``ClippedOptimizer``.
-
-    Scales ``grads`` (non-empty) in place by ``stats[COEF]`` and returns ``stats``
-    (:mod:`gradclip.backends.base`). ``inv_scale``: the grads are scaled by a GradScaler;
-    the norm is of the unscaled grads, the factor unscales too, and nothing is written
-    when an inf/NaN is found. ``found_inf``: a flag already known (the scaler unscaled);
-    nothing is written when it is set. ``max_norm=inf`` only measures (and unscales).
-    ``max_norm`` may be a one-element device tensor (a threshold a rule keeps on the
-    device, such as ZClip's): the coefficient is then computed on the device between the
-    norm pass and the rescale, with no host synchronisation.
-    ``error_if_nonfinite`` reads the norm on the host and raises before any write.
-    DTensor grads, or a ``process_group``: see :func:`clip_distributed_`.
-    """
-    if distributed.involved(grads, process_group):
-        return clip_distributed_(distributed.plan(grads, process_group), norm_type, max_norm,
-                                 inv_scale=inv_scale, found_inf=found_inf,
-                                 error_if_nonfinite=error_if_nonfinite, backend=backend)
-    if is_device_threshold(max_norm):
-        return _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
-                                          error_if_nonfinite, backend)
-    only_measures = math.isinf(max_norm) and inv_scale is None
-    if error_if_nonfinite or only_measures or found_inf is not None:
-        stats = dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
-        if error_if_nonfinite:
-            _raise_if_nonfinite(stats[NORM], norm_type)
-        if not only_measures:
-            _rescale_(grads, stats, inv_scale, found_inf, backend)
-        return stats
-    return dispatch.clip_grads_(grads, norm_type, max_norm, inv_scale, backend)
-
-
-def _rescale_(grads: list[Tensor], stats: Tensor, inv_scale: Tensor | None,
-              found_inf: Tensor | None, backend: str) -> None:
-    """Scale ``grads`` by ``stats[COEF]``, skipped on inf/NaN: the flag already known, else
-    (under AMP) the one the norm pass found; without AMP a non-finite norm scales, as torch."""
-    skip = found_inf
-    if skip is None and inv_scale is not None:
-        skip = found_inf_of(stats)
-    dispatch.scale_(grads, coef_of(stats), skip, backend)
-
-
-def is_device_threshold(max_norm) -> bool:
-    """Whether ``max_norm`` is set on the device per step: a 0-d tensor, or a rule
-    (:class:`gradclip.ZClip`, :class:`gradclip.AutoClip`: anything with ``threshold_``)."""
-    return isinstance(max_norm, Tensor) or callable(getattr(max_norm, "threshold_", None))
-
-
-def with_device_threshold(stats: Tensor, max_norm, inv_scale: Tensor | None) -> Tensor:
-    """``stats`` measured with ``max_norm=inf``, with the coefficient of a threshold on the
-    device: a 0-d tensor, or a rule whose ``threshold_(norm)`` sees this step's pre-clip
-    norm (and updates its state). No host synchronisation."""
-    norm = stats[NORM]
-    threshold = max_norm if isinstance(max_norm, Tensor) else max_norm.threshold_(norm)
-    threshold = threshold.reshape(()).to(device=norm.device, dtype=norm.dtype)
-    coef = clip_coefficient(norm, threshold, None if inv_scale is None
-                            else inv_scale.to(norm.device).reshape(()))
-    return torch.stack([norm, coef.to(norm.dtype), stats[FOUND_INF]])
-
-
-def _clip_to_device_threshold_(grads, norm_type, max_norm, inv_scale, found_inf,
-                               error_if_nonfinite, backend) -> Tensor:
-    stats = dispatch.norm_stats(grads, norm_type, math.inf, inv_scale, backend)
-    if error_if_nonfinite:
-        # Before the rule sees the norm: a raising step changes no state.
-        _raise_if_nonfinite(stats[NORM], norm_type)
-    stats = with_device_threshold(stats, max_norm, inv_scale)
-    _rescale_(grads, stats, inv_scale, found_inf, backend)
-    return stats
-
-
-def clip_parameters_norm_(parameters: list[Tensor], norm_type: float, max_norm: float | Tensor, *,
-                          error_if_nonfinite: bool = False, backend: str = "auto",
-                          process_group=None) -> Tensor | None:
-    """:func:`clip_norm_` over the ``.grad`` of ``parameters``; ``None`` if none has one.
-
-    A backend's fast path finds the grads in C++ (it declines, with ``None``, what it
-    cannot take); it does not read the norm on the host, so ``error_if_nonfinite`` goes
-    the general way.
-    """
-    if distributed.involved(parameters, process_group):
-        return _clip_sharded_parameters_(parameters, norm_type, max_norm, error_if_nonfinite,
-                                         backend, process_group)[0]
-    if not error_if_nonfinite and not is_device_threshold(max_norm):
-        stats = dispatch.clip_parameters_(parameters, norm_type, max_norm, None, backend)
-        if stats is not None:
-            return stats
-    grads = _grads(parameters)
-    if not grads:
-        return None
-    return clip_norm_(grads, norm_type, max_norm, error_if_nonfinite=error_if_nonfinite,
-                      backend=backend)
-
-
-def _clip_sharded_parameters_(parameters, norm_type, max_norm, error_if_nonfinite, backend,
-                              process_group) -> tuple[Tensor | None, distributed.Plan]:
-    """:func:`clip_parameters_norm_` for DTensor parameters or a ``process_group``: the
-    parameters without a gradient still join their reductions (no rank left waiting)."""
-    grads, silent = distributed.grads_and_silent(parameters)
-    plan = distributed.plan(grads, process_group, silent_owners=silent)
-    if not plan.chains:
-        return None, plan
-    return clip_distributed_(plan, norm_type, max_norm, error_if_nonfinite=error_if_nonfinite,
-                             backend=backend), plan
-
-
-def clip_distributed_(plan: distributed.Plan, norm_type: float, max_norm, *,
-                      inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                      error_if_nonfinite: bool = False, backend: str = "auto") -> Tensor:
-    """:func:`clip_norm_` of sharded gradients: the norm of the whole model, reduced over
-    the plan's groups (:mod:`gradclip.distributed`), then each rank scales its local
-    shards. Every rank gets the same ``stats``; ``error_if_nonfinite`` raises on every
-    rank, after the reduction, so no rank is left in a collective. A ``found_inf`` given
-    is replaced in place by the flag of all ranks."""
-    stats = distributed.norm_stats(plan, norm_type, max_norm, inv_scale, backend, found_inf)
-    if error_if_nonfinite:
-        _raise_if_nonfinite(stats[NORM], norm_type)
-    only_measures = (not is_device_threshold(max_norm) and math.isinf(max_norm)
-                     and inv_scale is None)
-    if plan.locals and not only_measures:
-        _rescale_(plan.locals, stats, inv_scale, found_inf, backend)
-    return stats
-
-
-def norm_stats(grads: list[Tensor], norm_type: float, max_norm: float, inv_scale: Tensor | None,
-               backend: str = "auto", *, process_group=None,
-               found_inf: Tensor | None = None) -> Tensor:
-    """``stats`` of ``grads`` without touching them (the backends' ``norm_stats``), reduced
-    over ranks for DTensor grads or a ``process_group`` (``found_inf`` as in
-    :func:`clip_distributed_`)."""
-    if distributed.involved(grads, process_group):
-        return distributed.norm_stats(distributed.plan(grads, process_group), norm_type,
-                                      max_norm, inv_scale, backend, found_inf)
-    return dispatch.norm_stats(grads, norm_type, max_norm, inv_scale, backend)
 
 
 def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
@@ -257,22 +123,19 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
     """
     tensors = _as_list(tensors)
     norm_type = check_norm_type(norm_type)
-    if distributed.involved(tensors, process_group):
-        plan = distributed.plan(tensors, process_group)
-        if not plan.chains:
-            return _zero_norm()
-        with torch.no_grad():
-            norm = distributed.norm_stats(plan, norm_type, math.inf, None, backend)[NORM]
-        if error_if_nonfinite:
-            _raise_if_nonfinite(norm, norm_type)
-        return distributed.as_returned_norm(norm, plan)
-    if not tensors:
-        return _zero_norm()
     with torch.no_grad():
-        norm = dispatch.norm_stats(tensors, norm_type, math.inf, None, backend)[NORM]
+        measured = pipeline.measure(tensors, norm_type, process_group=process_group,
+                                    backend=backend)
+    if measured is None or (measured.plan is not None and not measured.plan.chains):
+        return _zero_norm()
     if error_if_nonfinite:
-        _raise_if_nonfinite(norm, norm_type)
-    return norm
+        pipeline.raise_if_nonfinite(measured.norm, norm_type)
+    return _returned(measured.norm, measured.plan)
+
+
+def _returned(norm: Tensor, plan: distributed.Plan | None) -> Tensor:
+    """The norm as torch's functions return it (a DTensor for DTensor gradients)."""
+    return norm if plan is None else distributed.as_returned_norm(norm, plan)
 
 
 def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_norm: Tensor,
@@ -306,7 +169,7 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
         total_norm = torch.tensor(_as_float(total_norm, "total_norm", "pass the tensor that "
                                             "get_total_norm returned"), device=grads[0].device)
     with torch.no_grad():
-        dispatch.scale_(grads, clip_coefficient(total_norm, max_norm).reshape(1), None, backend)
+        pipeline.rescale_(grads, clip_coefficient(total_norm, max_norm), None, backend)
 
 
 def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: float = 2.0,
@@ -323,7 +186,10 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
         parameters (Tensor or iterable of Tensors): parameters whose ``.grad`` to clip;
             parameters without a gradient are ignored.
         max_norm (float or rule): the largest norm allowed, >= 0; or a rule that sets it
-            each call on the device (:class:`gradclip.ZClip`, :class:`gradclip.AutoClip`).
+            each call on the device (:class:`gradclip.ZClip`, :class:`gradclip.AutoClip`;
+            give it the same rule object every call: its state is the run's), or one that
+            clips each gradient on its own (:class:`gradclip.PerTensor`,
+            :class:`gradclip.AGC`; their own ``norm_type`` must agree with ``norm_type``).
         norm_type (float): order of the norm, > 0; ``inf`` for the max norm. Default: 2.0
         error_if_nonfinite (bool): raise ``RuntimeError``, before touching any gradient,
             if the norm is NaN or inf (costs a host synchronisation). Default: False
@@ -337,6 +203,7 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
         The total norm of the gradients before clipping, a 0-d float32 tensor (float64
         if any gradient is float64) on the gradients' device; with DTensor gradients, a
         DTensor replicated on the first one's mesh, as :func:`get_total_norm` returns.
+        With a local rule, the norm of all gradients before it clipped them.
 
     Example::
 
@@ -345,18 +212,19 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
         >>> optimizer.step()
     """
     parameters = _as_list(parameters, warn_if_empty_generator=True)
-    if not is_device_threshold(max_norm):
-        max_norm = check_max_norm(max_norm)
+    max_norm = check_threshold(max_norm)
     norm_type = check_norm_type(norm_type)
-    if distributed.involved(parameters, process_group):
-        with torch.no_grad():
-            stats, plan = _clip_sharded_parameters_(parameters, norm_type, max_norm,
-                                                    error_if_nonfinite, backend, process_group)
-        return _zero_norm() if stats is None else distributed.as_returned_norm(stats[NORM], plan)
+    grads, silent = pipeline.grads_and_silent(parameters)
+    if not grads and parameters and isinstance(parameters[0], Tensor):
+        # Nothing to clip, but a backend named explicitly must be able to run here.
+        dispatch.resolve(backend, parameters[0].device)
     with torch.no_grad():
-        stats = clip_parameters_norm_(parameters, norm_type, max_norm,
-                                      error_if_nonfinite=error_if_nonfinite, backend=backend)
-    return _zero_norm() if stats is None else stats[NORM]
+        clipped = pipeline.clip_(grads, norm_type, max_norm, params=parameters, silent=silent,
+                                 error_if_nonfinite=error_if_nonfinite,
+                                 process_group=process_group, backend=backend)
+    if clipped is None or (clipped.plan is not None and not clipped.plan.chains):
+        return _zero_norm()
+    return _returned(clipped.norm, clipped.plan)
 
 
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -37,14 +38,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed
+from . import _checks, distributed, pipeline
 from .backends import dispatch
+from .backends.base import stats_dtype
 from .eager import run_eagerly
-from .backends.base import COEF, FOUND_INF, NORM, clip_coefficient, stats_dtype
-from .functional import (check_max_norm, check_norm_type, clip_norm_, clip_parameters_norm_,
-                         norm_stats, with_device_threshold)
-from .per_tensor import tensor_norms
-from .rules import RULES, ClipRule, SpikeGuard, rule_from_state
+from .functional import check_max_norm, check_norm_type
+from .guard import SpikeGuard
+from .rules import RULES, GlobalRule, LocalRule, rule_from_state
 from .step_state import StepState
 
 _STATE_KEY = "gradclip"
@@ -71,48 +71,18 @@ class ScalerRequest:
 SCALER_REQUEST_ATTR = "_gradclip_scaler_request"
 
 
-def _check_positive_max_norm(max_norm) -> float:
+def _check_clip_setting(max_norm):
+    """A float > 0 (``inf`` only measures), or a rule (global or local)."""
+    if isinstance(max_norm, (GlobalRule, LocalRule)):
+        return max_norm
+    if isinstance(max_norm, Tensor):
+        raise TypeError("max_norm must be a float or a rule (gradclip.ZClip, AutoClip, PerTensor, "
+                        "AGC), got a tensor; a threshold that changes per step is a rule")
     value = check_max_norm(max_norm)
     if value == 0:
         raise ValueError("max_norm must be > 0, got 0; a max_norm of 0 would zero every gradient. "
                          "Use a positive threshold such as 1.0, or float('inf') to only measure the norm")
     return value
-
-
-def _is_per_tensor_rule(max_norm) -> bool:
-    """``gradclip.PerTensor`` and ``gradclip.AGC``: rules that clip each tensor themselves."""
-    return callable(getattr(max_norm, "clip_", None))
-
-
-def _check_clip_setting(max_norm):
-    """A float > 0 (``inf`` only measures), a :class:`~gradclip.rules.ClipRule`, or a
-    per-tensor rule."""
-    if isinstance(max_norm, ClipRule) or _is_per_tensor_rule(max_norm):
-        return max_norm
-    return _check_positive_max_norm(max_norm)
-
-
-class _GuardedThreshold:
-    """The threshold of a step whose threshold is set on the device (a rule, or the spike
-    guard's clip): what ``functional.clip_norm_`` calls with the step's pre-clip norm. It
-    judges the spike, asks the rule, and writes the threshold in force into the step state."""
-
-    def __init__(self, state: StepState, rule: ClipRule | None, max_norm: float,
-                 guard: SpikeGuard | None):
-        self.state, self.rule, self.max_norm, self.guard = state, rule, max_norm, guard
-
-    def threshold_(self, norm: Tensor) -> Tensor:
-        state = self.state
-        limit = state.judge(norm) if self.guard is not None else None
-        if self.rule is not None:
-            threshold = self.rule.threshold_(norm).to(norm.dtype)
-        else:
-            threshold = torch.full_like(norm, self.max_norm)
-        if limit is not None and self.guard.action == "clip":
-            spike_limit = torch.where(state.spike, limit.to(norm.dtype), math.inf)
-            threshold = torch.minimum(threshold, spike_limit)
-        state.threshold.copy_(threshold)
-        return threshold
 
 
 def _reciprocal_of_scale(scale: Tensor) -> Tensor:
@@ -131,6 +101,14 @@ def _takes_folded_scale(optimizer: Optimizer) -> bool:
         return False
     # The older contract passes the scaler itself as a keyword: nothing to fold into.
     return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+
+
+def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The float flag set where either flag is (``None``: no flag)."""
+    if a is None or b is None:
+        flag = a if b is None else b
+        return None if flag is None else flag.float()
+    return torch.maximum(a.float(), b.float())
 
 
 class ClippedOptimizer(Optimizer):
@@ -157,6 +135,14 @@ class ClippedOptimizer(Optimizer):
     writes nothing. Calling ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to look
     at the gradients, say) works too: nothing is unscaled or clipped twice.
 
+    Loss spikes: ``opt.step(loss=loss)`` (or ``scaler.step(opt, loss=loss)``) hands the
+    step's loss to a spike guard that watches it (``SpikeGuard(watch="loss")``).
+
+    Checkpoints: :meth:`load_state_dict` keeps the settings this optimizer was built with
+    (``max_norm`` and its rule, ``norm_type``, the guard, ``history``) and restores the
+    saved state that fits them; what does not fit (another rule's state, a window of
+    another size) is dropped with one warning naming it.
+
     Closures: the gradients are clipped after each evaluation of the closure, so
     :class:`torch.optim.LBFGS`, which evaluates it several times per step, sees a clipped
     gradient at every evaluation; ``last_norm`` is then the norm of the last evaluation,
@@ -169,7 +155,8 @@ class ClippedOptimizer(Optimizer):
             rule: :class:`gradclip.ZClip`, :class:`gradclip.AutoClip` (a threshold set on
             the device each step), :class:`gradclip.PerTensor`, :class:`gradclip.AGC`
             (each tensor clipped on its own). Default: 1.0
-        norm_type (float): order of the norm, > 0; ``inf`` for the max norm. Default: 2.0
+        norm_type (float, optional): order of the norm, > 0; ``inf`` for the max norm.
+            Default: 2.0, or a local rule's own (``PerTensor(1.0, norm_type=...)``)
         error_if_nonfinite (bool): without a grad scaler, raise ``RuntimeError`` before
             touching the gradients when their norm is NaN or inf (costs a host
             synchronisation per step). Under AMP inf/NaN steps are expected: they are
@@ -182,10 +169,11 @@ class ClippedOptimizer(Optimizer):
         history (int): keep the last ``history`` pre-clip norms on the device
             (:meth:`norm_history`, :func:`gradclip.log_metrics`). Default: 0
         spike_guard (gradclip.SpikeGuard, optional): flag, clip or skip steps whose norm
-            jumps above the recent ones. Default: None
+            (or loss) jumps above the recent ones, and skip non-finite steps with
+            ``action="skip"``. Default: None
         vanishing (float): a norm below it counts in ``vanishing_steps``. Default: 1e-5
         track_tensor_norms (bool): keep each gradient's pre-clip norm
-            (:meth:`tensor_norms`; one more read of the gradients). Default: False
+            (:meth:`tensor_norms`; from the clip's own read of the gradients). Default: False
 
     Attributes:
         optimizer: the wrapped optimizer.
@@ -204,8 +192,8 @@ class ClippedOptimizer(Optimizer):
         {'steps': 1, 'clipped_steps': 1, 'nonfinite_steps': 0}
     """
 
-    def __init__(self, optimizer: Optimizer, max_norm: float | ClipRule = 1.0,
-                 norm_type: float = 2.0, *, error_if_nonfinite: bool = False,
+    def __init__(self, optimizer: Optimizer, max_norm: float | GlobalRule | LocalRule = 1.0,
+                 norm_type: float | None = None, *, error_if_nonfinite: bool = False,
                  backend: str = "auto", history: int = 0, spike_guard: SpikeGuard | None = None,
                  vanishing: float = 1e-5, track_tensor_norms: bool = False,
                  process_group=None):
@@ -217,21 +205,33 @@ class ClippedOptimizer(Optimizer):
             raise TypeError("optimizer is already a ClippedOptimizer; set its max_norm or "
                             "norm_type instead of wrapping it twice")
         dispatch.requested_backend(backend)
-        _check_health_settings(history, spike_guard, vanishing)
+        history = _checks.integer(history, "history", minimum=0, example="history=1024")
+        vanishing = _checks.real(vanishing, "vanishing", example="vanishing=1e-5")
+        _checks.check(vanishing >= 0, f"vanishing must be >= 0, got {vanishing!r}; "
+                      "for example vanishing=1e-5")
         self.optimizer = optimizer
-        self._guard = spike_guard
-        # What a step updates lives on the device (see gradclip.step_state).
-        self._step_state = StepState(self._first_param_device(), self._norm_dtype(), None,
-                                     history=int(history), guard=spike_guard,
-                                     vanishing=float(vanishing))
-        self.max_norm = max_norm
-        self.norm_type = norm_type
-        self.track_tensor_norms = bool(track_tensor_norms)
-        self._tensor_norms = torch.full((0,), math.nan, device=self._first_param_device())
-        self.error_if_nonfinite = bool(error_if_nonfinite)
-        self.backend = backend
         # Sharded gradients: the norm is reduced over this group (gradclip.distributed).
         self.process_group = process_group
+        self.track_tensor_norms = bool(track_tensor_norms)
+        if self.track_tensor_norms:
+            self._refuse_if_sharded("track_tensor_norms=True")
+        # What a step updates lives on the device (see gradclip.step_state).
+        self._step_state = StepState(self._first_param_device(), self._norm_dtype(), None,
+                                     history=history, vanishing=vanishing)
+        self._tensor_norms = torch.full((0,), math.nan, device=self._first_param_device())
+        self._tensor_norm_slots: tuple[tuple[int, ...], Tensor] | None = None
+        self._guard: SpikeGuard | None = None
+        self._max_norm: float | GlobalRule | LocalRule = 1.0
+        max_norm = _check_clip_setting(max_norm)
+        if isinstance(max_norm, LocalRule):
+            if norm_type is not None and check_norm_type(norm_type) != max_norm.norm_type:
+                raise ValueError(f"norm_type={norm_type} differs from {max_norm!r}'s; a local rule "
+                                 "clips with its own norm_type: set it on the rule only")
+            norm_type = max_norm.norm_type
+        self._norm_type = check_norm_type(2.0 if norm_type is None else norm_type)
+        self._configure(max_norm, self._checked_guard(spike_guard))
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.backend = backend
         self._folds_scale = _takes_folded_scale(optimizer)
         self._params_key: tuple = ()
         self._flat_params: list[Tensor] = []
@@ -275,28 +275,22 @@ class ClippedOptimizer(Optimizer):
     # -- settings ------------------------------------------------------------------------
 
     @property
-    def max_norm(self) -> float | ClipRule:
+    def max_norm(self) -> float | GlobalRule | LocalRule:
         """The threshold: a float, or the rule object that sets it each step."""
         return self._max_norm
 
     @max_norm.setter
-    def max_norm(self, value: float | ClipRule) -> None:
-        value = _check_clip_setting(value)
-        if _is_per_tensor_rule(value) and self._guard is not None and self._guard.action == "clip":
-            raise ValueError(f"spike_guard action='clip' clips the global norm, and max_norm="
-                             f"{type(value).__name__}(...) clips each tensor on its own; use "
-                             "action='flag' or 'skip' with a per-tensor rule")
-        rule = value if isinstance(value, ClipRule) else None
-        if rule is not None:
-            rule.bind(self._first_param_device())
-        fixed = value if isinstance(value, float) else math.inf
-        guard_clips = self._guard is not None and self._guard.action == "clip"
-        varies = rule is not None or guard_clips
-        # A threshold set per step is classified by the step's clip factor, not the norm.
-        self._step_state.set_max_norm(None if varies or _is_per_tensor_rule(value) else fixed)
-        self._max_norm = value
-        self._threshold = (_GuardedThreshold(self._step_state, rule, fixed, self._guard)
-                           if varies else None)
+    def max_norm(self, value: float | GlobalRule | LocalRule) -> None:
+        self._configure(_check_clip_setting(value), self._guard)
+
+    @property
+    def spike_guard(self) -> SpikeGuard | None:
+        """The spike guard (``None``: none); assignable between steps."""
+        return self._guard
+
+    @spike_guard.setter
+    def spike_guard(self, guard: SpikeGuard | None) -> None:
+        self._configure(self._max_norm, self._checked_guard(guard))
 
     @property
     def norm_type(self) -> float:
@@ -304,7 +298,54 @@ class ClippedOptimizer(Optimizer):
 
     @norm_type.setter
     def norm_type(self, value: float) -> None:
-        self._norm_type = check_norm_type(value)
+        value = check_norm_type(value)
+        if isinstance(self._max_norm, LocalRule) and value != self._max_norm.norm_type:
+            raise ValueError(f"norm_type={value} differs from {self._max_norm!r}'s; a local rule "
+                             "clips with its own norm_type: build it with the one you want")
+        self._norm_type = value
+
+    def _checked_guard(self, guard) -> SpikeGuard | None:
+        if guard is not None and not isinstance(guard, SpikeGuard):
+            raise TypeError(f"spike_guard must be a gradclip.SpikeGuard or None, got "
+                            f"{type(guard).__name__}; for example spike_guard=gradclip.SpikeGuard()")
+        return guard
+
+    def _configure(self, max_norm, guard: SpikeGuard | None) -> None:
+        """Install ``max_norm`` and ``guard`` together: what composes is checked here, once,
+        and the step state told whether the threshold is fixed."""
+        local = isinstance(max_norm, LocalRule)
+        if local and guard is not None and guard.action == "clip":
+            raise ValueError(f"spike_guard action='clip' clips the global norm, and max_norm="
+                             f"{type(max_norm).__name__}(...) clips each tensor on its own "
+                             "(per-tensor); use action='flag' or 'skip' with a local rule")
+        if local:
+            self._refuse_if_sharded(f"max_norm={type(max_norm).__name__}(...)")
+            self._norm_type = max_norm.norm_type  # a local rule clips with its own
+        for new, old in ((max_norm, self._max_norm), (guard, self._guard)):
+            if new is not old and hasattr(new, "attach"):
+                new.attach(self)
+        for new, old in ((max_norm, self._max_norm), (guard, self._guard)):
+            if new is not old and hasattr(old, "detach"):
+                old.detach()
+        if isinstance(max_norm, GlobalRule):
+            max_norm.bind(self._first_param_device())
+        self._max_norm, self._guard = max_norm, guard
+        self._step_state.set_guard(guard)
+        guard_clips = guard is not None and guard.action == "clip"
+        fixed = isinstance(max_norm, float) and not guard_clips
+        self._step_state.set_max_norm(max_norm if fixed else None)
+        if local:
+            self._step_state.threshold.fill_(max_norm.reported_threshold())
+
+    def _refuse_if_sharded(self, what: str) -> None:
+        params = self._params_now()
+        if self.process_group is not None or distributed.has_dtensor(params):
+            raise ValueError(f"{what} works on whole tensors, and this optimizer's gradients are "
+                             "sharded (DTensor parameters or process_group): each rank holds only "
+                             "parts of them. Use a global max_norm (a float, ZClip, AutoClip)")
+
+    def _params_now(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     # -- the optimizer interface ---------------------------------------------------------
 
@@ -314,12 +355,13 @@ class ClippedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
-    def step(self, closure: Callable[[], Any] | None = None):
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | None = None):
         """Clip the gradients of all parameter groups by their global norm, then step.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss; its
                 gradients are clipped after every evaluation.
+            loss (Tensor, optional): this step's loss, for a spike guard that watches it.
 
         Returns:
             What the inner optimizer's ``step`` returns (the loss, with a closure).
@@ -332,13 +374,9 @@ class ClippedOptimizer(Optimizer):
                 raise RuntimeError("spike_guard judges one gradient per step; a closure (LBFGS) "
                                    "evaluates several. Use spike_guard=None with closures")
             return self._step_with_closure(closure)
-        if request is not None:
-            return self._scaled_step(self._grads(), request)
         with torch.no_grad():
-            self._clip()
-        if self._skips_spikes():
-            return self._step_unless(self._step_state.spike)
-        return self.optimizer.step()
+            clipped, folded = self._clip(request, loss)
+        return self._inner_step(clipped, request, folded)
 
     @property
     def last_norm(self) -> Tensor:
@@ -351,12 +389,15 @@ class ClippedOptimizer(Optimizer):
         """The counters as ints, read with one host synchronisation.
 
         ``steps``: calls of ``step()``; ``clipped_steps``: steps whose gradients were
-        scaled down (norm above the threshold in force); ``nonfinite_steps``: steps whose
-        norm was inf or NaN (under AMP, the steps the scaler skipped); ``skipped_steps``:
-        steps the spike guard skipped; ``spike_steps``: steps it judged spikes (whatever
-        its action); ``vanishing_steps``: steps whose norm was below ``vanishing``. The
-        last three are listed when the optimizer keeps a ``history`` or a
-        ``spike_guard`` (:meth:`metrics` always has them). With
+        scaled down (norm above the threshold in force; with a local rule, any gradient
+        or unit clipped); ``nonfinite_steps``: steps whose norm was inf or NaN (under
+        AMP, the steps the scaler skipped); ``skipped_steps``: steps the spike guard kept
+        from the inner optimizer (spikes, and non-finite norms, with ``action="skip"``);
+        ``spike_steps``: steps it judged spikes (whatever its action);
+        ``vanishing_steps``: steps whose norm was below ``vanishing``;
+        ``regime_changes``: times the guard accepted a new level after
+        ``max_consecutive`` spikes in a row. The last four are listed when the optimizer
+        keeps a ``history`` or a ``spike_guard`` (:meth:`metrics` always has them). With
         ``torch.amp.GradScaler`` and a non-fused inner optimizer, torch skips inf/NaN
         steps without calling ``step()``; those are not counted (``gradclip.GradScaler``
         counts them). The same values as :meth:`metrics`' counters.
@@ -367,13 +408,14 @@ class ClippedOptimizer(Optimizer):
         """The state of the last step, as 0-d device tensors: no host synchronisation.
 
         ``norm``: the pre-clip norm (``last_norm``); ``clip_coef``: the factor the
-        gradients were scaled by (1 when not clipped; without the AMP unscale);
-        ``max_norm``: the threshold in force (a rule's threshold of that step, ``inf``
-        when it did not clip); ``mean``, ``std``: mean and standard deviation of the last
-        ``window`` accepted norms (finite, not spikes; the spike guard's window, or 100
-        with ``history`` and no guard; NaN when neither is set); and the counters of
-        :meth:`stats`: ``steps``, ``clipped_steps``, ``skipped_steps``, ``spike_steps``,
-        ``nonfinite_steps``, ``vanishing_steps`` (int64).
+        gradients were scaled by (1 when not clipped; without the AMP unscale; with a local
+        rule, the smallest factor of any gradient or unit); ``max_norm``: the threshold in
+        force (a rule's threshold of that step, ``inf`` when it did not clip; a
+        ``PerTensor``'s ``max_norm``; NaN for ``AGC``, whose threshold is per unit);
+        ``mean``, ``std``: mean and standard deviation of the last ``window`` accepted
+        norms (finite, not spikes; the spike guard's window when it watches the norm,
+        else the last 100 with ``history`` or a guard; NaN when neither is set); and the
+        counters of :meth:`stats` (int64).
         """
         return self._step_state.metrics()
 
@@ -410,27 +452,25 @@ class ClippedOptimizer(Optimizer):
     def counters(self) -> Tensor:
         """The counters named by ``gradclip.step_state.COUNTER_NAMES`` (``steps``,
         ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps``, ``spike_steps``,
-        ``vanishing_steps``), an int64 device tensor (no sync)."""
+        ``vanishing_steps``, ``regime_changes``), an int64 device tensor (no sync)."""
         return self._step_state.counters
 
-    @property
-    def spike_guard(self) -> SpikeGuard | None:
-        return self._guard
-
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict, plus the wrapper's settings and counters
-        under the key ``"gradclip"`` (a plain optimizer's ``load_state_dict`` ignores it)."""
+        """The inner optimizer's state dict, plus the wrapper's settings and state under the
+        key ``"gradclip"`` (a plain optimizer's ``load_state_dict`` ignores it)."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = self.optimizer.state_dict()
-        own = self._max_norm
+        rule = self._max_norm
+        is_rule = not isinstance(rule, float)
         state_dict[_STATE_KEY] = {
-            "max_norm": own if isinstance(own, float) else None,
-            "rule_type": None if isinstance(own, float) else type(own).__name__,
-            "rule": None if isinstance(own, float) else own.state_dict(),
+            "max_norm": None if is_rule else rule,
+            "rule_type": type(rule).__name__ if is_rule else None,
+            "rule": rule.state_dict() if is_rule else None,
             "norm_type": self._norm_type,
             "error_if_nonfinite": self.error_if_nonfinite,
             "spike_guard": None if self._guard is None else self._guard.config(),
+            "guard": None if self._guard is None else self._guard.state_dict(),
             **self._step_state.state_dict(),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -441,7 +481,14 @@ class ClippedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned (or a plain optimizer's state dict, which
-        leaves the wrapper's settings and counters as they are)."""
+        leaves the wrapper's state as it is).
+
+        The settings this optimizer was built with stand (``max_norm`` and its rule,
+        ``norm_type``, ``error_if_nonfinite``, the spike guard, ``history``): the saved
+        state that fits them is restored (the rule's if it is a rule of the same class
+        and shape, the guard's windows if the same size, the norm history, as much as
+        fits); what does not is dropped, with one warning naming it.
+        """
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -450,44 +497,54 @@ class ClippedOptimizer(Optimizer):
         own = state_dict.pop(_STATE_KEY, None)
         self.optimizer.load_state_dict(state_dict)
         if own is not None:
-            self._check_same_guard(own.get("spike_guard"))
-            self.max_norm = self._clip_setting_from(own)
-            self.norm_type = own["norm_type"]
-            self.error_if_nonfinite = bool(own["error_if_nonfinite"])
-            self._step_state.load_state_dict(own)
+            dropped = self._restore_rule(own) + self._restore_guard(own)
+            dropped += self._step_state.load_state_dict(own)
+            if dropped:
+                warnings.warn("gradclip: the checkpoint was loaded with this optimizer's settings; "
+                              "its state that does not fit them was dropped: " + "; ".join(dropped),
+                              UserWarning, stacklevel=2)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _check_same_guard(self, saved: dict | None) -> None:
-        mine = None if self._guard is None else self._guard.config()
-        if saved != mine:
-            raise ValueError(f"the checkpoint was saved with spike_guard {saved}, this optimizer "
-                             f"has {mine}; build it with the same spike_guard to load it")
-
-    def _clip_setting_from(self, own: dict):
-        """The max_norm a checkpoint's "gradclip" entry holds: a float, or a rule."""
+    def _restore_rule(self, own: dict) -> list[str]:
         kind, saved = own.get("rule_type"), own.get("rule")
-        if kind is None:
-            return own["max_norm"]
         current = self._max_norm
+        if kind is None or saved is None:
+            return []
         if kind == type(current).__name__:
-            current.load_state_dict(saved)
-            return current
-        if kind in RULES:
-            return rule_from_state(saved, self._first_param_device())
-        raise ValueError(f"the checkpoint's max_norm is a {kind}, this optimizer's a "
-                         f"{type(current).__name__}; build the optimizer with a {kind} to load it")
+            if current.restore_fitting(saved):
+                return []
+            return [f"the {kind}'s state (saved with {saved.get('config')}, which does not fit "
+                    f"{current!r})"]
+        if kind not in RULES:
+            return [f"the state of an unknown rule {kind!r}"]
+        if isinstance(current, LocalRule) or not issubclass(RULES[kind], GlobalRule):
+            return []  # nothing saved that a step learned
+        return [f"the {kind}'s state (this optimizer clips with max_norm={current!r})"]
+
+    def _restore_guard(self, own: dict) -> list[str]:
+        saved = own.get("guard")
+        if saved is None and own.get("spike_guard") is not None and "window" in own:
+            # A checkpoint of the previous layout: the guard's window was the wrapper's.
+            saved = {"signals": ["norm"], "consecutive": torch.zeros((), dtype=torch.int64),
+                     "windows": {"values": torch.as_tensor(own["window"]).reshape(1, -1),
+                                 "count": torch.as_tensor(own["accepted"]).reshape(1)}}
+        if saved is None:
+            return []
+        if self._guard is None:
+            return ["the spike guard's windows (this optimizer has no spike_guard)"]
+        return [f"the spike guard's {part}" for part in self._guard.load_state_dict(saved)]
 
     def __getstate__(self) -> dict[str, Any]:
         keep = ("optimizer", "_max_norm", "_norm_type", "error_if_nonfinite", "backend",
-                "process_group",
-                "_folds_scale", "_step_state", "_guard", "_threshold", "track_tensor_norms",
+                "process_group", "_folds_scale", "_step_state", "_guard", "track_tensor_norms",
                 "_tensor_norms")
         return {key: self.__dict__[key] for key in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._params_key, self._flat_params = (), []
+        self._tensor_norm_slots = None
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
         self._patch_step_function()
@@ -506,8 +563,7 @@ class ClippedOptimizer(Optimizer):
         return torch.device("cpu")
 
     def _norm_dtype(self) -> torch.dtype:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return stats_dtype(params)
+        return stats_dtype(self._params_now())
 
     def _params(self) -> list[Tensor]:
         """All parameters, as one list rebuilt only when the groups change (a step would
@@ -518,9 +574,6 @@ class ClippedOptimizer(Optimizer):
             self._flat_params = [p for g in groups for p in g["params"]]
             self._params_key = key
         return self._flat_params
-
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for p in self._params() if p.grad is not None]
 
     def _scaler_request(self) -> ScalerRequest | None:
         """The AMP information for this step, from gradclip.GradScaler or torch's protocol."""
@@ -533,32 +586,71 @@ class ClippedOptimizer(Optimizer):
             return ScalerRequest(self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
         return None
 
-    def _clip(self) -> None:
-        """Clip gradients that are not scaled (no AMP)."""
+    def _clip(self, request: ScalerRequest | None,
+              loss: Tensor | None) -> tuple[pipeline.Clipped | None, bool]:
+        """The clip pipeline for this step (measure, threshold, apply) and the recording of
+        what it did; returns it, and whether the factor is left to the fused inner step."""
         params = self._params()
+        grads, silent = pipeline.grads_and_silent(params)
+        inv_scale = found_inf = None
+        if request is not None:
+            inv_scale = None if request.scale is None else _reciprocal_of_scale(request.scale)
+            found_inf = request.found_inf
+        local = isinstance(self._max_norm, LocalRule)
+        folded = request is not None and self._folds_scale and not local
+        if inv_scale is not None and not folded and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("Attempting to unscale FP16 gradients.")
+        clipped = pipeline.clip_(
+            grads, self._norm_type, self._max_norm, params=params, silent=silent,
+            inv_scale=inv_scale, found_inf=found_inf, guard=self._guard, loss=loss,
+            error_if_nonfinite=self.error_if_nonfinite and request is None,
+            tensor_norms=self.track_tensor_norms, write=not folded,
+            process_group=self.process_group, backend=self.backend)
+        self._record(clipped, inv_scale is not None)
         if self.track_tensor_norms:
-            self._track_tensor_norms(None)
-        if _is_per_tensor_rule(self._max_norm):
-            grads = self._grads()
-            self._record(self._max_norm.clip_(params, backend=self.backend) if grads else None)
+            self._keep_tensor_norms(params, clipped)
+        if request is not None and request.found_inf is None:
+            request.found_inf_out = self._found_inf_out(clipped, request)
+        return clipped, folded
+
+    def _record(self, clipped: pipeline.Clipped | None, scaled: bool) -> None:
+        state = self._step_state
+        if clipped is None:
+            state.record(None)
             return
-        threshold = self._max_norm if self._threshold is None else self._threshold
-        stats = clip_parameters_norm_(params, self._norm_type, threshold,
-                                      error_if_nonfinite=self.error_if_nonfinite,
-                                      backend=self.backend, process_group=self.process_group)
-        if stats is None:
-            self._record(None)
-        else:
-            self._record_stats(stats)
+        varies = not isinstance(clipped.threshold, float) or isinstance(self._max_norm, LocalRule)
+        if clipped.stats is not None and not varies and not scaled:
+            state.record_stats(clipped.stats, verdict=clipped.verdict)  # one copy: norm, coef
+            return
+        if varies and isinstance(clipped.threshold, Tensor):
+            state.threshold.copy_(clipped.threshold)
+        state.record(clipped.norm, clipped.coef, varies=varies, verdict=clipped.verdict)
 
-    def _skips_spikes(self) -> bool:
-        return self._guard is not None and self._guard.action == "skip"
+    @staticmethod
+    def _found_inf_out(clipped: pipeline.Clipped | None, request: ScalerRequest) -> Tensor:
+        """The inf/NaN flag the scaler records for ``update()`` (float32)."""
+        if clipped is None:
+            return torch.zeros((), dtype=torch.float32, device=request.scale.device)
+        return clipped.found_inf.float()
 
-    def _step_unless(self, skip: Tensor):
-        """The inner step, skipped where ``skip`` (a 0-d device flag) is set: on the device
-        by a fused optimizer's ``found_inf``, else read on the host (as torch's GradScaler)."""
+    def _inner_step(self, clipped: pipeline.Clipped | None, request: ScalerRequest | None,
+                    folded: bool):
+        """Step, skip, or hand the factor to a fused inner step. The step is skipped on an
+        inf/NaN flag under AMP and where the spike guard skips; a fused inner optimizer
+        skips on the device (its ``found_inf``), any other reads the flag (as torch's
+        GradScaler does)."""
+        amp_flag = None
+        if request is not None:
+            amp_flag = request.found_inf if request.found_inf is not None else request.found_inf_out
+        skip = _either(amp_flag, None if clipped is None else clipped.skip)
+        if folded:
+            grad_scale = None if clipped is None else torch.reciprocal(clipped.factor).float()
+            return self._fused_step(grad_scale, skip if skip is not None else
+                                    torch.zeros((), device=self._first_param_device()))
+        if skip is None:
+            return self.optimizer.step()
         if self._folds_scale:
-            return self._fused_step(None, skip.float())
+            return self._fused_step(None, skip)
         if skip.item():
             return None
         return self.optimizer.step()
@@ -580,145 +672,35 @@ class ClippedOptimizer(Optimizer):
             del inner.found_inf
 
     @run_eagerly
-    def _track_tensor_norms(self, inv_scale: Tensor | None) -> None:
-        """The pre-clip norm of each parameter's gradient into ``_tensor_norms`` (NaN where
-        there is none). Eager under torch.compile: the buffer follows the parameter list."""
-        params = self._params()
+    def _keep_tensor_norms(self, params: list[Tensor], clipped: pipeline.Clipped | None) -> None:
+        """Each parameter's pre-clip gradient norm into ``_tensor_norms`` (NaN where there
+        is none), from the clip's own read. Eager under torch.compile: the slots follow the
+        parameter list. The slots of the gradients are a device index built once per
+        layout of gradients, so a step copies nothing from the host."""
         if self._tensor_norms.numel() != len(params):
             self._tensor_norms = torch.full((len(params),), math.nan,
                                             dtype=self._step_state.last_norm.dtype,
                                             device=self._first_param_device())
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        if not with_grad:
+        if clipped is None or clipped.tensor_norms is None:
             self._tensor_norms.fill_(math.nan)
             return
-        with torch.no_grad():
-            # The per-tensor norms come from the backends' norm pass (one read).
-            norms = tensor_norms([params[i].grad for i in with_grad], self._norm_type,
-                                 backend=self.backend)
-            norms = norms.to(device=self._tensor_norms.device, dtype=self._tensor_norms.dtype)
-            if inv_scale is not None:
-                norms = norms * inv_scale.to(norms.dtype)
-            if len(with_grad) == len(params):
-                self._tensor_norms.copy_(norms)
-            else:
-                self._tensor_norms.fill_(math.nan)
-                index = torch.tensor(with_grad, device=norms.device)
-                self._tensor_norms.index_copy_(0, index, norms)
-
-    def _scaled_step(self, grads: list[Tensor], request: ScalerRequest):
-        """One AMP step: unscale (unless done), clip, and skip the step on inf/NaN."""
-        scale = request.scale
-        if not grads:
-            return self._scaled_step_without_grads(request)
-        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
-        if self.track_tensor_norms:
-            self._track_tensor_norms(inv_scale)
-        if _is_per_tensor_rule(self._max_norm):
-            return self._per_tensor_scaled_step(request)
-        if self._folds_scale:
-            return self._folded_step(grads, request)
-        if inv_scale is not None and any(g.dtype == torch.float16 for g in grads):
-            raise ValueError("Attempting to unscale FP16 gradients.")
-        threshold = self._max_norm if self._threshold is None else self._threshold
-        with torch.no_grad():
-            stats = clip_norm_(grads, self._norm_type, threshold, inv_scale=inv_scale,
-                               found_inf=None if inv_scale is not None else request.found_inf,
-                               backend=self.backend, process_group=self.process_group)
-            found_inf = self._found_inf(request, stats)
-            self._record(stats[NORM], self._clip_coef(stats))
-            skip = self._with_spike(found_inf)
-        # A non-fused optimizer cannot skip on a device flag: read it, as torch does.
-        if skip.item():
-            return None
-        return self.optimizer.step()
-
-    def _scaled_step_without_grads(self, request: ScalerRequest):
-        """An AMP step in which no parameter of this rank has a gradient. Sharded, the
-        other ranks' reductions are still joined (the norm and the inf flag are the whole
-        model's): no rank is left waiting in a collective, and every rank skips alike."""
-        scale = request.scale
-        params = self._params()
-        if not distributed.involved(params, self.process_group):
-            if request.found_inf_out is None and scale is not None:
-                request.found_inf_out = torch.zeros((), dtype=torch.float32, device=scale.device)
-            self._record(None)
-            return self.optimizer.step()
-        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
-        _, silent = distributed.grads_and_silent(params)
-        with torch.no_grad():
-            plan = distributed.plan([], self.process_group, silent_owners=silent)
-            stats = distributed.norm_stats(plan, self._norm_type, math.inf, inv_scale,
-                                           self.backend, request.found_inf)
-            found_inf = self._found_inf(request, stats)
-            self._record(stats[NORM])
-        if found_inf.item():  # nothing of ours to step; the flag is the one host read
-            return None
-        return self.optimizer.step()
-
-    def _per_tensor_scaled_step(self, request: ScalerRequest):
-        """A per-tensor rule under a scaler: the rule clips unscaled gradients, so the
-        scaler must have unscaled them (``scaler.unscale_(opt)``, or torch's own unscale)."""
-        if request.scale is not None:
-            raise RuntimeError(f"max_norm={type(self._max_norm).__name__}(...) clips each "
-                               "unscaled gradient: call scaler.unscale_(opt) before "
-                               "scaler.step(opt) (or use torch.amp.GradScaler with a "
-                               "non-fused inner optimizer)")
-        with torch.no_grad():
-            self._record(self._max_norm.clip_(self._params(), backend=self.backend))
-            skip = self._with_spike(request.found_inf.float())
-        if self._folds_scale:
-            return self._fused_step(None, skip)
-        if skip.item():
-            return None
-        return self.optimizer.step()
-
-    def _with_spike(self, found_inf: Tensor) -> Tensor:
-        """The inner step's skip flag: inf/NaN, or a spike the guard skips. The scaler
-        keeps only the inf/NaN flag, so a spike never backs off its scale."""
-        if not self._skips_spikes():
-            return found_inf
-        return torch.maximum(found_inf, self._step_state.spike.to(found_inf.dtype))
-
-    def _clip_coef(self, stats: Tensor) -> Tensor:
-        """The clip factor alone (``stats[COEF]`` includes the AMP unscale)."""
-        return clip_coefficient(stats[NORM], self._step_state.threshold.to(stats.dtype))
-
-    # Traced by torch.compile, the attributes set on the inner optimizer would not reach
-    # its fused step: this runs eagerly (that step is one fused kernel already).
-    @run_eagerly
-    def _folded_step(self, grads: list[Tensor], request: ScalerRequest):
-        """One read: the norm of the unscaled grads and the inf flag. The fused step divides
-        the grads by grad_scale = 1 / (inv_scale * clip_coef) and skips the update where
-        found_inf (or a spike the guard skips) is set: nothing for us to write."""
-        scale = request.scale
-        inv_scale = None if scale is None else _reciprocal_of_scale(scale)
-        max_norm = self._max_norm if self._threshold is None else math.inf
-        with torch.no_grad():
-            stats = norm_stats(grads, self._norm_type, max_norm, inv_scale, self.backend,
-                               process_group=self.process_group, found_inf=request.found_inf)
-            if self._threshold is not None:
-                stats = with_device_threshold(stats, self._threshold, inv_scale)
-            found_inf = self._found_inf(request, stats)
-            self._record(stats[NORM], self._clip_coef(stats))
-            skip = self._with_spike(found_inf)
-        return self._fused_step(torch.reciprocal(stats[COEF]).float(), skip)
-
-    @staticmethod
-    def _found_inf(request: ScalerRequest, stats: Tensor) -> Tensor:
-        if request.found_inf is not None:
-            return request.found_inf.float()
-        found_inf = stats[FOUND_INF]
-        if found_inf.dtype != torch.float32:
-            found_inf = found_inf.float()
-        request.found_inf_out = found_inf
-        return found_inf
+        norms = clipped.tensor_norms.to(device=self._tensor_norms.device,
+                                        dtype=self._tensor_norms.dtype)
+        if norms.numel() == len(params):
+            self._tensor_norms.copy_(norms)
+            return
+        with_grad = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        if self._tensor_norm_slots is None or self._tensor_norm_slots[0] != with_grad:
+            self._tensor_norm_slots = (with_grad,
+                                       torch.tensor(with_grad, device=self._tensor_norms.device))
+        self._tensor_norms.fill_(math.nan)
+        self._tensor_norms.index_copy_(0, self._tensor_norm_slots[1], norms)
 
     def _step_with_closure(self, closure: Callable[[], Any]):
         def clipped_closure():
             loss = closure()
             with torch.no_grad():
-                self._clip()
+                self._clip(None, None)
             return loss
 
         self._step_state.begin_closure()
@@ -727,32 +709,6 @@ class ClippedOptimizer(Optimizer):
         finally:
             self._step_state.end_closure()
         return result
-
-    def _record(self, norm: Tensor | None, coef: Tensor | None = None) -> None:
-        """Record the step; the spike guard judges it here unless the threshold did."""
-        state = self._step_state
-        if norm is not None and self._guard is not None and self._threshold is None:
-            state.judge(norm)
-        state.record(norm, coef, varies=self._threshold is not None)
-
-    def _record_stats(self, stats: Tensor) -> None:
-        """:meth:`_record` from the clip's stats (no AMP: ``stats[COEF]`` is the clip factor)."""
-        if self._guard is not None and self._threshold is None:
-            self._step_state.judge(stats[NORM])
-        self._step_state.record_stats(stats, varies=self._threshold is not None)
-
-
-def _check_health_settings(history, spike_guard, vanishing) -> None:
-    if not (isinstance(history, int) and not isinstance(history, bool) and history >= 0):
-        raise ValueError(f"history must be an integer >= 0 (how many norms to keep), got "
-                         f"{history!r}; for example history=1024")
-    if spike_guard is not None and not isinstance(spike_guard, SpikeGuard):
-        raise TypeError(f"spike_guard must be a gradclip.SpikeGuard or None, got "
-                        f"{type(spike_guard).__name__}; for example spike_guard=gradclip.SpikeGuard()")
-    value = float(vanishing)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"vanishing must be a finite number >= 0, got {vanishing!r}; "
-                         "for example vanishing=1e-5")
 
 
 __all__ = ["ClippedOptimizer"]

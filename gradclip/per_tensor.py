@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from . import pipeline
 from .backends import dispatch
 from .backends.base import NORM, clip_coefficient, stats_dtype
 from .functional import TensorOrTensors, _as_list, check_max_norm, check_norm_type
+from .rules import LocalClip, LocalRule, register_rule
 
 _GRAD_EPS = 1e-6  # timm's floor on a unit's gradient norm in the AGC factor
 
@@ -100,24 +102,14 @@ def clip_grad_norm_per_tensor_(parameters: TensorOrTensors, max_norm: float, nor
         >>> norms = gradclip.clip_grad_norm_per_tensor_(model.parameters(), max_norm=1.0)
         >>> optimizer.step()
     """
-    parameters = _as_list(parameters)
-    max_norm = check_max_norm(max_norm)
-    norm_type = check_norm_type(norm_type)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    rule = PerTensor(max_norm, norm_type)
+    params = _params_with_grads(_as_list(parameters))
+    if not params:
         return torch.zeros(0)
     with torch.no_grad():
-        if not error_if_nonfinite:
-            return dispatch.clip_per_tensor_(grads, norm_type, max_norm, backend)
-        norms = dispatch.tensor_norms(grads, norm_type, backend)
-        if not bool(norms.isfinite().all()):
-            bad = int((~norms.isfinite()).nonzero()[0])
-            raise RuntimeError(
-                f"The norm of order {norm_type} of gradient {bad} (of those that exist) is "
-                f"{float(norms[bad])}, so it cannot be clipped; no gradient was changed. Set "
-                "`error_if_nonfinite=False` to scale by the non-finite norm anyway, as torch does")
-        dispatch.scale_per_tensor_(grads, clip_coefficient(norms, max_norm), backend)
-    return norms
+        clipped = pipeline.clip_([p.grad for p in params], rule.norm_type, rule, params=params,
+                                 error_if_nonfinite=error_if_nonfinite, backend=backend)
+    return clipped.tensor_norms
 
 
 def adaptive_clip_grad_(parameters: TensorOrTensors, clip_factor: float = 0.01, eps: float = 1e-3,
@@ -156,21 +148,24 @@ def adaptive_clip_grad_(parameters: TensorOrTensors, clip_factor: float = 0.01, 
         >>> gradclip.adaptive_clip_grad_(model.parameters(), clip_factor=0.01)
         >>> optimizer.step()
     """
-    parameters = _as_list(parameters)
-    clip_factor = _check_nonnegative(clip_factor, "clip_factor", "clip_factor=0.01")
-    eps = _check_nonnegative(eps, "eps", "eps=1e-3")
-    norm_type = check_norm_type(norm_type)
-    params = _params_with_grads(parameters)
+    rule = AGC(clip_factor, eps, norm_type=norm_type)
+    params = _params_with_grads(_as_list(parameters))
     if not params:
         return torch.tensor(0.0)
     with torch.no_grad():
-        return dispatch.agc_([p.detach() for p in params], [p.grad for p in params], clip_factor,
-                             eps, norm_type, backend)
+        return pipeline.clip_([p.grad for p in params], rule.norm_type, rule, params=params,
+                              backend=backend).norm
 
 
-class PerTensor:
+@register_rule
+class PerTensor(LocalRule):
     r"""Clip rule: each gradient to its own norm (Keras' ``clipnorm``), for
-    ``ClippedOptimizer(opt, max_norm=gradclip.PerTensor(1.0))``.
+    ``ClippedOptimizer(opt, max_norm=gradclip.PerTensor(1.0))`` and
+    ``gradclip.clip_grad_norm_(params, gradclip.PerTensor(1.0))`` (which return the global
+    pre-clip norm; :func:`clip_grad_norm_per_tensor_` returns each gradient's).
+
+    A gradient listed twice (a parameter given twice, or two parameters sharing one
+    ``.grad``) is clipped once.
 
     Args:
         max_norm (float): the largest norm allowed for each gradient, >= 0.
@@ -182,9 +177,29 @@ class PerTensor:
         ...                                 max_norm=gradclip.PerTensor(1.0))
     """
 
+    uses_tensor_norms = True
+
     def __init__(self, max_norm: float, norm_type: float = 2.0):
         self.max_norm = check_max_norm(max_norm)
         self.norm_type = check_norm_type(norm_type)
+
+    def config(self) -> dict:
+        return {"max_norm": self.max_norm, "norm_type": self.norm_type}
+
+    def reported_threshold(self) -> float:
+        return self.max_norm
+
+    def clip_measured_(self, params, grads, norms, inv_scale, skip, backend) -> LocalClip:
+        if norms is None:  # one fused op: the norms, then only the clipped gradients written
+            norms = dispatch.clip_per_tensor_(grads, self.norm_type, self.max_norm, backend)
+            coefs = clip_coefficient(norms, self.max_norm)
+        else:
+            coefs = clip_coefficient(norms, self.max_norm)
+            factors = coefs if inv_scale is None else coefs * inv_scale.to(coefs).reshape(())
+            if skip is not None:  # an inf/NaN step under AMP: written by nobody, skipped
+                factors = torch.where(skip.reshape(()) != 0, torch.ones_like(factors), factors)
+            dispatch.scale_per_tensor_(grads, factors, backend)
+        return LocalClip(_global_norm(norms, self.norm_type), _smallest(coefs), norms)
 
     def clip_(self, params: list[Tensor], *, backend: str = "auto") -> Tensor:
         """Clip the ``.grad`` of ``params`` in place; returns the global norm of the gradients
@@ -193,36 +208,46 @@ class PerTensor:
         return _global_norm(norms, self.norm_type)
 
     def state_dict(self) -> dict:
-        return {"max_norm": self.max_norm, "norm_type": self.norm_type}
+        return {"rule": "PerTensor", "config": self.config(), **self.config()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.__init__(state["max_norm"], state["norm_type"])
-
-    def __repr__(self) -> str:
-        return f"PerTensor(max_norm={self.max_norm}, norm_type={self.norm_type})"
+        config = state.get("config", state)
+        self.__init__(config["max_norm"], config["norm_type"])
 
 
-Exclude = Iterable[Tensor] | Callable[[Tensor], bool] | None
+def _smallest(coefs: Tensor) -> Tensor:
+    """The smallest factor (1 for no tensor); NaN if one is NaN."""
+    if coefs.numel() == 0:
+        return torch.ones((), dtype=coefs.dtype, device=coefs.device)
+    return coefs.amin()
 
 
-class AGC:
+Exclude = Iterable[Tensor] | torch.nn.Module | Callable[[Tensor], bool] | None
+
+
+@register_rule
+class AGC(LocalRule):
     r"""Clip rule: adaptive gradient clipping (see :func:`adaptive_clip_grad_`), for
-    ``ClippedOptimizer(opt, max_norm=gradclip.AGC(...))``.
+    ``ClippedOptimizer(opt, max_norm=gradclip.AGC(...))`` and
+    ``gradclip.clip_grad_norm_(params, gradclip.AGC(...))``.
+
+    Under AMP the gradients are unscaled first (one read/write pass, as torch's
+    ``unscale_``), since a unit's factor compares its unscaled gradient with its weights.
 
     Args:
         clip_factor (float): the largest ratio of unit gradient norm to unit weight norm,
             >= 0. Default: 0.01
         eps (float): the smallest weight norm used, >= 0. Default: 1e-3
-        exclude (iterable of Tensors, or callable, optional): parameters not to clip, or a
-            predicate ``exclude(param) -> bool``. The NFNets practice is to exclude the final
-            classifier layer: ``exclude=model.fc.parameters()`` (timm's ResNets:
-            ``model.get_classifier().parameters()``). Excluded gradients are not written but
-            count in the norm that ``clip_`` returns.
+        exclude (module, iterable of Tensors, or callable, optional): parameters not to
+            clip (a module: its parameters), or a predicate ``exclude(param) -> bool``. The
+            NFNets practice is to exclude the final classifier layer: ``exclude=model.fc``
+            (timm's ResNets: ``model.get_classifier()``). Excluded gradients are not
+            written but count in the global norm.
         norm_type (float): order of the norms, > 0; ``inf`` for the max norm. Default: 2.0
 
     Example::
 
-        >>> rule = gradclip.AGC(clip_factor=0.01, exclude=model.fc.parameters())
+        >>> rule = gradclip.AGC(clip_factor=0.01, exclude=model.fc)
         >>> opt = gradclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=rule)
     """
 
@@ -232,6 +257,8 @@ class AGC:
         self.eps = _check_nonnegative(eps, "eps", "eps=1e-3")
         self.norm_type = check_norm_type(norm_type)
         self._predicate, self._excluded = None, []
+        if isinstance(exclude, torch.nn.Module):
+            exclude = list(exclude.parameters())
         if callable(exclude):
             self._predicate = exclude
         elif exclude is not None:
@@ -240,10 +267,16 @@ class AGC:
             self._excluded = list(exclude)  # kept alive, so that their ids stay theirs
             bad = next((e for e in self._excluded if not isinstance(e, Tensor)), None)
             if bad is not None:
-                raise TypeError("exclude must be parameters (tensors) or a predicate "
+                raise TypeError("exclude must be a module, parameters (tensors) or a predicate "
                                 f"param -> bool, got an element of type {type(bad).__name__}; "
-                                "for example exclude=model.fc.parameters()")
+                                "for example exclude=model.fc")
         self._excluded_ids = {id(p) for p in self._excluded}
+
+    def config(self) -> dict:
+        return {"clip_factor": self.clip_factor, "eps": self.eps, "norm_type": self.norm_type}
+
+    def reported_threshold(self) -> float:
+        return math.nan  # each unit has its own
 
     def excludes(self, param: Tensor) -> bool:
         """Whether ``param`` is left unclipped."""
@@ -251,34 +284,47 @@ class AGC:
             return bool(self._predicate(param))
         return id(param) in self._excluded_ids
 
+    def clip_measured_(self, params, grads, norms, inv_scale, skip, backend) -> LocalClip:
+        if inv_scale is not None:
+            dispatch.scale_(grads, inv_scale.reshape(1), None if skip is None else skip.reshape(1),
+                            backend)
+        chosen = [i for i, p in enumerate(params) if not self.excludes(p)]
+        kept = [grads[i] for i, p in enumerate(params) if self.excludes(p)]
+        parts, smallest = [], None
+        if chosen:
+            out = dispatch.agc_([params[i].detach() for i in chosen], [grads[i] for i in chosen],
+                                self.clip_factor, self.eps, self.norm_type, backend)
+            norm, smallest = (out[0], out[1]) if out.dim() == 1 else (out, None)
+            parts.append(norm)
+        if kept:
+            stats = dispatch.norm_stats(kept, self.norm_type, math.inf, None, backend)
+            parts.append(stats[NORM])
+        dtype = stats_dtype(parts)
+        device = parts[0].device
+        norm = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
+            torch.stack([t.to(device=device, dtype=dtype) for t in parts]), self.norm_type)
+        if smallest is None:
+            smallest = torch.ones((), dtype=norm.dtype, device=norm.device)
+        return LocalClip(norm, smallest.to(norm.dtype), None)
+
     def clip_(self, params: list[Tensor], *, backend: str = "auto") -> Tensor:
         """Clip the ``.grad`` of ``params`` (but the excluded ones) in place; returns the global
         norm of all their gradients before clipping (0-d, from the unit norms, no host sync)."""
         params = _params_with_grads(_as_list(params))
-        clipped = [p for p in params if not self.excludes(p)]
-        kept = [p.grad for p in params if self.excludes(p)]
-        if not clipped:
-            norm = torch.tensor(0.0)
-        else:
-            norm = adaptive_clip_grad_(clipped, self.clip_factor, self.eps, self.norm_type,
-                                       backend=backend)
-        if not kept:
-            return norm
+        if not params:
+            return torch.tensor(0.0)
         with torch.no_grad():
-            rest = dispatch.norm_stats(kept, self.norm_type, math.inf, None, backend)[NORM]
-        if not clipped:
-            return rest
-        dtype = stats_dtype([norm, rest])
-        both = torch.stack([norm.to(dtype), rest.to(device=norm.device, dtype=dtype)])
-        return torch.linalg.vector_norm(both, self.norm_type)
+            return pipeline.clip_([p.grad for p in params], self.norm_type, self, params=params,
+                                  backend=backend).norm
 
     def state_dict(self) -> dict:
-        return {"clip_factor": self.clip_factor, "eps": self.eps, "norm_type": self.norm_type}
+        return {"rule": "AGC", "config": self.config(), **self.config()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.clip_factor = _check_nonnegative(state["clip_factor"], "clip_factor", "clip_factor=0.01")
-        self.eps = _check_nonnegative(state["eps"], "eps", "eps=1e-3")
-        self.norm_type = check_norm_type(state["norm_type"])
+        config = state.get("config", state)
+        self.clip_factor = _check_nonnegative(config["clip_factor"], "clip_factor", "clip_factor=0.01")
+        self.eps = _check_nonnegative(config["eps"], "eps", "eps=1e-3")
+        self.norm_type = check_norm_type(config["norm_type"])
 
     def __repr__(self) -> str:
         excluded = ("a predicate" if self._predicate is not None

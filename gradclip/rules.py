@@ -1,30 +1,36 @@
-"""Clip rules whose threshold moves with the run, the spike guard, and threshold calibration.
+"""The clip rules: what threshold the pipeline clips to, and how.
 
-:class:`ZClip` and :class:`AutoClip` are accepted wherever ``max_norm`` is
-(``ClippedOptimizer(opt, max_norm=gradclip.ZClip())``, ``gradclip.clip_grad_norm_(params,
-max_norm=gradclip.AutoClip())``). Each step, the clip measures the global norm, hands it to
-the rule's :meth:`~ClipRule.threshold_`, which updates the rule's state and returns the
-threshold, and clips to it; the state is a handful of device tensors allocated once and
-updated in place, so a step never reads the host, ``torch.compile`` traces it and a CUDA
-graph can capture it.
+Two kinds, two base classes (``docs/design.md``, "The clip pipeline"):
+
+- :class:`GlobalRule`: a threshold for the global norm, set on the device each step from
+  the norms seen so far: :class:`ZClip`, :class:`AutoClip` (a plain ``max_norm`` float is
+  the fixed one). Accepted wherever ``max_norm`` is. Each step the pipeline measures the
+  global norm, hands it to :meth:`GlobalRule.threshold_`, which updates the rule's state
+  and returns the threshold, and clips to it; the state is a handful of device tensors
+  allocated once and updated in place, so a step never reads the host, ``torch.compile``
+  traces it and a CUDA graph can capture it.
+- :class:`LocalRule`: each gradient clipped on its own (``gradclip.PerTensor``,
+  ``gradclip.AGC``, in :mod:`gradclip.per_tensor`).
 
 The reference implementations call ``.item()`` every step (ZClip) or rebuild the whole
 history (AutoClip); the arithmetic here is theirs, tested against plain-Python ports of
 the papers' algorithms (``tests/test_rules.py``).
 
-:class:`SpikeGuard` decides whether a step is taken at all; the wrapper keeps its window
-of norms (:mod:`gradclip.step_state`), this class holds its settings.
+:class:`~gradclip.guard.SpikeGuard` (imported here for older code) decides whether a step
+is taken at all.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .eager import run_eagerly
+from .guard import SpikeGuard  # noqa: F401  (its home until this release)
 
 
 def _state_dtype(device: torch.device) -> torch.dtype:
@@ -45,19 +51,22 @@ _TRACEABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2
 
 
 @run_eagerly
-def _update_eagerly(rule: ClipRule, x: Tensor) -> Tensor:
+def _update_eagerly(rule: GlobalRule, x: Tensor) -> Tensor:
     return rule._update(x)
 
 
-class ClipRule:
-    """A threshold computed on the device from the norms seen so far.
+class GlobalRule:
+    """A threshold for the global norm, computed on the device from the norms seen so far
+    (:class:`ZClip`, :class:`AutoClip`).
 
     Subclasses define ``_allocate(device)`` (the state tensors, as a dict of name to
-    tensor), ``_update(norm) -> threshold`` and ``config()``.
+    tensor), ``_update(norm) -> threshold`` and ``config()``. The base class binds the
+    state to a device and to one optimizer, keeps skipped steps out of it, and saves it.
     """
 
     def __init__(self) -> None:
         self._state: dict[str, Tensor] = {}
+        self._owner = None
 
     def config(self) -> dict:
         raise NotImplementedError
@@ -75,7 +84,7 @@ class ClipRule:
             return tensor.device
         return None
 
-    def bind(self, device: torch.device | str) -> ClipRule:
+    def bind(self, device: torch.device | str) -> GlobalRule:
         """Allocate the state on ``device`` (done by the first step otherwise)."""
         device = torch.device(device)
         if self.device is None:
@@ -87,14 +96,36 @@ class ClipRule:
                                "(a rule is the state of one run)")
         return self
 
+    def attach(self, owner) -> GlobalRule:
+        """Make ``owner`` (a ClippedOptimizer) the only optimizer this rule's state follows."""
+        if self._owner is not None and self._owner is not owner:
+            raise ValueError(f"this {type(self).__name__} already sets the threshold of another "
+                             "ClippedOptimizer, and its state is the history of that run; give "
+                             "each optimizer its own rule (copy.deepcopy(rule) copies the settings)")
+        self._owner = owner
+        return self
+
+    def detach(self) -> None:
+        self._owner = None
+
     @torch.no_grad()
-    def threshold_(self, norm: Tensor) -> Tensor:
+    def threshold_(self, norm: Tensor, accept: Tensor | None = None) -> Tensor:
         """Update the state with this step's pre-clip ``norm`` (0-d; non-finite norms are
         ignored, as the scaler skips those steps) and return the threshold to clip it to,
-        a 0-d tensor on the norm's device; ``inf`` means "do not clip"."""
+        a 0-d tensor on the norm's device; ``inf`` means "do not clip".
+
+        ``accept`` (a 0-d bool device tensor): where it is False (a step the spike guard
+        skips), the state is left exactly as it was; the threshold is still returned.
+        """
         self.bind(norm.device)
         x = norm.reshape(()).to(_state_dtype(norm.device))
-        return self._update(x) if _TRACEABLE else _update_eagerly(self, x)
+        if accept is None:
+            return self._update(x) if _TRACEABLE else _update_eagerly(self, x)
+        before = {name: t.clone() for name, t in self._state.items()}
+        threshold = self._update(x) if _TRACEABLE else _update_eagerly(self, x)
+        for name, t in self._state.items():
+            t.copy_(torch.where(accept, t, before[name]))
+        return threshold
 
     def state_dict(self) -> dict:
         """Settings and state tensors; ``ClippedOptimizer.state_dict`` includes it."""
@@ -102,23 +133,94 @@ class ClipRule:
                 **{name: t.clone() for name, t in self._state.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state saved by a rule of this class with the same settings."""
         if state.get("rule") != type(self).__name__:
             raise ValueError(f"this state is a {state.get('rule')}'s, not a "
                              f"{type(self).__name__}'s; load it into that rule")
         _check(state["config"] == self.config(),
                f"the checkpoint's {type(self).__name__} settings {state['config']} differ from "
                f"this one's {self.config()}; build the rule with the saved settings")
+        _check(self.restore_fitting(state), f"the checkpoint's {type(self).__name__} state does "
+               "not fit this rule")
+
+    def restore_fitting(self, state: dict) -> bool:
+        """Restore the saved state tensors if every one fits this rule's (same names and
+        shapes; the settings may differ); ``False``, and nothing changed, if not."""
         saved = {k: torch.as_tensor(v) for k, v in state.items() if k not in ("rule", "config")}
+        if not saved:
+            return False
         self.bind(self.device or next(iter(saved.values())).device)
+        if saved.keys() != self._state.keys() or any(
+                saved[name].shape != t.shape for name, t in self._state.items()):
+            return False
         for name, tensor in self._state.items():
             tensor.copy_(saved[name])
+        return True
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
 
-class ZClip(ClipRule):
+# The name of GlobalRule in earlier releases.
+ClipRule = GlobalRule
+
+
+class LocalClip(NamedTuple):
+    """What a local rule's clip did: the global pre-clip ``norm`` (0-d), the ``smallest``
+    factor applied (0-d; 1 when nothing was clipped), and each gradient's pre-clip norm
+    (``tensor_norms``, when the rule measures per tensor)."""
+
+    norm: Tensor
+    smallest: Tensor
+    tensor_norms: Tensor | None = None
+
+
+class LocalRule:
+    """Clips each gradient (or each unit of one) on its own (:class:`gradclip.PerTensor`,
+    :class:`gradclip.AGC`). Stateless: settings only, so one may serve several optimizers.
+
+    Subclasses define ``norm_type``, ``config()`` and ``clip_measured_``, which the
+    pipeline (:mod:`gradclip.pipeline`) calls with the gradients it measured.
+    """
+
+    norm_type: float = 2.0
+    #: Whether ``clip_measured_`` needs the per-tensor norms of the measure pass.
+    uses_tensor_norms: bool = False
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def clip_measured_(self, params: list[Tensor], grads: list[Tensor], norms: Tensor | None,
+                       inv_scale: Tensor | None, skip: Tensor | None, backend: str) -> LocalClip:
+        """Clip ``grads`` (of ``params``, in the same order) in place, and unscale them by
+        ``inv_scale`` when given (AMP), writing nothing where ``skip`` is set when it can.
+        ``norms``: their unscaled per-tensor norms when the pipeline measured them, else
+        ``None`` (the rule measures them itself, in its fused op)."""
+        raise NotImplementedError
+
+    def reported_threshold(self) -> float:
+        """What ``metrics()['max_norm']`` shows: the threshold in force (NaN: none single)."""
+        raise NotImplementedError
+
+    def attach(self, owner) -> LocalRule:
+        return self
+
+    def detach(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"rule": type(self).__name__, "config": self.config()}
+
+    def restore_fitting(self, state: dict) -> bool:
+        return True  # no state: the settings given to the constructor stand
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ZClip(GlobalRule):
     r"""Clip the norm when its z-score against running statistics is an outlier (ZClip,
     Kumar et al. 2025, the default ``zscore`` mode with ``adaptive_scaling``).
 
@@ -203,7 +305,7 @@ class ZClip(ClipRule):
         return threshold
 
 
-class AutoClip(ClipRule):
+class AutoClip(GlobalRule):
     r"""Clip to the ``percentile``-th percentile of the norms seen so far (AutoClip,
     Seetharaman et al. 2020).
 
@@ -258,73 +360,27 @@ class AutoClip(ClipRule):
         return torch.where(s["count"] > 0, value, math.inf)
 
 
-class SpikeGuard:
-    r"""Treat a step whose norm jumps far above the recent norms as a bad batch.
-
-    A step is a spike when its pre-clip norm exceeds ``factor`` times the mean of the
-    last ``window`` accepted norms (finite, not spikes themselves), once ``warmup``
-    norms were accepted. Spikes never enter that mean. Whatever clips the step
-    (``max_norm``, a rule), the guard then:
-
-    - ``action="flag"``: counts it (``spike_steps``) and changes nothing;
-    - ``action="clip"``: also clips the step to ``factor`` x the mean;
-    - ``action="skip"``: skips the optimizer step: parameters and optimizer state stay
-      bit-identical, as for an inf/NaN step under AMP; counted in ``spike_steps`` and
-      ``skipped_steps``. A GradScaler's scale is not backed off by a spike.
-
-    Passed as ``ClippedOptimizer(..., spike_guard=gradclip.SpikeGuard())``. The decision
-    stays on the device; only ``"skip"`` with an inner optimizer that is not
-    ``fused=True`` reads it on the host (one synchronisation per step, as torch's
-    GradScaler does for inf/NaN steps).
-
-    Args:
-        factor (float): how many times the rolling mean makes a spike, > 1. Default: 3.0
-        window (int): how many accepted norms the mean is over, >= 1. Default: 100
-        warmup (int, optional): accepted norms before any step is judged, >= 1;
-            ``None``: ``window``. Default: None
-        action (str): ``"flag"``, ``"clip"`` or ``"skip"``. Default: ``"skip"``
-    """
-
-    ACTIONS = ("flag", "clip", "skip")
-
-    def __init__(self, factor: float = 3.0, window: int = 100, warmup: int | None = None,
-                 action: str = "skip"):
-        _check(factor > 1, f"factor must be > 1, got {factor!r}; a spike is a norm several "
-               "times the recent mean (3.0 is the usual choice)")
-        _check(int(window) == window and window >= 1,
-               f"window must be an integer >= 1, got {window!r}")
-        _check(warmup is None or (int(warmup) == warmup and warmup >= 1),
-               f"warmup must be an integer >= 1 or None (the window), got {warmup!r}")
-        _check(action in self.ACTIONS, f"action must be one of {self.ACTIONS}, got {action!r}")
-        self.factor, self.window = float(factor), int(window)
-        self.warmup = self.window if warmup is None else int(warmup)
-        self.action = action
-
-    def config(self) -> dict:
-        return {"factor": self.factor, "window": self.window, "warmup": self.warmup,
-                "action": self.action}
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, SpikeGuard) and other.config() == self.config()
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"SpikeGuard({args})"
+# Every rule a checkpoint can name: the global ones here, the local ones (PerTensor, AGC)
+# registered by gradclip.per_tensor when it is imported.
+RULES: dict[str, type] = {cls.__name__: cls for cls in (ZClip, AutoClip)}
 
 
-RULES = {cls.__name__: cls for cls in (ZClip, AutoClip)}
+def register_rule(cls: type) -> type:
+    RULES[cls.__name__] = cls
+    return cls
 
 
-def rule_from_state(state: dict, device: torch.device | str | None = None) -> ClipRule:
-    """The rule a ``ClipRule.state_dict()`` describes, with its state loaded (onto
+def rule_from_state(state: dict, device: torch.device | str | None = None):
+    """The rule a rule's ``state_dict()`` describes, with its state loaded (onto
     ``device``, default: where the saved tensors are)."""
     cls = RULES.get(state.get("rule"))
     if cls is None:
         raise ValueError(f"unknown clip rule {state.get('rule')!r}; known: {sorted(RULES)}")
     rule = cls(**state["config"])
-    if device is not None:
-        rule.bind(device)
-    rule.load_state_dict(state)
+    if isinstance(rule, GlobalRule):
+        if device is not None:
+            rule.bind(device)
+        rule.load_state_dict(state)
     return rule
 
 
@@ -371,4 +427,5 @@ def suggest_max_norm(norms: Tensor | Iterable[float], percentile: float = 90.0,
     return float(torch.quantile(values, percentile / 100, interpolation="linear"))
 
 
-__all__ = ["AutoClip", "ClipRule", "SpikeGuard", "ZClip", "suggest_max_norm"]
+__all__ = ["AutoClip", "ClipRule", "GlobalRule", "LocalClip", "LocalRule", "SpikeGuard", "ZClip",
+           "suggest_max_norm"]

@@ -1,18 +1,18 @@
-"""What a ``ClippedOptimizer`` step records, kept on the device.
+"""What a ``ClippedOptimizer`` step records, kept on the device: counters and history.
 
-Every value a step updates (the norm, the clip factor, the threshold in force, the
-counters, the norm history, the window of accepted norms the spike guard judges against)
-is a device tensor allocated once and updated in place by a fixed handful of ops: a step
-costs no host synchronisation, and ``torch.compile`` keeps the updates (Dynamo drops
-attribute writes on optimizers, not in-place tensor updates). The host reads them only
-when asked (``stats()``, ``norm_history()``).
+Every value a step records (the norm, the clip factor, the threshold in force, the
+counters, the norm history) is a device tensor allocated once and updated in place by a
+fixed handful of ops: a step costs no host synchronisation, and ``torch.compile`` keeps
+the updates (Dynamo drops attribute writes on optimizers, not in-place tensor updates).
+The host reads them only when asked (``stats()``, ``norm_history()``). The spike guard's
+windows and verdicts are the guard's own (:mod:`gradclip.guard`); this module counts them.
 
 A step is classified with one ``bucketize`` of its norm against ``bounds``: the largest
 vanishing norm, the largest norm that is not clipped (computed on the host, exactly,
 whenever a fixed ``max_norm`` changes) and the largest finite value; the bucket indexes a
 row of ``_DELTAS``, which is added to the counters. NaN and inf land past every bound.
-Under a threshold that changes per step (a rule, or the spike guard's clip) the clipped
-count comes from the step's clip factor instead.
+Under a threshold that changes per step (a rule, the spike guard's clip, a local rule)
+the clipped count comes from the step's clip factor instead.
 """
 
 from __future__ import annotations
@@ -23,35 +23,55 @@ import torch
 from torch import Tensor
 
 from .backends.base import clip_coefficient
+from .guard import RollingWindows, Verdict
 
 COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps", "skipped_steps", "spike_steps",
-                 "vanishing_steps")
-STEPS, CLIPPED, NONFINITE, SKIPPED, SPIKE, VANISHING = range(len(COUNTER_NAMES))
+                 "vanishing_steps", "regime_changes")
+STEPS, CLIPPED, NONFINITE, SKIPPED, SPIKE, VANISHING, REGIME = range(len(COUNTER_NAMES))
 # What stats() reports of an optimizer that keeps no history and has no spike guard.
 CLIP_COUNTERS = COUNTER_NAMES[:3]
 # The counter increments of a step whose norm is: vanishing, neither, clipped, non-finite.
-_DELTAS = ((1, 0, 0, 0, 0, 1), (1, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0), (1, 0, 1, 0, 0, 0))
-# The window of accepted norms behind metrics()' mean and std when no spike guard sets one.
+_DELTAS = ((1, 0, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0),
+           (1, 0, 1, 0, 0, 0, 0))
+# The window of accepted norms behind metrics()' mean and std when no guard watches norms.
 DEFAULT_WINDOW = 100
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _one_hot(index: int) -> list[int]:
+    row = [0] * len(COUNTER_NAMES)
+    row[index] = 1
+    return row
 
 
 def largest_unclipped_norm(max_norm: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` norm whose clip coefficient is exactly 1 (torch's formula and
-    rounding, as ``clip_coefficient``), so that "clipped" means what the rescale did."""
+    rounding, as ``clip_coefficient``), so that "clipped" means what the rescale did.
+
+    The coefficient falls as the norm grows, and so does it along the bit patterns of
+    non-negative floats, which are ordered as integers: a binary search over those finds
+    the boundary in at most 64 evaluations, whatever ``max_norm`` is.
+    """
     finfo = torch.finfo(dtype)
     if math.isinf(max_norm) or max_norm >= finfo.max:
         return finfo.max
-    x = torch.tensor(max(max_norm - 1e-6, 0.0), dtype=dtype)
-    up, down = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+    as_int = _INT_VIEW[dtype]
 
-    def clips(v: Tensor) -> bool:
-        return bool(clip_coefficient(v, max_norm) < 1)
+    def clips(bits: int) -> bool:
+        value = torch.tensor(bits, dtype=as_int).view(dtype)
+        return bool(clip_coefficient(value, max_norm) < 1)
 
-    while clips(x) and x > 0:
-        x = torch.nextafter(x, down)
-    while not clips(torch.nextafter(x, up)):
-        x = torch.nextafter(x, up)
-    return float(x)
+    low = 0  # +0.0: its coefficient is max_norm / 1e-6, clipped only for tiny max_norm
+    if clips(low):
+        return 0.0
+    high = int(torch.tensor(finfo.max, dtype=dtype).view(as_int))
+    while high - low > 1:  # invariant: clips(high) or high is the top; not clips(low)
+        middle = (low + high) // 2
+        if clips(middle):
+            high = middle
+        else:
+            low = middle
+    return float(torch.tensor(low, dtype=as_int).view(dtype))
 
 
 def _largest_below(value: float, dtype: torch.dtype) -> float:
@@ -67,13 +87,14 @@ class StepState:
     """The device tensors of one ``ClippedOptimizer``.
 
     ``counters`` (int64, named by :data:`COUNTER_NAMES`), ``last_norm``, ``last_coef`` and
-    ``threshold`` (0-d), the norm ``history`` ring buffer (``history`` > 0), and the window
-    of the last ``window`` accepted norms (finite, not spikes), kept when a spike guard or
-    a history is asked for. ``guard``: a :class:`gradclip.SpikeGuard` or ``None``.
+    ``threshold`` (0-d), the norm ``history`` ring buffer (``history`` > 0), and, for
+    ``metrics()``' mean and std, a window of accepted norms: the spike guard's when it
+    watches norms, else one of :data:`DEFAULT_WINDOW` norms when a history is kept.
     """
 
     def __init__(self, device: torch.device, norm_dtype: torch.dtype, max_norm: float | None, *,
-                 history: int = 0, guard=None, vanishing: float = 1e-5):
+                 history: int = 0, vanishing: float = 1e-5):
+        self.device, self.norm_dtype = device, norm_dtype
         self.counters = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=device)
         # [norm, clip factor] of the last step, in one buffer: the fixed-threshold path
         # records both with one copy from the clip's stats.
@@ -82,31 +103,24 @@ class StepState:
         self._last_norm_1d = self._last[:1]
         self._nothing = torch.tensor([0.0, 1.0], dtype=norm_dtype, device=device)
         self.threshold = torch.zeros((), dtype=norm_dtype, device=device)
-        self.spike = torch.zeros((), dtype=torch.bool, device=device)
-        self.guard = guard
         self.vanishing = float(vanishing)
         self._bounds = torch.empty(3, dtype=norm_dtype, device=device)
         self._deltas = torch.tensor(_DELTAS, dtype=torch.int64, device=device)
-        # What a clip factor < 1 moves (from "neither" to "clipped"), and what a spike adds.
+        # What a clip factor < 1 moves (from "neither" to "clipped"), and the guard's rows.
         self._clipped_row = self._deltas[2] - self._deltas[1]
-        spike_row = [0] * len(COUNTER_NAMES)
-        spike_row[SPIKE] = 1
-        spike_row[SKIPPED] = int(guard is not None and guard.action == "skip")
-        self._spike_row = torch.tensor(spike_row, dtype=torch.int64, device=device)
+        self._guard_rows = torch.tensor([_one_hot(SPIKE), _one_hot(SKIPPED), _one_hot(REGIME)],
+                                        dtype=torch.int64, device=device)
         self._pending = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=device)
         self._in_closure = False
         self.history_size = int(history)
         self._history = torch.full((self.history_size,), math.nan, dtype=norm_dtype, device=device)
         self._written = torch.zeros((), dtype=torch.int64, device=device)
-        keeps_window = guard is not None or self.history_size > 0
-        size = guard.window if guard is not None else DEFAULT_WINDOW
-        self.window_size = size if keeps_window else 0
-        self._window = torch.zeros(self.window_size, dtype=norm_dtype, device=device)
-        self._accepted = torch.zeros((), dtype=torch.int64, device=device)
-        self._slots = torch.arange(self.window_size, device=device)
+        self.guard = None
+        self._own_window: RollingWindows | None = None
+        self.set_guard(None)
         self.set_max_norm(max_norm)
 
-    # -- the threshold -------------------------------------------------------------------
+    # -- settings ------------------------------------------------------------------------
 
     def set_max_norm(self, max_norm: float | None) -> None:
         """A fixed ``max_norm``, or ``None`` when a rule sets the threshold each step."""
@@ -120,87 +134,86 @@ class StepState:
         self._bounds.copy_(torch.tensor((vanishing, unclipped, top), dtype=dtype))
         self.threshold.fill_(math.inf if max_norm is None else max_norm)
 
-    # -- the spike guard -----------------------------------------------------------------
+    def set_guard(self, guard) -> None:
+        """The spike guard whose verdicts are counted (``None``: no guard). The window of
+        norms behind ``metrics()``' mean and std is the guard's when it watches norms, else
+        one of :data:`DEFAULT_WINDOW` norms of this state's own (with a history or a guard)."""
+        self.guard = guard
+        if guard is not None:
+            guard.bind(self.device)
+        keeps_own = (guard is not None or self.history_size > 0) and self._guard_window() is None
+        if not keeps_own:
+            self._own_window = None
+        elif self._own_window is None:
+            self._own_window = RollingWindows(1, DEFAULT_WINDOW, self.device, self.norm_dtype)
 
-    def window_mean_std(self) -> tuple[Tensor, Tensor]:
-        """Mean and (population) standard deviation of the accepted norms in the window;
-        NaN before the first one (and always NaN without a window)."""
-        n = torch.clamp(self._accepted, max=self.window_size)
-        valid = self._slots < n
-        count = n.to(self._window.dtype)
-        mean = torch.where(valid, self._window, 0).sum() / count
-        spread = torch.where(valid, self._window - mean, 0)
-        return mean, torch.sqrt(spread.square().sum() / count)
+    def _guard_window(self) -> tuple[RollingWindows, int] | None:
+        return None if self.guard is None else self.guard.norm_window()
 
-    @torch.no_grad()
-    def judge(self, norm: Tensor) -> Tensor:
-        """Flag ``norm`` a spike if it exceeds ``factor`` x the mean of the accepted norms
-        in the window, once ``warmup`` norms were accepted (into ``spike``); returns
-        ``factor * mean``."""
-        guard = self.guard
-        # Slots not yet written hold 0, so the window's sum is that of its accepted norms.
-        count = torch.clamp(self._accepted, max=self.window_size).to(self._window.dtype)
-        limit = self._window.sum() / count * guard.factor
-        warmed = self._accepted >= guard.warmup
-        self.spike.copy_(warmed & torch.isfinite(norm) & (norm > limit))
-        return limit
+    @property
+    def keeps_health(self) -> bool:
+        return bool(self.history_size) or self.guard is not None
 
     # -- recording -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def record(self, norm: Tensor | None, coef: Tensor | None = None, varies: bool = False) -> None:
+    def record(self, norm: Tensor | None, coef: Tensor | None = None, varies: bool = False,
+               verdict: Verdict | None = None) -> None:
         """Count one evaluation of the gradients with pre-clip ``norm`` (``None``: there
         were no gradients, the norm of nothing is 0) and clip factor ``coef`` (``None``:
-        not known, kept). ``varies``: the threshold is set per step (a rule, the spike
-        guard's clip; it was written into ``threshold`` and ``set_max_norm(None)`` was
-        called): the clipped count then comes from ``coef``, else from the norm."""
+        not known, kept). ``varies``: the threshold is set per step (written into
+        ``threshold``): the clipped count then comes from ``coef``, else from the norm.
+        ``verdict``: the spike guard's, counted."""
         if norm is None:
             self._last.copy_(self._nothing)
-            self.spike.zero_()
-            self._count(self._deltas[1], accept=False)
+            self._count(self._deltas[1], None)
             return
         self.last_norm.copy_(norm)
         if coef is not None:
             self.last_coef.copy_(coef)
-        self._classify(varies)
+        self._classify(varies, verdict)
 
     @torch.no_grad()
-    def record_stats(self, stats: Tensor, varies: bool = False) -> None:
+    def record_stats(self, stats: Tensor, varies: bool = False,
+                     verdict: Verdict | None = None) -> None:
         """:meth:`record` from the clip's ``stats`` (``[norm, coef, found_inf]``): one copy."""
         self._last.copy_(stats[:2])
-        self._classify(varies)
+        self._classify(varies, verdict)
 
-    def _classify(self, varies: bool) -> None:
+    def _classify(self, varies: bool, verdict: Verdict | None) -> None:
         # index_select keeps the shape static (a tensor index would not, for Dynamo).
         bucket = torch.bucketize(self._last_norm_1d, self._bounds)
         delta = self._deltas.index_select(0, bucket)[0]
         if varies:
             clipped = (self.last_coef < 1) & torch.isfinite(self.last_norm)
             delta = delta + self._clipped_row * clipped
-        if self.guard is not None:
-            delta = delta + self._spike_row * self.spike
-        self._count(delta, accept=True)
+        if verdict is not None:
+            skip = verdict.skip if verdict.skip is not None else torch.zeros_like(verdict.spike)
+            flags = torch.stack([verdict.spike, skip, verdict.regime_change]).to(torch.int64)
+            delta = delta + flags @ self._guard_rows
+        self._count(delta, verdict)
 
-    def _count(self, delta: Tensor, accept: bool) -> None:
+    def _count(self, delta: Tensor, verdict: Verdict | None) -> None:
         if self._in_closure:
             torch.maximum(self._pending, delta, out=self._pending)
             return
         self.counters.add_(delta)
-        self._remember(self.last_norm, accept)
+        self._remember(self.last_norm, verdict, measured=delta is not self._deltas[1])
 
-    def _remember(self, norm: Tensor, accept: bool = True) -> None:
-        """The norm into the history; into the window too if accepted (finite, no spike;
-        a step without gradients measured nothing, and enters only the history)."""
+    def _remember(self, norm: Tensor, verdict: Verdict | None, measured: bool = True) -> None:
+        """The norm into the history; into metrics' own window too if accepted (finite, no
+        spike; a step without gradients measured nothing and enters only the history)."""
         if self.history_size:
             slot = torch.remainder(self._written, self.history_size).reshape(1)
             self._history.index_copy_(0, slot, norm.reshape(1).to(self._history.dtype))
             self._written.add_(1)
-        if self.window_size and accept:
-            accepted = torch.isfinite(norm) & ~self.spike
-            slot = torch.remainder(self._accepted, self.window_size).reshape(1)
-            kept = self._window.index_select(0, slot)
-            self._window.index_copy_(0, slot, torch.where(accepted, norm.reshape(1), kept))
-            self._accepted.add_(accepted.to(torch.int64))
+        window = self._own_window
+        if window is not None and measured:
+            accept = torch.isfinite(norm)
+            if verdict is not None:
+                accept = accept & ~verdict.spike
+            window.update_(norm.reshape(1).to(window.values.dtype), accept.reshape(1),
+                           torch.zeros(1, dtype=torch.bool, device=norm.device))
 
     def begin_closure(self) -> None:
         """A step whose closure may evaluate the gradients several times (LBFGS) counts
@@ -212,15 +225,21 @@ class StepState:
         self._in_closure = False
         self._pending[STEPS] = 1  # the step itself, even if the closure never ran
         self.counters.add_(self._pending)
-        self._remember(self.last_norm)
+        self._remember(self.last_norm, None)
 
     # -- reading -------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, Tensor]:
         """0-d device tensors, no host synchronisation (see ``ClippedOptimizer.metrics``)."""
-        mean, std = self.window_mean_std()
+        source = self._guard_window() or (None if self._own_window is None else (self._own_window, 0))
+        if source is None:
+            mean = std = torch.full((), math.nan, dtype=self.norm_dtype, device=self.device)
+        else:
+            windows, row = source
+            means, stds = windows.mean_std()
+            mean, std = means[row], stds[row]
         values = {"norm": self.last_norm, "clip_coef": self.last_coef, "max_norm": self.threshold,
-                  "mean": mean, "std": std}
+                  "mean": mean.to(self.norm_dtype), "std": std.to(self.norm_dtype)}
         values.update({name: self.counters[i] for i, name in enumerate(COUNTER_NAMES)})
         return values
 
@@ -228,7 +247,7 @@ class StepState:
         """The counters as ints: one host synchronisation. The clip counters always; the
         health counters too when a history or a spike guard is kept."""
         values = dict(zip(COUNTER_NAMES, self.counters.tolist()))
-        if self.history_size or self.guard is not None:
+        if self.keeps_health:
             return values
         return {name: values[name] for name in CLIP_COUNTERS}
 
@@ -252,33 +271,53 @@ class StepState:
         ring_end = 1 + self.history_size
         return int(both[0]), both[1:ring_end], both[ring_end:]
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"counters": self.counters.clone(), "last_norm": self.last_norm.clone(),
-                "last_coef": self.last_coef.clone(), "threshold": self.threshold.clone(),
-                "spike": self.spike.clone(), "history": self._history.clone(),
-                "written": self._written.clone(), "window": self._window.clone(),
-                "accepted": self._accepted.clone()}
+    # -- checkpoints ---------------------------------------------------------------------
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"counters": self.counters.clone(), "last_norm": self.last_norm.clone(),
+                 "last_coef": self.last_coef.clone(), "threshold": self.threshold.clone(),
+                 "history": self._history.clone(), "written": self._written.clone()}
+        if self._own_window is not None:
+            state["norm_window"] = self._own_window.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Restore what fits this optimizer's settings; returns what was dropped (named)."""
         counters = torch.as_tensor(state["counters"], dtype=torch.int64)
         # A checkpoint from before the newer counters: they start at 0.
         self.counters.zero_()
         self.counters[:counters.numel()].copy_(counters)
         last = state.get("last_norm")
         self.last_norm.copy_(0.0 if last is None else last)
-        for key, own in (("last_coef", self.last_coef), ("threshold", self.threshold),
-                         ("spike", self.spike), ("written", self._written),
-                         ("accepted", self._accepted)):
+        for key, own in (("last_coef", self.last_coef), ("threshold", self.threshold)):
             if key in state:
                 own.copy_(state[key])
-        for key, own in (("history", self._history), ("window", self._window)):
-            if key in state:
-                self._load_ring(key, own, torch.as_tensor(state[key]))
+        dropped = []
+        if "history" in state:
+            dropped += self._load_history(torch.as_tensor(state["history"]),
+                                          int(torch.as_tensor(state.get("written", 0))))
+        saved_window = state.get("norm_window")
+        if saved_window is not None and self._own_window is not None:
+            self._own_window.load_rows([0], saved_window)
+        return dropped
 
-    def _load_ring(self, key: str, own: Tensor, saved: Tensor) -> None:
-        if saved.numel() != own.numel():
-            size = {"history": "history", "window": "spike_guard window"}[key]
-            raise ValueError(f"the checkpoint's {key} holds {saved.numel()} norms, this "
-                             f"optimizer's {own.numel()}; build it with the same {size} size "
-                             "to load it")
-        own.copy_(saved)
+    def _load_history(self, saved: Tensor, written: int) -> list[str]:
+        """The saved norms into this history, each at its ring slot (``written`` is kept,
+        so logging carries on where it was): all of them if they fit, else the most
+        recent ``history`` (the rest named as dropped)."""
+        size, saved_size = self.history_size, saved.numel()
+        count = min(written, saved_size)
+        # The saved ring oldest first: norm i of the run sat at slot i % saved_size.
+        first = written - count
+        ordered = saved[torch.remainder(torch.arange(first, written), max(saved_size, 1))]
+        kept = min(count, size)
+        self._history.fill_(math.nan)
+        if kept:
+            slots = torch.remainder(torch.arange(written - kept, written), size)
+            self._history.index_copy_(0, slots.to(self._history.device),
+                                      ordered[count - kept:].to(self._history))
+        self._written.fill_(written)
+        lost = count - kept
+        if not lost:
+            return []
+        return [f"{lost} of the {count} saved norms of the history (this optimizer keeps {size})"]

@@ -177,7 +177,8 @@ def test_state_dict_round_trip_under_amp_continues_identically(gen, name, scaler
     saved = torch.load(buffer, weights_only=False)
 
     resumed = clone_params(saved["params"])
-    opt2 = gradclip.ClippedOptimizer(ALL_OPTIMIZERS[name](groups_of(resumed)), max_norm=5.0)
+    # Built as the first was: a resumed wrapper keeps the settings it is built with.
+    opt2 = gradclip.ClippedOptimizer(ALL_OPTIMIZERS[name](groups_of(resumed)), MAX_NORM)
     scaler2, sched2 = make_scaler(scaler_kind, "cpu"), lambda_scheduler(opt2)
     opt2.load_state_dict(saved["opt"])
     scaler2.load_state_dict(saved["scaler"])

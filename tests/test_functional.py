@@ -380,9 +380,9 @@ def test_complex_gradients_are_refused_by_fused_backends_and_clamp(gen):
 
 @pytest.mark.parametrize("amp", [False, True], ids=["plain", "amp"])
 def test_a_device_threshold_clips_like_the_same_float(backend_device, gen, amp):
-    """The internal clip takes a threshold kept on the device (adaptive rules) and gives
-    what the same float threshold gives."""
-    from gradclip.functional import clip_norm_
+    """The clip pipeline takes a threshold kept on the device (adaptive rules) and gives
+    what the same float threshold gives (which takes the backend's fused path)."""
+    from gradclip import pipeline
 
     backend, device = backend_device
     dev = on_device(device)
@@ -390,9 +390,12 @@ def test_a_device_threshold_clips_like_the_same_float(backend_device, gen, amp):
     theirs = _twin(ours)
     inv_scale = torch.tensor([0.5], device=dev) if amp else None
     grads = [p.grad for p in ours if p.grad is not None]
-    stats = clip_norm_(grads, 2.0, torch.tensor(0.7, device=dev), inv_scale=inv_scale,
-                       backend=backend)
-    expected = clip_norm_([p.grad for p in theirs if p.grad is not None], 2.0, 0.7,
-                          inv_scale=inv_scale, backend=backend)
-    torch.testing.assert_close(stats, expected, rtol=1e-6, atol=0)
+    clipped = pipeline.clip_(grads, 2.0, torch.tensor(0.7, device=dev), inv_scale=inv_scale,
+                             backend=backend)
+    expected = pipeline.clip_([p.grad for p in theirs if p.grad is not None], 2.0, 0.7,
+                              inv_scale=inv_scale, backend=backend)
+    assert expected.stats is not None  # the float went the fused way
+    for name in ("norm", "coef", "factor", "found_inf"):
+        torch.testing.assert_close(getattr(clipped, name), getattr(expected, name),
+                                   rtol=1e-6, atol=0, msg=name)
     _assert_grads_close(ours, theirs, rtol=1e-6)

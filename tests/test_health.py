@@ -185,7 +185,8 @@ def test_health_state_round_trips_through_the_state_dict():
     assert torch.equal(resumed.norm_history(), whole.norm_history())
     for name, value in whole.metrics().items():
         torch.testing.assert_close(resumed.metrics()[name], value, equal_nan=True)
-    with pytest.raises(ValueError, match="spike_guard"):
+    # An optimizer built without a guard keeps none: the saved windows are dropped, named.
+    with pytest.warns(UserWarning, match="spike guard's windows"):
         gradclip.ClippedOptimizer(INNER["adamw"](make_params()), history=16).load_state_dict(
             first.state_dict())
 
@@ -574,18 +575,31 @@ def test_per_tensor_rules_clip_as_their_functions_and_record_the_global_norm(mak
     assert isinstance(opt.state_dict()["gradclip"]["rule"], dict)
 
 
-def test_per_tensor_rule_under_a_scaler_needs_unscaled_gradients():
-    params = make_params()
-    opt = gradclip.ClippedOptimizer(INNER["sgd"](params), max_norm=gradclip.PerTensor(1.0))
-    scaler = SCALERS["gradclip"]()
-    set_grads(params, 1.0, torch.Generator().manual_seed(0), scale_of(scaler))
-    with pytest.raises(RuntimeError, match="unscale_"):
-        scaler.step(opt)
-    scaler = SCALERS["gradclip"]()
-    set_grads(params, 1.0, torch.Generator().manual_seed(0), scale_of(scaler))
-    scaler.unscale_(opt)
-    scaler.step(opt)
-    assert opt.last_norm.item() == pytest.approx(1.0, rel=1e-5)
+@pytest.mark.parametrize("make_rule", [lambda: gradclip.PerTensor(0.3),
+                                       lambda: gradclip.AGC(clip_factor=0.01)])
+@pytest.mark.parametrize("scaler_kind", ["gradclip", "torch"])
+@pytest.mark.parametrize("inner", ["sgd", "adamw_fused"])
+def test_local_rules_under_a_scaler_unscale_in_their_own_pass(make_rule, scaler_kind, inner):
+    """Without scaler.unscale_(opt) (as the README says), a local rule clips the unscaled
+    gradients: the same steps as unscale_, then the rule's torch function, then step."""
+    def train(manual_unscale):
+        params = make_params()
+        opt = gradclip.ClippedOptimizer(INNER[inner](params), max_norm=make_rule())
+        scaler = SCALERS[scaler_kind]()
+        gen = torch.Generator().manual_seed(0)
+        for norm in (1.0, 40.0, 2.0):
+            set_grads(params, norm, gen, scale_of(scaler))
+            if manual_unscale:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        return params, opt.last_norm.item()
+
+    params, norm = train(False)
+    ref_params, ref_norm = train(True)
+    assert norm == pytest.approx(ref_norm, rel=1e-6) and norm == pytest.approx(2.0, rel=1e-5)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_the_guards_clip_cannot_be_combined_with_a_per_tensor_rule():
@@ -605,7 +619,9 @@ def test_deepcopy_keeps_the_rule_the_guard_and_their_state_together():
     run(clone, cparams, norm_sequence(3, spikes=[1], seed=1))
     assert clone.stats() == opt.stats()
     assert torch.equal(clone.norm_history(), opt.norm_history())
-    assert clone._threshold.state is clone._step_state and clone._threshold.rule is clone.max_norm
+    assert clone.max_norm is not opt.max_norm and clone.spike_guard is not opt.spike_guard
+    with pytest.raises(ValueError, match="another ClippedOptimizer"):
+        opt.max_norm = clone.max_norm  # the copy's rule follows the copy
 
 
 # ---------------------------------------------------------------------------------------

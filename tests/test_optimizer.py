@@ -356,9 +356,13 @@ def test_state_dict_round_trip_continues_identically(gen):
     saved = torch.load(buffer, weights_only=False)
 
     resumed = clone_params(saved["params"])
-    opt2 = gradclip.ClippedOptimizer(torch.optim.Adam(groups_of(resumed), lr=1.0), max_norm=123.0)
+    # The inner optimizer's hyperparameters come from the checkpoint, as in torch; the
+    # wrapper's settings are those it is built with (docs/optimizer.md, "Resuming").
+    opt2 = gradclip.ClippedOptimizer(torch.optim.Adam(groups_of(resumed), lr=1.0), MAX_NORM)
     sched2 = lambda_scheduler(opt2)
-    opt2.load_state_dict(saved["opt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything fits: nothing dropped, nothing said
+        opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
     assert opt2.max_norm == MAX_NORM and opt2.stats() == opt.stats()
     run_wrapped(resumed, opt2, batches[5:], scheduler=sched2)
@@ -747,7 +751,7 @@ def test_a_step_adds_a_handful_of_small_ops_to_the_clip(monkeypatch):
     assert opt.last_norm.item() == 3.0
 
 
-@pytest.mark.parametrize("max_norm", [1.0, 0.3, 2.5e-3, 1e4])
+@pytest.mark.parametrize("max_norm", [1.0, 0.3, 2.5e-3, 1e4, 7e-6, 1e-6, 1.000005e-6, 3e38])
 def test_clipped_steps_are_exactly_those_the_rescale_changed(max_norm):
     """The counter's threshold is the largest norm whose coefficient is exactly 1."""
     from gradclip.step_state import largest_unclipped_norm
@@ -757,3 +761,8 @@ def test_clipped_steps_are_exactly_those_the_rescale_changed(max_norm):
         above = torch.nextafter(bound, torch.tensor(math.inf, dtype=dtype))
         assert clip_coefficient(bound, max_norm).item() == 1.0
         assert clip_coefficient(above, max_norm).item() < 1.0
+    # Found in constant time, whatever max_norm is (stepping one float at a time from 0
+    # took minutes near 1e-6, so that the constructor seemed to hang).
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))]),
+                                    max_norm=max_norm, vanishing=0.0)
+    assert opt.metrics()["max_norm"].item() == pytest.approx(max_norm, rel=1e-6)
