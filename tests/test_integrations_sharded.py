@@ -326,6 +326,7 @@ def lightning_layouts(rank: int, world: int) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_lightning_trainer_and_fabric_model_parallel_fsdp2_tp_and_both():
     rows = run_ranks(__name__, "lightning_layouts", world=4)
     assert len(rows) == 2 * len(LAYOUTS) + 2
@@ -475,6 +476,7 @@ def hugging_face(rank: int, world: int) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_hugging_face_fsdp2_dtensor_gradients_and_the_trainers_mixed_mesh_norm():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -506,6 +508,7 @@ def documented_examples(rank: int, world: int) -> dict:
     return {}
 
 
+@pytest.mark.slow
 def test_documented_multi_rank_examples_run():
     pytest.importorskip("accelerate")
     pytest.importorskip("lightning")

@@ -273,6 +273,7 @@ def torchtitan_layouts(rank: int, world: int) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_torchtitan_layouts_fsdp2_hsdp_tp_pipeline_and_experts():
     rows = run_ranks(__name__, "torchtitan_layouts", world=4)
     assert len(rows) == len(LAYOUTS)
