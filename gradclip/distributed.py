@@ -184,17 +184,46 @@ def _mesh_chain(mesh, placements) -> tuple[_Group, ...]:
                          "mesh's ranks. Pass each rank only the gradients it holds a shard of.")
     chain = []
     for dim, placement in enumerate(placements):
-        if placement.is_partial():
-            raise ValueError(f"a gradient is a DTensor with a Partial placement on mesh dimension "
-                             f"{dim} ({placements}): its local values are unreduced summands, "
-                             "not a part of the gradient, so its norm is undefined. Reduce it "
-                             "first, e.g. grad.redistribute(placements=[Replicate()] * mesh.ndim), "
-                             "as FSDP and DDP do before clipping.")
-        if placement.is_shard():
+        if _shards(placement, dim, placements):
             group = mesh.get_group(dim)
             chain.append(_Group((0, dim, group.group_name), group.group_name, (mesh, dim),
                                 _device_of_mesh(mesh), group))
     return tuple(chain)
+
+
+def _shard_classes() -> tuple[type, ...]:
+    """The placement classes that shard a tensor, as far as this torch has them: ``Shard``,
+    ``_StridedShard`` (FSDP2 over tensor parallelism; not a ``Shard`` in torch 2.14, and
+    its ``is_shard()`` is False) and their C++ bases."""
+    from torch.distributed.tensor import placement_types
+
+    native = getattr(torch._C, "_distributed", None)
+    candidates = (getattr(placement_types, "Shard", None),
+                  getattr(placement_types, "_StridedShard", None),
+                  getattr(native, "Shard", None), getattr(native, "StridedShard", None))
+    return tuple(c for c in candidates if isinstance(c, type))
+
+
+def _shards(placement, dim: int, placements) -> bool:
+    """Whether ``placement`` splits the tensor over mesh dimension ``dim`` (its rows are
+    summed over that dimension's group): True for every kind of shard, False for a
+    replica; a partial sum, or a placement gradclip does not know, raises."""
+    if placement.is_partial():
+        raise ValueError(f"a gradient is a DTensor with a Partial placement on mesh dimension "
+                         f"{dim} ({placements}): its local values are unreduced summands, "
+                         "not a part of the gradient, so its norm is undefined. Reduce it "
+                         "first, e.g. grad.redistribute(placements=[Replicate()] * mesh.ndim), "
+                         "as FSDP and DDP do before clipping.")
+    if placement.is_shard() or isinstance(placement, _shard_classes()):
+        return True
+    if placement.is_replicate():
+        return False
+    raise ValueError(f"a gradient is a DTensor with placement {placement!r} on mesh dimension "
+                     f"{dim} ({placements}), which gradclip does not know: it is neither a "
+                     "shard (Shard, _StridedShard), a replica (Replicate) nor a partial sum, so "
+                     "gradclip cannot tell whether to sum its norm over that dimension. "
+                     "Redistribute the gradient to Shard or Replicate placements first, or "
+                     "pass its local tensors with process_group= (docs/distributed.md).")
 
 
 _layouts = _MeshLayouts()

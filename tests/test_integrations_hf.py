@@ -7,8 +7,11 @@ Tiny models built from a config, random tokens, the CPU; nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,8 +26,9 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
+import gradclip  # noqa: E402
 import gradclip.functional  # noqa: E402
-from gradclip.integrations import _common  # noqa: E402
+from gradclip.integrations import FrameworkClipsWarning, _common  # noqa: E402
 from gradclip.integrations import huggingface as gradclip_hf  # noqa: E402
 
 MAX_STEPS = 4
@@ -35,8 +39,11 @@ ORIGINAL_CLIP_GRAD_VALUE = Accelerator.__dict__["clip_grad_value_"]
 
 
 @pytest.fixture(autouse=True)
-def fresh_state():
-    """Each test starts unpatched, with Accelerate's process-wide state reset."""
+def fresh_state(monkeypatch):
+    """Each test starts unpatched, with Accelerate's process-wide state reset and no
+    integration notice given yet."""
+    monkeypatch.setattr(_common, "_announced", set())
+    monkeypatch.setattr(_common, "_warned", set())
     if gradclip_hf.is_patched():
         gradclip_hf.unpatch()
     AcceleratorState._reset_state(True)
@@ -281,9 +288,18 @@ def test_layouts_gradclip_does_not_clip_go_to_accelerate(distributed_type, monke
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 4)
     model(torch.randn(2, 4)).sum().backward()
-    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.warns(FrameworkClipsWarning, match=WHY_ACCELERATE_CLIPS[distributed_type]):
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
     assert counter.calls["gradclip norm"] == 0
     assert torch_norm_calls(counter) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)  # the same reason: warned once
+    assert torch_norm_calls(counter) == 2
+
+
+WHY_ACCELERATE_CLIPS = {"FSDP": "FSDP v1 .* FullyShardedDataParallel.clip_grad_norm_",
+                        "XLA": "XLA", "MEGATRON_LM": "Megatron-LM .* clips in its optimizer"}
 
 
 def test_norm_type_zero_goes_to_accelerate(counter):
@@ -291,7 +307,8 @@ def test_norm_type_zero_goes_to_accelerate(counter):
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 4)
     model(torch.randn(2, 4)).sum().backward()
-    count = accelerator.clip_grad_norm_(model.parameters(), float("inf"), norm_type=0)
+    with pytest.warns(FrameworkClipsWarning, match="norm_type=0 counts the gradients"):
+        count = accelerator.clip_grad_norm_(model.parameters(), float("inf"), norm_type=0)
     assert count.item() == 2  # two gradients with a nonzero norm: Accelerate's meaning
     assert counter.calls["gradclip norm"] == 0
 
@@ -365,18 +382,66 @@ def one_process_group(tmp_path):
         torch.distributed.destroy_process_group()
 
 
-def test_dtensor_gradients_go_to_accelerate(tmp_path, counter):
-    from torch.distributed.tensor import Replicate, distribute_tensor
+def test_dtensor_gradients_clip_with_gradclip(tmp_path, counter):
+    """DTensor gradients (a model fully_shard-ed by hand, tensor parallelism) reach
+    gradclip's distributed clip; the norm comes back as a plain tensor, as Accelerate's."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    gradclip_hf.patch()
     accelerator = Accelerator(cpu=True)
     with one_process_group(tmp_path) as mesh:
-        weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
-        weight.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh, [Replicate()])
-        norm = accelerator.clip_grad_norm_([weight], 1.0)
-        assert counter.calls["gradclip norm"] == 0 and torch_norm_calls(counter) == 1
-        assert float(norm) == pytest.approx(8.0)
-        torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (8.0 + 1e-6)))
+        def params():
+            weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+            weight.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh, [Shard(0)])
+            bias = torch.nn.Parameter(distribute_tensor(torch.randn(4), mesh, [Replicate()]))
+            bias.grad = distribute_tensor(torch.full((4,), 2.0), mesh, [Replicate()])
+            return [weight, bias]
+
+        theirs = params()
+        expected = accelerator.clip_grad_norm_(theirs, 1.0)
+        gradclip_hf.patch()
+        ours = params()
+        norm = accelerator.clip_grad_norm_(ours, 1.0)
+        assert counter.calls["gradclip norm"] == 1 and torch_norm_calls(counter) == 1
+        assert type(norm) is torch.Tensor and type(expected) is torch.Tensor
+        assert norm.item() == pytest.approx(math.sqrt(20 * 4.0)) == expected.item()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor())
+        accelerator.clip_grad_value_(ours, 0.1)
+        assert counter.calls["gradclip value"] == 1
+        assert all(p.grad.full_tensor().abs().max() <= 0.1 for p in ours)
+
+
+def test_fsdp2_plugin_clips_with_gradclip(tmp_path, monkeypatch, counter):
+    """Accelerate's FSDP plugin needs GPUs (on the CPU it stays MULTI_CPU and wraps the model
+    in DDP): here the Accelerator is told it runs FSDP2, as it does on GPUs, and is given
+    fully_shard-ed DTensor gradients. gradclip clips them, with the norm Accelerate's own
+    FSDP2 path (_clip_grad_norm_dtensor_aware) returns. (FSDP v1: see
+    test_layouts_gradclip_does_not_clip_go_to_accelerate.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: True))
+    with one_process_group(tmp_path) as mesh:
+        def model_with_grads(accelerator):
+            torch.manual_seed(0)
+            model = fully_shard(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)),
+                                mesh=mesh)
+            model(torch.randn(4, 8)).square().sum().backward()
+            accelerator._models.append(model)
+            return model
+
+        accelerator = Accelerator(cpu=True)
+        theirs = model_with_grads(accelerator)
+        expected = accelerator.clip_grad_norm_(theirs.parameters(), 0.1)
+        assert counter.calls["gradclip norm"] == 0 and torch_norm_calls(counter) >= 1
+        gradclip_hf.patch()
+        ours = model_with_grads(accelerator)
+        norm = accelerator.clip_grad_norm_(ours.parameters(), 0.1)
+        assert counter.calls["gradclip norm"] == 1
+        assert type(norm) is torch.Tensor and expected.item() > 0.1
+        assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor())
 
 
 def test_infinite_max_norm_only_measures(counter):
@@ -392,3 +457,72 @@ def test_infinite_max_norm_only_measures(counter):
     assert counter.calls["gradclip norm"] == 1
     assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_first_clip_logs_one_info_line(caplog, counter):
+    gradclip_hf.patch(backend="reference")
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    with caplog.at_level(logging.INFO, logger="gradclip"):
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            accelerator.clip_grad_value_(model.parameters(), 1.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gradclip"]
+    assert len(lines) == 1, lines
+    assert all(word in lines[0] for word in ("gradclip clips", "huggingface", "backend reference", "clip_grad_norm_"))
+    assert caplog.records[0].levelno == logging.INFO
+
+
+@pytest.mark.parametrize("backend,error", [("bogus", ValueError), ("cuda", gradclip.BackendUnavailableError)])
+def test_a_backend_that_cannot_run_is_refused_at_patch_time(backend, error):
+    if backend == "cuda" and torch.cuda.is_available():
+        pytest.skip("the cuda backend can run here")
+    with pytest.raises(error, match=f"backend={backend!r}"):
+        gradclip_hf.patch(backend=backend)
+    assert not gradclip_hf.is_patched()
+    gradclip_hf.patch()
+    with pytest.raises(error):
+        gradclip_hf.patch(backend=backend)
+    assert gradclip_hf._active.backend == "auto", "a refused backend changes nothing"
+
+
+def test_unpatch_restores_the_trainers_mixed_mesh_norm():
+    original = transformers.Trainer.__dict__.get("_mixed_mesh_grad_norm")
+    if original is None:
+        pytest.skip("this transformers clips every layout through the Accelerator")
+    gradclip_hf.patch()
+    assert transformers.Trainer._mixed_mesh_grad_norm is gradclip_hf._mixed_mesh_grad_norm
+    gradclip_hf.unpatch()
+    assert transformers.Trainer.__dict__["_mixed_mesh_grad_norm"] is original
+
+
+@pytest.mark.parametrize("max_grad_norm", [-1.0, math.nan], ids=["negative", "nan"])
+def test_trainer_turns_clipping_off_for_a_negative_or_nan_max_grad_norm(max_grad_norm, tmp_path, counter):
+    """The Trainer clips only when max_grad_norm > 0: a negative or NaN value turns
+    clipping off (no ValueError), and the logged grad_norm is measured through gradclip."""
+    def run():
+        model = tiny_model("gpt2")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, max_steps=2, per_device_train_batch_size=8,
+            learning_rate=1e-2, max_grad_norm=max_grad_norm, logging_steps=1, report_to=[],
+            save_strategy="no", seed=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=token_dataset(16))
+        trainer.train()
+        norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+        return norms, [p.detach().clone() for p in model.parameters()]
+
+    expected_norms, expected = run()
+    gradclip_hf.patch()
+    norms, weights = run()
+    assert counter.calls["gradclip norm"] == 2
+    assert all(n is not None and math.isfinite(n) for n in norms)
+    assert norms == pytest.approx(expected_norms, rel=1e-6)
+    for a, b in zip(weights, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_docs_say_what_the_trainer_does_with_a_negative_max_grad_norm():
+    text = " ".join(DOCS.read_text().split())
+    assert "a negative or NaN `max_grad_norm` raises" not in text
+    assert "`max_grad_norm <= 0` or NaN turns the Trainer's clipping off" in text

@@ -11,6 +11,8 @@ again, so the check below starts it in a subprocess.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import re
 import subprocess
@@ -24,8 +26,9 @@ L = pytest.importorskip("lightning") if __name__ != "__main__" else __import__("
 
 from lightning.pytorch.plugins.precision import DoublePrecision, FSDPPrecision, MixedPrecision, Precision  # noqa: E402
 
+import gradclip  # noqa: E402
 import gradclip.functional  # noqa: E402
-from gradclip.integrations import _common  # noqa: E402
+from gradclip.integrations import FrameworkClipsWarning, _common  # noqa: E402
 from gradclip.integrations.lightning import LIGHTNING_VERSIONS, FusedGradientClipping  # noqa: E402
 
 MAX_STEPS = 4
@@ -75,6 +78,13 @@ def watch_clipping() -> Recorder:
     return recorder
 
 
+@pytest.fixture(autouse=True)
+def no_notice_given(monkeypatch):
+    """Each test starts with no integration notice given yet in this process."""
+    monkeypatch.setattr(_common, "_announced", set())
+    monkeypatch.setattr(_common, "_warned", set())
+
+
 @pytest.fixture
 def recorder():
     recorder = watch_clipping()
@@ -111,7 +121,7 @@ def fit(algorithm: str, precision: str, callbacks: list, fused: bool = False, **
         # Lightning turns "16-mixed" into bf16 on the CPU; its fp16 plugin with torch's
         # CPU scaler runs the GPU's code path: scale, unscale, then clip.
         trainer_args["plugins"] = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**12))]
-    else:
+    elif "plugins" not in trainer_args:
         trainer_args["precision"] = precision
     trainer = L.Trainer(accelerator="cpu", max_steps=MAX_STEPS, gradient_clip_val=CLIP_VAL,
                         gradient_clip_algorithm=algorithm, callbacks=callbacks, logger=False,
@@ -197,7 +207,7 @@ def test_fused_optimizer_under_16_mixed_keeps_lightnings_refusal():
 def test_plugins_that_clip_their_own_way_are_left_alone():
     callback = FusedGradientClipping()
     fsdp = FSDPPrecision("32-true")
-    with pytest.warns(UserWarning, match="leaves FSDPPrecision alone"):
+    with pytest.warns(FrameworkClipsWarning, match="FSDPPrecision overrides clip_grad_by_norm.*FSDP v1"):
         assert not callback.install(fsdp)
     assert "clip_grad_by_norm" not in fsdp.__dict__
 
@@ -218,17 +228,115 @@ def one_process_group(tmp_path):
         torch.distributed.destroy_process_group()
 
 
-def test_dtensor_gradients_go_to_torch(tmp_path, recorder):
-    from torch.distributed.tensor import Replicate, distribute_tensor
+def test_dtensor_gradients_clip_with_gradclip(tmp_path, recorder):
+    """DTensor gradients (ModelParallelStrategy: FSDP2, tensor parallelism) go to
+    gradclip's distributed clip; last_norm is the global norm as a plain tensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    callback = FusedGradientClipping()
     plugin = Precision()
-    assert FusedGradientClipping().install(plugin)
+    assert callback.install(plugin)
     with one_process_group(tmp_path) as mesh:
-        weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
-        weight.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh, [Replicate()])
-        plugin.clip_gradients(torch.optim.SGD([weight], lr=0.1), 1.0, "norm")
-        assert recorder.calls["torch norm"] == 1 and recorder.calls["gradclip norm"] == 0
-        torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (8.0 + 1e-6)))
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(1)]))
+        weight.grad = distribute_tensor(torch.full((4, 4), 2.0), mesh, [Shard(1)])
+        bias = torch.nn.Parameter(distribute_tensor(torch.randn(4), mesh, [Replicate()]))
+        bias.grad = distribute_tensor(torch.full((4,), 2.0), mesh, [Replicate()])
+        plugin.clip_gradients(torch.optim.SGD([weight, bias], lr=0.1), 1.0, "norm")
+        assert recorder.calls["torch norm"] == 0 and recorder.calls["gradclip norm"] == 1
+        norm = math.sqrt(20 * 4.0)
+        assert type(callback.last_norm) is torch.Tensor
+        assert callback.last_norm.item() == pytest.approx(norm)
+        torch.testing.assert_close(weight.grad.full_tensor(), torch.full((4, 4), 2.0 / (norm + 1e-6)))
+        plugin.clip_gradients(torch.optim.SGD([weight, bias], lr=0.1), 0.1, "value")
+        assert recorder.calls["gradclip value"] == 1
+
+
+class PlainSubclass(Precision):
+    """A plugin of the user's that overrides nothing about clipping."""
+
+    def main_params(self, optimizer):
+        return super().main_params(optimizer)
+
+
+class ClipsItsOwnWay(Precision):
+    def clip_grad_by_norm(self, optimizer, clip_val):
+        raise AssertionError("not called in this test")
+
+
+def test_a_plugin_subclass_that_keeps_lightnings_clipping_clips_with_gradclip(recorder):
+    _, expected = fit("norm", "32-true", [], plugins=[PlainSubclass()])
+    torch_norms = as_floats(recorder.returned["torch norm"])
+    recorder.reset()
+    _, weights = fit("norm", "32-true", [FusedGradientClipping()], plugins=[PlainSubclass()])
+    assert recorder.calls["torch norm"] == 0
+    assert as_floats(recorder.returned["gradclip norm"]) == pytest.approx(torch_norms, rel=1e-6)
+    assert_same_weights(expected, weights)
+
+
+def test_a_plugin_that_overrides_a_clipping_method_is_left_alone_saying_which():
+    match = "ClipsItsOwnWay overrides clip_grad_by_norm, so it clips its own way"
+    with pytest.warns(FrameworkClipsWarning, match=match):
+        assert not FusedGradientClipping().install(ClipsItsOwnWay())
+
+
+class FailsAtStep(TinyRegression):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise KeyError("the user's bug")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failing_fit_gives_the_plugin_back_to_lightning(recorder):
+    callback = FusedGradientClipping()
+    trainer = L.Trainer(accelerator="cpu", max_steps=MAX_STEPS, gradient_clip_val=CLIP_VAL,
+                        callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(KeyError, match="the user's bug"):
+        trainer.fit(FailsAtStep(), loader())
+    assert recorder.calls["gradclip norm"] == 2, "gradclip clipped the steps before the failure"
+    plugin = trainer.precision_plugin
+    assert not {"clip_gradients", "clip_grad_by_norm", "clip_grad_by_value"} & plugin.__dict__.keys()
+
+
+def test_first_clip_logs_one_info_line(caplog, recorder):
+    with caplog.at_level(logging.INFO, logger="gradclip"):
+        fit("norm", "32-true", [FusedGradientClipping(backend="reference")])
+    lines = [r.getMessage() for r in caplog.records if r.name == "gradclip"]
+    assert len(lines) == 1, lines
+    assert all(word in lines[0] for word in ("gradclip clips", "lightning", "backend reference",
+                                             "Precision.clip_grad_by_norm"))
+
+
+@pytest.mark.parametrize("backend,error", [("bogus", ValueError), ("cuda", gradclip.BackendUnavailableError)])
+def test_a_backend_that_cannot_run_is_refused_at_construction(backend, error):
+    if backend == "cuda" and torch.cuda.is_available():
+        pytest.skip("the cuda backend can run here")
+    with pytest.raises(error, match=f"backend={backend!r}"):
+        FusedGradientClipping(backend=backend)
+
+
+def test_16_mixed_on_the_cpu_has_no_scaler_so_a_fused_optimizer_is_clipped(recorder):
+    """Lightning runs precision="16-mixed" on the CPU as bf16-mixed, without a scaler: the
+    refusal of fused optimizers that Lightning keeps under a scaler does not apply."""
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        fit("norm", "bf16-mixed", [], fused=True)
+    _, expected = fit("norm", "bf16-mixed", [])
+    recorder.reset()
+    trainer = L.Trainer(accelerator="cpu", precision="16-mixed", max_steps=MAX_STEPS,
+                        gradient_clip_val=CLIP_VAL, callbacks=[FusedGradientClipping()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.precision_plugin.scaler is None
+    torch.manual_seed(0)
+    model = TinyRegression(fused=True)
+    trainer.fit(model, loader())
+    assert recorder.calls["gradclip norm"] == MAX_STEPS
+    assert_same_weights(expected, {name: t.detach() for name, t in model.state_dict().items()})
+
+
+def test_the_docs_say_when_lightnings_refusal_stays():
+    text = " ".join(DOCS.read_text().split())
+    assert "Under `16-mixed` that refusal stays" not in text
+    assert "whenever the plugin has a `GradScaler`" in text
 
 
 @pytest.mark.parametrize("version", ["2.0.9", "3.0.0"])
