@@ -115,6 +115,9 @@ class StepState:
         self.history_size = int(history)
         self._history = torch.full((self.history_size,), math.nan, dtype=norm_dtype, device=device)
         self._written = torch.zeros((), dtype=torch.int64, device=device)
+        # The index of the first recorded norm the ring still holds a value for: 0, or
+        # where a checkpoint's history, restored into a ring of another size, begins.
+        self._history_start = 0
         # How many of the recorded norms gradclip.log_metrics has written to every sink:
         # host-side, set by log_metrics (never by a step), in the state dict, so that a
         # resumed run does not write them again.
@@ -261,9 +264,10 @@ class StepState:
             return torch.empty(0, dtype=self._history.dtype)
         written, ring, _ = self.snapshot([])
         ring = ring.to(self._history.dtype)
-        if written < self.history_size:
-            return ring[:written]
-        return torch.roll(ring, -(written % self.history_size))
+        held = min(written - self._history_start, self.history_size)
+        ordered = ring[:written] if written < self.history_size else \
+            torch.roll(ring, -(written % self.history_size))
+        return ordered[ordered.numel() - held:]
 
     def snapshot(self, extra: list[Tensor]) -> tuple[int, Tensor, Tensor]:
         """One host copy of: how many norms were ever recorded, the history ring (in ring
@@ -323,6 +327,7 @@ class StepState:
             self._history.index_copy_(0, slots.to(self._history.device),
                                       ordered[count - kept:].to(self._history))
         self._written.fill_(written)
+        self._history_start = written - kept
         lost = count - kept
         if not lost:
             return []
