@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -123,7 +124,8 @@ def grads_and_silent(parameters: list[Tensor]) -> tuple[list[Tensor], list[Tenso
         return ([p.grad for p in parameters if p.grad is not None],
                 [p for p in parameters if p.grad is None])
     grads = list(map(_grad_of, parameters))
-    if None not in grads:
+    # By identity: `None in grads` would compare each tensor with None through __eq__.
+    if not any(map(operator.is_, grads, repeat(None))):
         return grads, []
     return ([g for g in grads if g is not None],
             [p for p, g in zip(parameters, grads) if g is None])
