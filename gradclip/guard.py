@@ -269,11 +269,11 @@ class SpikeGuard:
             return []
         if self._windows is None:
             self.bind(torch.as_tensor(saved["values"]).device)
-        dropped = [f"the {name} window (not watched now)" for name in saved_signals
+        dropped = [f"{name} window (not watched now)" for name in saved_signals
                    if name not in self.signals]
         size = torch.as_tensor(saved["values"]).shape[-1]
         if size != self.window:
-            dropped.append(f"the windows ({size} values; this guard keeps {self.window})")
+            dropped.append(f"windows ({size} values; this guard keeps {self.window})")
             return dropped
         rows = [saved_signals.index(name) if name in saved_signals else None
                 for name in self.signals]

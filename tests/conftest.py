@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +106,39 @@ def random_tensors(gen: torch.Generator, shapes, dtypes, device="cpu", scale=1.0
         dtypes = [dtypes] * len(shapes)
     return [(torch.randn(shape, generator=gen, dtype=torch.float64) * scale)
             .to(dtype=dtype).to(device) for shape, dtype in zip(shapes, dtypes)]
+
+
+# A documented example states what a print shows with a trailing "# -> <text>" comment;
+# "..." in the text matches anything. Other comments after a print are prose.
+_EXPECTED = re.compile(r"print\(.*\)\s*#\s*->\s*(.+?)\s*$")
+
+
+def python_blocks(path) -> list[str]:
+    """The ```python blocks of a markdown file, in order."""
+    return re.findall(r"```python\n(.*?)```", Path(path).read_text(), flags=re.S)
+
+
+def run_example(code: str) -> dict[int, list[str]]:
+    """Run a documented example as a user would (its own namespace), and check that each
+    print marked "# -> <text>" printed that text every time it ran. Returns what each
+    line printed, by line number."""
+    printed: dict[int, list[str]] = {}
+
+    def recording_print(*args, sep=" ", end="\n", file=None, flush=False):
+        line = sys._getframe(1).f_lineno
+        printed.setdefault(line, []).append(sep.join(map(str, args)))
+
+    exec(compile(code, "<example>", "exec"), {"__name__": "__example__", "print": recording_print})
+    for number, line in enumerate(code.splitlines(), start=1):
+        match = _EXPECTED.search(line)
+        if match is None:
+            continue
+        pattern = ".*".join(map(re.escape, match.group(1).split("...")))
+        assert number in printed, f"line {number} printed nothing: {line.strip()}"
+        for text in printed[number]:
+            assert re.fullmatch(pattern, text, flags=re.S), (
+                f"line {number} printed {text!r}, the docs say {match.group(1)!r}")
+    return printed
 
 
 def on_device(device: str):
