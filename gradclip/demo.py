@@ -11,9 +11,12 @@ with plain SGD at an aggressive learning rate:
   to a step of norm 1, every other step is left alone, and the loss falls steadily.
 
 Then a third run, clipped as the second and half as long, is fed a few bad batches (their loss multiplied
-by 50, as a corrupted batch or a loss-scaling bug would) and guarded by
-:class:`gradclip.SpikeGuard`: it prints which steps it flagged and skipped, and plots the
-norm history with the bad batches and the skipped steps marked.
+by 50, as a corrupted batch or a loss-scaling bug would) and, from 60% of the run on, a loss
+that stays 10 times larger (a new loss weighting or data mixture: a new level, not a bad
+batch). It is guarded by :class:`gradclip.SpikeGuard`, which skips the bad batches, skips
+``max_consecutive`` steps of the new level, then accepts it and trains on; it prints which
+steps it flagged, skipped and where it accepted the new level, and plots the norm history
+with all of them marked.
 
 Both runs go through ``ClippedOptimizer``: the unclipped one with ``max_norm=inf``, which
 only records the norm. On a GPU the runs use AMP (float16 autocast) with
@@ -41,10 +44,12 @@ from gradclip.step_state import COUNTER_NAMES
 HIDDEN, EMBED, BATCH, SEQ = 128, 48, 32, 64
 DEFAULT_STEPS, DEFAULT_LR, DEFAULT_MAX_NORM = 300, 25.0, 1.0
 # The spike-guarded run: where its bad batches fall (fractions of the run), how much larger
-# their loss is, and the guard.
-BAD_BATCH_AT, BAD_BATCH_FACTOR = (0.45, 0.6, 0.8), 50.0
-GUARD_FACTOR, GUARD_WINDOW = 3.0, 25
-SPIKE, SKIPPED = COUNTER_NAMES.index("spike_steps"), COUNTER_NAMES.index("skipped_steps")
+# their loss is, where the loss moves to a lasting new level and by how much, and the guard.
+BAD_BATCH_AT, BAD_BATCH_FACTOR = (0.3, 0.45, 0.85), 50.0
+LEVEL_AT, LEVEL_FACTOR = 0.6, 10.0
+GUARD_FACTOR, GUARD_WINDOW, GUARD_WARMUP, GUARD_CONSECUTIVE = 3.0, 25, 10, 5
+SPIKE, SKIPPED, REGIME = (COUNTER_NAMES.index(name)
+                          for name in ("spike_steps", "skipped_steps", "regime_changes"))
 
 
 def load_corpus() -> str:
@@ -81,11 +86,12 @@ class Batches:
 
 def train(model: nn.Module, batches: Batches, steps: int, lr: float, max_norm: float,
           device: torch.device, backend: str, progress, amp: bool, spike_guard=None,
-          bad_steps: tuple[int, ...] = ()) -> dict:
+          bad_steps: tuple[int, ...] = (), level_from: int | None = None) -> dict:
     """SGD through a ClippedOptimizer (with float16 autocast and gradclip.GradScaler when
     ``amp``); returns per-step losses, norms and the counters. ``bad_steps`` (0-based)
-    get their loss multiplied by ``BAD_BATCH_FACTOR``; with a ``spike_guard`` the steps
-    it flagged and skipped are returned too (1-based)."""
+    get their loss multiplied by ``BAD_BATCH_FACTOR``, and every step from ``level_from``
+    on by ``LEVEL_FACTOR``; with a ``spike_guard`` the steps it flagged, skipped and
+    accepted a new level at are returned too (1-based)."""
     optimizer = gradclip.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=lr),
                                           max_norm=max_norm, backend=backend,
                                           spike_guard=spike_guard)
@@ -100,6 +106,8 @@ def train(model: nn.Module, batches: Batches, steps: int, lr: float, max_norm: f
             loss = nn.functional.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
         if step in bad_steps:
             loss = loss * BAD_BATCH_FACTOR
+        if level_from is not None and step >= level_from:
+            loss = loss * LEVEL_FACTOR
         optimizer.zero_grad()
         if scaler is None:
             loss.backward()
@@ -125,7 +133,9 @@ def train(model: nn.Module, batches: Batches, steps: int, lr: float, max_norm: f
         moved = torch.diff(torch.stack(counters).cpu(), dim=0, prepend=torch.zeros(1, len(COUNTER_NAMES), dtype=torch.int64))
         run["flagged"] = [i + 1 for i in moved[:, SPIKE].nonzero().flatten().tolist()]
         run["skipped"] = [i + 1 for i in moved[:, SKIPPED].nonzero().flatten().tolist()]
+        run["new_level"] = [i + 1 for i in moved[:, REGIME].nonzero().flatten().tolist()]
         run["bad"] = [i + 1 for i in bad_steps]
+        run["level_from"] = None if level_from is None else level_from + 1
     return run
 
 
@@ -210,7 +220,8 @@ def plot(runs: dict[str, dict], max_norm: float, path: Path, title: str) -> bool
 
 
 def plot_spike_guard(run: dict, path: Path, title: str) -> bool:
-    """The guarded run's pre-clip norm per step, the bad batches and the skipped steps marked."""
+    """The guarded run's pre-clip norm per step, with the bad batches, the skipped steps,
+    the start of the new level and where the guard accepted it marked."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -220,10 +231,15 @@ def plot_spike_guard(run: dict, path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(9, 3.8))
     steps = range(1, len(run["norm"]) + 1)
     ax.plot(steps, run["norm"], lw=0.9, color="tab:blue", label="pre-clip gradient norm")
+    if run.get("level_from"):
+        ax.axvspan(run["level_from"], len(run["norm"]), color="tab:orange", alpha=0.12,
+                   label=f"loss x{LEVEL_FACTOR:g} from step {run['level_from']} (a new level)")
     marks = (("bad", "x", "tab:red", "bad batch injected"),
-             ("skipped", "o", "black", "skipped by SpikeGuard"))
+             ("skipped", "o", "black", "skipped by SpikeGuard"),
+             ("new_level", "^", "tab:green",
+              f"new level accepted after {GUARD_CONSECUTIVE} spikes in a row"))
     for key, marker, colour, label in marks:
-        where = run[key]
+        where = run.get(key) or []
         if where:
             ax.scatter(where, [run["norm"][s - 1] for s in where], marker=marker, s=40,
                        **({"facecolors": "none", "edgecolors": colour} if marker == "o"
@@ -242,15 +258,18 @@ def plot_spike_guard(run: dict, path: Path, title: str) -> bool:
 
 def spike_guarded_run(args, ids, initial, vocab: int, device: torch.device) -> dict:
     """The clipped run again, for half as many steps (the norms have settled by then; the
-    demo stays short), fed a few bad batches, with a SpikeGuard that skips them."""
+    demo stays short), fed a few bad batches and, from ``LEVEL_AT`` on, a lasting new
+    level of the loss, with a SpikeGuard that skips the bad batches and takes the level."""
     steps = (args.steps + 1) // 2
-    bad = tuple(sorted({int(f * steps) for f in BAD_BATCH_AT} - set(range(GUARD_WINDOW))))
+    bad = tuple(sorted({int(f * steps) for f in BAD_BATCH_AT} - set(range(GUARD_WARMUP))))
     model = CharLSTM(vocab).to(device)
     model.load_state_dict(initial)
-    guard = gradclip.SpikeGuard(factor=GUARD_FACTOR, window=GUARD_WINDOW, action="skip")
+    guard = gradclip.SpikeGuard(factor=GUARD_FACTOR, window=GUARD_WINDOW, warmup=GUARD_WARMUP,
+                                action="skip", max_consecutive=GUARD_CONSECUTIVE)
     return train(model, Batches(ids, args.seed + 1, device), steps, args.lr, args.max_norm,
                  device, args.backend, _progress("  with SpikeGuard", steps),
-                 amp=device.type == "cuda", spike_guard=guard, bad_steps=bad)
+                 amp=device.type == "cuda", spike_guard=guard, bad_steps=bad,
+                 level_from=int(LEVEL_AT * steps))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -317,9 +336,11 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
         print(f"{name:<22} writes: {prompt}{text_out!r}"[:110])
     print()
     guarded = spike_guarded_run(args, ids, initial, len(chars), device)
-    guard_line = (f"SpikeGuard(factor={GUARD_FACTOR:g}, window={GUARD_WINDOW}, action='skip'): "
-                  f"bad batches (loss x{BAD_BATCH_FACTOR:g}) at steps {guarded['bad']}; "
-                  f"flagged {guarded['flagged']}, skipped {guarded['skipped']}; final loss "
+    guard_line = (f"SpikeGuard(factor={GUARD_FACTOR:g}, window={GUARD_WINDOW}, warmup={GUARD_WARMUP}, "
+                  f"max_consecutive={GUARD_CONSECUTIVE}): bad batches (loss x{BAD_BATCH_FACTOR:g}) "
+                  f"at steps {guarded['bad']}, loss x{LEVEL_FACTOR:g} from step "
+                  f"{guarded['level_from']}; flagged {guarded['flagged']}, skipped "
+                  f"{guarded['skipped']}, new level accepted at {guarded['new_level']}; final loss "
                   f"{summarise('guarded', guarded)['final loss']:.3f}")
     print(guard_line)
     out = Path(args.out)
@@ -333,7 +354,7 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
     wrote_plot = plot(runs, args.max_norm, out / "demo.png", title)
     if wrote_plot:
         plot_spike_guard(guarded, out / "spike_guard.png",
-                         f"max_norm {args.max_norm:g} + SpikeGuard, bad batches injected; {where}")
+                         f"max_norm {args.max_norm:g} + SpikeGuard: bad batches, then a new level; {where}")
     print()
     print(f"wrote {out / 'summary.txt'}, {out / 'summary.json'}"
           + (f", {out / 'demo.png'}, {out / 'spike_guard.png'}" if wrote_plot

@@ -361,7 +361,7 @@ def test_bad_health_settings_raise_naming_the_argument(kwargs, error, match):
 
 
 @pytest.mark.slow
-def test_demo_guarded_run_skips_exactly_its_bad_batches():
+def test_demo_guarded_run_skips_its_bad_batches_and_takes_the_new_level():
     import argparse
 
     from gradclip import demo
@@ -378,8 +378,10 @@ def test_demo_guarded_run_skips_exactly_its_bad_batches():
         run = demo.spike_guarded_run(args, ids, initial, len(chars), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
-    assert len(run["norm"]) == 60 and len(run["bad"]) == 3
-    assert run["flagged"] == run["skipped"] == run["bad"]
+    assert len(run["norm"]) == 60 and len(run["bad"]) == 3 and run["level_from"] == 37
+    level = list(range(37, 37 + demo.GUARD_CONSECUTIVE))  # skipped until the level is taken
+    assert run["flagged"] == run["skipped"] == sorted(run["bad"] + level)
+    assert run["new_level"] == [37 + demo.GUARD_CONSECUTIVE]
 
 
 # ---------------------------------------------------------------------------------------
