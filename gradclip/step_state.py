@@ -106,7 +106,9 @@ class StepState:
         self.vanishing = float(vanishing)
         self._bounds = torch.empty(3, dtype=norm_dtype, device=device)
         self._deltas = torch.tensor(_DELTAS, dtype=torch.int64, device=device)
-        # What a clip factor < 1 moves (from "neither" to "clipped"), and the guard's rows.
+        # A step without gradients ("neither"), what a clip factor < 1 moves (from
+        # "neither" to "clipped"), and the guard's rows.
+        self._unmeasured = self._deltas[1]
         self._clipped_row = self._deltas[2] - self._deltas[1]
         self._guard_rows = torch.tensor([_one_hot(SPIKE), _one_hot(SKIPPED), _one_hot(REGIME)],
                                         dtype=torch.int64, device=device)
@@ -173,7 +175,7 @@ class StepState:
         ``verdict``: the spike guard's, counted."""
         if norm is None:
             self._last.copy_(self._nothing)
-            self._count(self._deltas[1], None)
+            self._count(self._unmeasured, None, measured=False)
             return
         self.last_norm.copy_(norm)
         if coef is not None:
@@ -198,14 +200,14 @@ class StepState:
             skip = verdict.skip if verdict.skip is not None else torch.zeros_like(verdict.spike)
             flags = torch.stack([verdict.spike, skip, verdict.regime_change]).to(torch.int64)
             delta = delta + flags @ self._guard_rows
-        self._count(delta, verdict)
+        self._count(delta, verdict, measured=True)
 
-    def _count(self, delta: Tensor, verdict: Verdict | None) -> None:
+    def _count(self, delta: Tensor, verdict: Verdict | None, measured: bool) -> None:
         if self._in_closure:
             torch.maximum(self._pending, delta, out=self._pending)
             return
         self.counters.add_(delta)
-        self._remember(self.last_norm, verdict, measured=delta is not self._deltas[1])
+        self._remember(self.last_norm, verdict, measured)
 
     def _remember(self, norm: Tensor, verdict: Verdict | None, measured: bool = True) -> None:
         """The norm into the history; into metrics' own window too if accepted (finite, no
