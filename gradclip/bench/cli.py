@@ -8,11 +8,14 @@ import datetime
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+import gradclip
 
 from . import check, cpu_section, report
 from .paths import BACKEND_NAMES, MODES, Buffers, Unsupported, cases, release, select_backends
@@ -58,7 +61,16 @@ modes (--modes, default all):
   amp-adamw     the same with AdamW(fused=True)
   adamw         torch's fused AdamW step alone, eager: what amp-adamw adds to
   adamw-scaled  that step with grad_scale/found_inf set, as AMP hands them to it
+  per-tensor    each gradient clipped to its own norm (clip_grad_norm_per_tensor_, max_norm
+                1, gradients of global norm 0.5): nothing to clip (torch, which has no such
+                function: _foreach_norm, the factors, _foreach_mul_)
+  all-tensors   the same with max_norm 0: every tensor is written
+  agc           adaptive gradient clipping (adaptive_clip_grad_, clip_factor 0.01), gradients
+                1e-3 of the weights: nothing to clip (baseline: timm's adaptive_clip_grad,
+                shown as "timm"; skipped without timm)
+  agc-all       the same with gradients as large as the weights: every unit is clipped
   AMP modes and the AdamW baselines run on fp32 gradients only (AMP keeps fp32 gradients).
+  x torch in the reports is torch's time / this path's time: above 1, this path is faster.
 
 backends (--backends, default all): torch (torch.nn.utils itself), gradclip's cuda, triton
   and reference (its pure-torch backend; default on the CPU only), apex and te
@@ -294,10 +306,31 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def _source_commit() -> str:
+    """The commit of the gradclip that ran ("+changes" when its tracked files differ from
+    it), or "unknown" outside a git checkout: every figure says what code made it."""
+    root = str(Path(gradclip.__file__).resolve().parent.parent)
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("+changes" if changed else "")
+
+
 def _environment(device: torch.device) -> dict:
     env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python -m gradclip " + " ".join(sys.argv[1:]),
+        "gradclip": f"{gradclip.__version__} ({_source_commit()})",
         "device": device.type,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -96,7 +96,8 @@ def _norms_differ(row: dict) -> bool:
 
 def _header(result: dict) -> list[str]:
     env, section = result["environment"], result["cpu_section"]
-    return [f"CPU section, {env['date']}: torch {env['torch']}, {env.get('host_cpu', '?')}, "
+    return [f"CPU section, {env['date']}: torch {env['torch']}, gradclip "
+            f"{env.get('gradclip', '?')}, {env.get('host_cpu', '?')}, "
             f"{section['threads']} thread, fp32 gradients",
             "torch = torch.nn.utils.clip_grad_norm_(params, max_norm); gradclip = "
             f"gradclip.clip_grad_norm_(params, max_norm), backend auto -> {section['backend']!r}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def terminal_table(result: dict) -> str:
     out = [("CPU RUN: the numbers below time this CPU, not a GPU; they are not meaningful "
             "for GPU performance.") if cpu
            else f"{env['gpu']}, torch {env['torch']}, {env['date']}",
+           f"gradclip {env.get('gradclip', '?')}",
            f"ceilings on {c['buffer_bytes'] / 2**30:.2f} GiB: read {c['read_gbs']:.0f} GB/s, "
            f"read/write {c['read_write_gbs']:.0f} GB/s, copy {c['copy_gbs']:.0f} GB/s"]
     if cpu:
@@ -147,6 +149,9 @@ def terminal_table(result: dict) -> str:
                 f"{entry['params'] / 1e6:.1f}M params, {entry['bytes'] / 1e6:.0f} MB" + _floors(entry), head]
         for (mode, backend), by_method in rows.items():
             out.append(_terminal_line(mode, backend, by_method, methods))
+    out += ["", SPEEDUP_NOTE]
+    if any(mode in AGC_MODES for _, rows in _grouped(result) for mode, _ in rows):
+        out.append(AGC_NOTE)
     skipped = [b for b in result["backends"] if b["skipped"]]
     if skipped:
         out += ["", "skipped: " + "; ".join(f"{b['name']} ({b['skipped']})" for b in skipped)]
@@ -155,13 +160,25 @@ def terminal_table(result: dict) -> str:
     return "\n".join(out)
 
 
+SPEEDUP_NOTE = ("x torch = torch's time / this path's time, for the same mode and timing: "
+                "above 1 this path is faster than torch, below 1 slower.")
+AGC_MODES = ("agc", "agc-all")
+AGC_NOTE = ("agc, agc-all: torch has no adaptive clipping; the rows named timm time timm's "
+            "adaptive_clip_grad, the baseline of those modes.")
+
+
+def shown_backend(backend: str, mode: str) -> str:
+    """The name a row goes by: torch's row of the AGC modes times timm's function."""
+    return "timm" if backend == "torch" and mode in AGC_MODES else backend
+
+
 def _terminal_line(mode: str, backend: str, by_method: dict, methods: list[str]) -> str:
     shown = [m for m in methods if m in by_method]
     main_method, tag = shown[0], ""
     if main_method != methods[0]:  # an eager-only mode: its first timed method comes first
         tag = f" ({main_method})"
     main = by_method[main_method]
-    line = f"{mode:<13}{backend:<10}"
+    line = f"{mode:<13}{shown_backend(backend, mode):<10}"
     if "median_us" in main:
         line += (f"{main['median_us']:>10.1f}{_fmt(main.get('gbs'), '.0f'):>7}"
                  f"{_fmt(main.get('pct_floor'), '.1f'):>7}{_fmt(main.get('speedup'), '.2f'):>8}")
@@ -194,7 +211,7 @@ def markdown(result: dict) -> str:
              else f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}"
              + (f", triton {env['triton']}" if "triton" in env else ""))
     out = [f"# gradclip bench: {where}", "",
-           f"Run {env['date']}: `{env['command']}`.", "",
+           f"Run {env['date']}: `{env['command']}`, gradclip {env.get('gradclip', '?')}.", "",
            f"Ceilings on a flat {c['buffer_bytes'] / 2**30:.2f} GiB fp32 buffer: `vector_norm` read "
            f"{c['read_gbs']:.0f} GB/s, `mul_` read+write {c['read_write_gbs']:.0f} GB/s, "
            f"`copy_` {c['copy_gbs']:.0f} GB/s.", "",
@@ -204,6 +221,8 @@ def markdown(result: dict) -> str:
             if env["device"] == "cuda" else "CPU perf_counter.") +
            " GB/s counts the bytes each path moves; % floor = floor / time; x torch = torch's time / this time.",
            ""]
+    if any(r["mode"] in AGC_MODES for r in result["rows"]):
+        out += [AGC_NOTE, ""]
     if env["device"] == "cpu":
         out += [CPU_FLOOR_NOTE + ".", ""]
     cols = [m for m in ("graph", "eager", "host", "cpu") if m in methods]
@@ -220,7 +239,8 @@ def markdown(result: dict) -> str:
                 else:
                     cells += [f"{r['median_us']:.1f}", _fmt(r.get("gbs"), ".0f", ""),
                               _fmt(r.get("pct_floor"), ".1f", ""), _fmt(r.get("speedup"), ".2f", "")]
-            out.append(f"| {entry['title']} | {entry['dtype']} | {mode} | {backend} | " + " | ".join(cells) + " |")
+            out.append(f"| {entry['title']} | {entry['dtype']} | {mode} | "
+                       f"{shown_backend(backend, mode)} | " + " | ".join(cells) + " |")
     out += ["", "## torch baseline (docs/performance.md's columns, and no-clip graph and AMP eager)", ""]
     out.append("| workload (shapes) | tensors | params | floor 1 read | floor 3 passes | "
                + " | ".join(h for h, _, _ in _BASELINE) + " |")
@@ -286,7 +306,10 @@ def plots(result: dict, out: Path) -> list[Path]:
                     r = by_method.get(only) if only else next(
                         (by_method[m] for m in methods if m in by_method and "median_us" in by_method[m]), None)
                     heights.append(r.get(value, 0) if r else 0)
-                ax.bar([j + i * width for j in range(len(modes))], heights, width, label=backend)
+                label = backend
+                if backend == "torch" and any(m in AGC_MODES for m in modes):
+                    label = "torch (timm for agc)"
+                ax.bar([j + i * width for j in range(len(modes))], heights, width, label=label)
             ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(modes))])
             ax.set_xticklabels(modes, rotation=30, ha="right", fontsize=8)
             ax.set_title(f"{entry['title']} {entry['dtype']}", fontsize=9)
@@ -299,8 +322,10 @@ def plots(result: dict, out: Path) -> list[Path]:
         axes.flat[0].set_ylabel(ylabel, fontsize=8)
         axes.flat[0].legend(fontsize=7)
         env = result["environment"]
-        fig.suptitle(("CPU run (not meaningful for GPUs)" if env["device"] == "cpu" else env["gpu"])
-                     + f", torch {env['torch']}, {env['date'][:10]}", fontsize=10)
+        title = (("CPU run (not meaningful for GPUs)" if env["device"] == "cpu" else env["gpu"])
+                 + f", torch {env['torch']}, gradclip {env.get('gradclip', '?')}, {env['date'][:10]}")
+        # Wrapped to the figure's width: a one-panel figure is narrower than the title.
+        fig.suptitle(textwrap.fill(title, width=int(4.2 * cols * 12)), fontsize=10)
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=110)
