@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
-import os
+import multiprocessing
 import re
+import signal
+import os
 import tempfile
+import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,15 +42,37 @@ BACKENDS = ["reference", "triton"]
 # -- the harness ------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, store: str, scenario: str, backends: list[str]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
+_RECORDS: list[dict] = []  # what a scenario reports (norms per layout), on each rank
+_FOLDER: Path | None = None  # the run's folder, on each rank
+
+
+def record(**fields) -> None:
+    """Keep ``fields`` (JSON values) for the test that runs this scenario: ``run_ranks``
+    returns every rank's records."""
+    _RECORDS.append({"rank": dist.get_rank(), **fields})
+
+
+def _worker(rank: int, world: int, folder: str, scenario, backends: list[str]) -> None:
+    """One rank: run ``scenario`` for each backend, then leave a marker saying the work is
+    done. Any exception is written down for the parent before the process exits."""
+    global _FOLDER
+    folder = _FOLDER = Path(folder)
     try:
+        dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=90))
         for backend in backends:
-            SCENARIOS[scenario](rank, world, backend)
+            scenario(rank, world, backend)
             dist.barrier()
+        (folder / f"records-{rank}.json").write_text(json.dumps(_RECORDS))
+        dist.barrier()  # every rank's checks passed
+        (folder / f"done-{rank}").touch()
+    except BaseException:
+        # Before the group goes: the peers then fail too, and this error must come first.
+        (folder / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def runnable_backends() -> list[str]:
@@ -53,22 +80,79 @@ def runnable_backends() -> list[str]:
     return [b for b in BACKENDS if gradclip.available_backends()[b].available]
 
 
-def run_ranks(scenario: str, backends: list[str] | None = None, world: int = 2) -> None:
-    """Run ``scenario`` for each backend (one spawn for all: starting ranks costs seconds)
-    on ``world`` gloo ranks; fail on an error or past the deadline."""
+def _scenario(scenario):
+    return SCENARIOS[scenario] if isinstance(scenario, str) else scenario
+
+
+def run_ranks(scenario, backends: list[str] | None = None, world: int = 2,
+              deadline_s: float = DEADLINE_S) -> list[dict]:
+    """Run ``scenario`` (a name in SCENARIOS, or a module-level function of a test module)
+    for each backend (one spawn for all: starting ranks costs seconds) on ``world`` gloo
+    ranks, and return the ranks' records.
+
+    Fails on an error in any rank, on a rank that dies before its work is done, and past
+    the deadline (a rank stuck in a collective). A rank that aborts after every rank
+    finished its work (FSDP2 on gloo sometimes does, with SIGABRT, as it exits:
+    TOOLCHAIN.md) is not a failure.
+    """
     backends = runnable_backends() if backends is None else backends
+    scenario = _scenario(scenario)
+    name = f"{scenario.__name__} on {world} ranks"
     with tempfile.TemporaryDirectory() as folder:
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(world, os.path.join(folder, "store"), scenario, backends),
-            nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + DEADLINE_S
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"{scenario} on {world} ranks did not finish in {DEADLINE_S} s "
-                            "(a rank is stuck in a collective)")
+        spawn = multiprocessing.get_context("spawn")
+        processes = [spawn.Process(target=_worker, args=(rank, world, folder, scenario, backends)) for rank in range(world)]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + deadline_s
+        try:
+            while any(process.is_alive() for process in processes):
+                failed = [rank for rank, process in enumerate(processes)
+                          if _failed(process, rank, folder)]
+                if failed:
+                    pytest.fail(_failure_report(name, failed, folder))
+                if time.monotonic() >= deadline:
+                    pytest.fail(f"{name} did not finish in {deadline_s} s (a rank is stuck in "
+                                "a collective)")
+                time.sleep(0.2)
+            failed = [rank for rank, process in enumerate(processes)
+                      if _failed(process, rank, folder)]
+            if failed:
+                pytest.fail(_failure_report(name, failed, folder))
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+        return [row for rank in range(world)
+                for row in json.loads(Path(folder, f"records-{rank}.json").read_text())]
+
+
+def _failed(process, rank: int, folder: str) -> bool:
+    """Whether ``process`` (rank ``rank``) ended without its work done: an error, or an
+    exit before its done marker. SIGABRT after the marker is the known exit abort."""
+    if process.exitcode is None:
+        return Path(folder, f"error-{rank}.txt").exists()
+    if process.exitcode == 0:
+        return not Path(folder, f"done-{rank}").exists()
+    if process.exitcode == -signal.SIGABRT and Path(folder, f"done-{rank}").exists():
+        return False
+    return True
+
+
+def _failure_report(name: str, failed: list[int], folder: str) -> str:
+    """The failed ranks' tracebacks, the first written first (the others usually follow
+    from it: a peer's connection closed)."""
+    def written(rank: int) -> float:
+        error = Path(folder, f"error-{rank}.txt")
+        return error.stat().st_mtime if error.exists() else math.inf
+
+    parts = []
+    for rank in sorted(failed, key=written):
+        error = Path(folder, f"error-{rank}.txt")
+        parts.append(f"rank {rank} failed during its work:\n" + (
+            error.read_text() if error.exists()
+            else "(no traceback: the process died or aborted)\n"))
+    return f"{name}: " + "".join(parts)
 
 
 # -- helpers the ranks use ----------------------------------------------------------------
@@ -564,6 +648,49 @@ def documented_examples(rank: int, world: int, backend: str) -> None:
 
 SCENARIOS = {f.__name__: f for f in (dtensor_layouts, mesh_2d, two_meshes, process_groups,
                                      nonfinite, bad_inputs, fsdp2_training, documented_examples)}
+
+
+# -- the harness itself ------------------------------------------------------------------------
+
+
+def _one_rank_raises(rank: int, world: int, backend: str) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 raises on purpose")
+    dist.barrier()  # waits for rank 1, which never comes
+
+
+def _aborts_after_its_work(rank: int, world: int, backend: str) -> None:
+    """Rank 0 aborts (SIGABRT) once its done marker is written, as FSDP2 on gloo sometimes
+    does at exit."""
+    if rank == 0:
+        marker = _FOLDER / "done-0"
+
+        def abort_when_done():
+            while not marker.exists():
+                time.sleep(0.01)
+            os.abort()
+
+        threading.Thread(target=abort_when_done, daemon=True).start()
+
+
+def _aborts_during_its_work(rank: int, world: int, backend: str) -> None:
+    if rank == 0:
+        os.abort()
+    dist.barrier()
+
+
+def test_harness_fails_at_once_on_a_rank_that_raises():
+    # Rank 0 then fails too (its peer is gone): rank 1's error comes first.
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"(?s)on 2 ranks: rank 1 failed during its work:\n.*"
+                             r"RuntimeError: rank 1 raises on purpose"):
+        run_ranks(_one_rank_raises, ["reference"])
+
+
+def test_harness_tells_an_abort_at_exit_from_an_abort_during_the_work():
+    run_ranks(_aborts_after_its_work, ["reference"])  # passes: the work was done
+    with pytest.raises(pytest.fail.Exception, match="rank 0 failed during its work"):
+        run_ranks(_aborts_during_its_work, ["reference"])
 
 
 # -- the tests (each scenario over the reference backend and the Triton kernels) -------------
