@@ -53,6 +53,12 @@ through several meshes, and whatever the groups' names):
 
 NaN is carried as a flag because a MAX all-reduce need not propagate it.
 
+With ``GRADCLIP_CHECK_RANKS=1`` in the environment, each plan is checked in one extra
+all-reduce over the default process group: every rank of a mesh must have passed the same
+DTensors (count, global shapes, placements), and every member of a group must lay out its
+all-reduce alike. If not, every rank raises (also when a rank failed to plan). Off by
+default: it costs a collective and a host read per call.
+
 The plan is host bookkeeping over Python objects (meshes, groups, caches keyed by
 identity): under ``torch.compile`` it runs eagerly (a graph break), and the reduction
 after it is traced.
@@ -60,8 +66,10 @@ after it is traced.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -74,6 +82,7 @@ from .backends import dispatch
 from .eager import run_eagerly
 from .backends.base import NORM, clip_coefficient
 
+CHECK_RANKS_ENV = "GRADCLIP_CHECK_RANKS"
 _DTENSOR_MODULE = "torch.distributed.tensor"
 _spec_of = operator.attrgetter("_spec")
 _grad_of = operator.attrgetter("grad")
@@ -455,7 +464,15 @@ def plan(tensors: Sequence[Tensor], process_group=None, *,
     (a graph break).
     """
     tensors = tensors if isinstance(tensors, list) else list(tensors)
-    return _plan(tensors, process_group, silent_owners)
+    if not checks_ranks():
+        return _plan(tensors, process_group, silent_owners)
+    try:
+        planned = _plan(tensors, process_group, silent_owners)
+    except (ValueError, TypeError, RuntimeError):
+        _check_ranks(None, tensors, silent_owners, failed=True)
+        raise
+    _check_ranks(planned, tensors, silent_owners, failed=False)
+    return planned
 
 
 def _plan(tensors: list[Tensor], process_group, silent_owners: Sequence[Tensor]) -> Plan:
@@ -668,5 +685,97 @@ def local_tensors(tensors: Iterable[Tensor]) -> list[Tensor]:
     return [_local_of(t) if isinstance(t, dtensor) else t for t in tensors]
 
 
-__all__ = ["Plan", "as_returned_norm", "has_dtensor", "involved", "local_tensors", "local_value",
-           "norm_stats", "plan", "reduced_total"]
+# -- GRADCLIP_CHECK_RANKS=1: do the ranks agree? ---------------------------------------
+
+_CHECK_PRIME = (1 << 31) - 1  # lanes are summed over ranks modulo this, in int64
+_CHECK_LANES = 4
+
+
+def checks_ranks() -> bool:
+    """Whether ``GRADCLIP_CHECK_RANKS`` asks for the rank-consistency check."""
+    return os.environ.get(CHECK_RANKS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _lanes(*parts) -> list[int]:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4 * _CHECK_LANES).digest()
+    return [int.from_bytes(digest[i:i + 4], "little") % _CHECK_PRIME
+            for i in range(0, 4 * _CHECK_LANES, 4)]
+
+
+def _dtensors_by_mesh(tensors: Sequence[Tensor], silent_owners: Sequence[Tensor]) -> dict:
+    """This rank's DTensors (gradients, and parameters without one: their layouts are the
+    gradients'), as (global shape, placements), per mesh (its shape and ranks)."""
+    dtensor = _dtensor_class()
+    found: dict[tuple, list] = {}
+    if dtensor is None:
+        return found
+    for t in list(tensors) + list(silent_owners):
+        if isinstance(t, dtensor):
+            mesh = t._spec.mesh
+            key = (tuple(mesh.shape), tuple(mesh.mesh.reshape(-1).tolist()))
+            found.setdefault(key, []).append((tuple(t.shape), repr(tuple(t._spec.placements))))
+    return found
+
+
+def _check_ranks(p: Plan | None, tensors: Sequence[Tensor], silent_owners: Sequence[Tensor],
+                 failed: bool) -> None:
+    """One all-reduce over the default group: every rank of a mesh passed the same
+    DTensors, and every member of a group lays out its all-reduce alike; else raise on
+    every rank. A rank that ``failed`` to plan joins it too, so that the others raise
+    instead of waiting for it.
+
+    Each rank adds, for every mesh and group it takes part in, a hash of what it passed
+    there; the first rank of each subtracts its hash times the number of members. The
+    sum over all ranks is zero (modulo a prime, in every lane) when every member agrees.
+    """
+    dist = torch.distributed
+    me = dist.get_rank()
+    blocks: dict[tuple, tuple] = {}
+    by_mesh = _dtensors_by_mesh(tensors, silent_owners)
+    for (shape, ranks), items in by_mesh.items():
+        blocks[("mesh", shape, ranks)] = (ranks, tuple(sorted(items)))
+    for step in () if p is None else p.schedule:
+        group = step.group
+        members = tuple(sorted(group.members))
+        blocks[("group", group.order, members)] = (members, step.layout)
+    lanes = [0] * _CHECK_LANES
+    for key, (members, digest) in blocks.items():
+        weight = 1 - (len(members) if me == min(members) else 0)
+        lanes = [(lane + weight * value) % _CHECK_PRIME
+                 for lane, value in zip(lanes, _lanes(key, digest))]
+    world = dist.group.WORLD
+    totals = torch.tensor(lanes + [int(failed)], dtype=torch.int64,
+                          device=_device_of_group(world))
+    dist.all_reduce(totals, group=world)
+    totals = totals.tolist()
+    if failed:
+        return  # the caller raises its own error
+    if totals[-1]:
+        raise RuntimeError(f"{CHECK_RANKS_ENV}=1: {totals[-1]} other rank(s) raised an error "
+                           "while planning this clip (see their messages); this rank raises "
+                           "too, so that none is left waiting in a collective")
+    if any(total % _CHECK_PRIME for total in totals[:-1]):
+        raise ValueError(f"{CHECK_RANKS_ENV}=1: the ranks did not pass the same sharded "
+                         "tensors. On some mesh, a rank passed DTensors (count, global shapes "
+                         "or placements) that another rank of that mesh did not, or the members "
+                         "of a process group would reduce different rows: the norm would differ "
+                         "between ranks (or a rank would wait in a collective). Pass every "
+                         "rank the gradients of the same parameters. This rank "
+                         f"({me}) passed: {_summary(by_mesh, p)}")
+
+
+def _summary(by_mesh: dict, p: Plan | None) -> str:
+    parts = []
+    for (shape, ranks), items in by_mesh.items():
+        listed = ", ".join(f"{s} {placements}" for s, placements in sorted(items)[:6])
+        more = f", and {len(items) - 6} more" if len(items) > 6 else ""
+        parts.append(f"{len(items)} DTensor(s) on the mesh of shape {shape} over ranks "
+                     f"{list(ranks)}: {listed}{more}")
+    groups = [] if p is None else [step.group.describe() for step in p.schedule]
+    if groups:
+        parts.append("reducing over " + ", ".join(groups))
+    return "; ".join(parts) or "no DTensor and no group"
+
+
+__all__ = ["CHECK_RANKS_ENV", "Plan", "as_returned_norm", "checks_ranks", "has_dtensor",
+           "involved", "local_tensors", "local_value", "norm_stats", "plan", "reduced_total"]

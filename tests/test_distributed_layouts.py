@@ -1,5 +1,5 @@
 """2-D layouts on 4 gloo ranks: FSDP2 over tensor parallelism, groups reached through
-several meshes, expert parallelism.
+several meshes, expert parallelism, the rank-consistency check.
 
 Each test spawns 4 processes once (the harness of ``test_distributed.py``, with its
 deadline) and checks many cases in them. The oracle is the float64 norm of the full
@@ -12,13 +12,15 @@ returned; the tests print the table (``pytest -s``).
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import torch
 import torch.distributed as dist
 
 import gradclip
-from test_distributed import Watch, assert_close, full_tensors, oracle_norm, record, run_ranks
+from test_distributed import (Watch, assert_close, expect_error, full_tensors, oracle_norm,
+                              record, run_ranks)
 
 NORM_TYPES = (1.0, 2.0, 3.0, math.inf)
 DEADLINE_S = 480  # 4 ranks on a small CI machine; a hang still fails
@@ -307,6 +309,71 @@ def meshes_scenario(rank: int, world: int, backend: str) -> None:
 def test_groups_through_several_meshes_any_order_strided_and_expert_layouts():
     rows = run_ranks(meshes_scenario, world=4, deadline_s=DEADLINE_S)
     print_table(rows)
+
+
+# -- GRADCLIP_CHECK_RANKS=1 ----------------------------------------------------------------
+
+
+def rank_check_scenario(rank: int, world: int, backend: str) -> None:
+    """With the check on, ranks that passed different DTensors raise on every rank, a rank
+    that fails to plan makes every rank raise, and nothing hangs; layouts that differ by
+    design (pipeline stages) pass, at the cost of one more all-reduce."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    grads, full = mixed_dtensors(mesh)
+    os.environ[gradclip.distributed.CHECK_RANKS_ENV] = "1"
+    try:
+        with Watch(allow_host_reads=True) as watch:
+            norm = gradclip.get_total_norm(grads, backend=backend)
+        assert watch.all_reduces == 3, watch.all_reduces  # dp, tp, and the check
+        assert_close(norm_of(norm)[1], oracle_norm(full, 2.0), 2e-5, "checked, consistent")
+
+        extra = distribute_tensor(torch.ones(3), mesh, [Replicate(), Replicate()])
+        wrong_shape = distribute_tensor(torch.ones(6, 5), mesh, [Shard(0), Shard(1)])
+        only_tp = distribute_tensor(torch.ones(4, 2), mesh["tp"], [Shard(0)])
+        partial = DTensor.from_local(torch.ones(2), mesh, [Partial(), Replicate()],
+                                     run_check=False)
+        mismatches = {
+            "an extra Replicate DTensor on rank 0": grads + [extra] * (rank == 0),
+            "another shape on rank 2": [wrong_shape] + grads[1:] if rank == 2 else grads,
+            "an extra tp-sharded DTensor on rank 0": grads + [only_tp] * (rank == 0),
+            "fewer DTensors on rank 1": grads[:3] if rank == 1 else grads,
+        }
+        for what, tensors in mismatches.items():
+            expect_error(ValueError, "did not pass the same sharded tensors",
+                         lambda: gradclip.get_total_norm(tensors, backend=backend))
+            dist.barrier()
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = gradclip.ClippedOptimizer(torch.optim.SGD(params[: 5 if rank == 3 else 7], lr=0.0),
+                                        backend=backend)
+        expect_error(ValueError, "did not pass the same sharded tensors", opt.step)
+        dist.barrier()
+        if rank == 3:
+            expect_error(ValueError, "Partial", lambda: gradclip.get_total_norm(
+                grads + [partial], backend=backend))
+        else:
+            expect_error(RuntimeError, "other rank(s) raised", lambda: gradclip.get_total_norm(
+                grads, backend=backend))
+        dist.barrier()
+
+        # Pipeline stages hold different layers by design: no false alarm.
+        stage = mesh.get_local_rank("dp")
+        stage_full = [full_tensors(75 + s, [(4 + s, 3)]) for s in range(2)]
+        stage_grads = [distribute_tensor(t, mesh["tp"], [Shard(0)]) for t in stage_full[stage]]
+        norm = gradclip.get_total_norm(stage_grads, process_group=mesh.get_group("dp"),
+                                       backend=backend)
+        assert_close(norm_of(norm)[1], oracle_norm(stage_full[0] + stage_full[1], 2.0), 2e-5,
+                     "checked pipeline stages")
+    finally:
+        del os.environ[gradclip.distributed.CHECK_RANKS_ENV]
+
+
+def test_rank_check_raises_on_every_rank_and_never_hangs():
+    run_ranks(rank_check_scenario, ["reference"], world=4, deadline_s=DEADLINE_S)
 
 
 # -- the table of what each rank returned ----------------------------------------------------
