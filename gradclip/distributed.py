@@ -60,8 +60,9 @@ all-reduce alike. If not, every rank raises (also when a rank failed to plan). O
 default: it costs a collective and a host read per call.
 
 The plan is host bookkeeping over Python objects (meshes, groups, caches keyed by
-identity): under ``torch.compile`` it runs eagerly (a graph break), and the reduction
-after it is traced.
+identity): under ``torch.compile`` it runs eagerly (one graph break, which
+``fullgraph=True`` refuses with gradclip's own message), and the reduction after it is
+traced.
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def has_dtensor(tensors: Sequence[Tensor]) -> bool:
 def grads_and_silent(parameters: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The ``.grad`` of ``parameters`` that have one, and the parameters without one
     (C-level maps when every parameter has one, the common case)."""
+    if torch.compiler.is_compiling():
+        # Plain Python that Dynamo traces (it cannot call an attrgetter): the plan after
+        # it then raises gradclip's own error under fullgraph=True.
+        grads = [p.grad for p in parameters]
+        return ([g for g in grads if g is not None],
+                [p for p, g in zip(parameters, grads) if g is None])
     grads = list(map(_grad_of, parameters))
     if not any(map(operator.is_, grads, repeat(None))):
         return grads, []
@@ -453,7 +460,6 @@ def _with_tail(chain: tuple[_Group, ...], tail: _Group) -> tuple[_Group, ...]:
     return _canonical(chain + (tail,))
 
 
-@run_eagerly
 def plan(tensors: Sequence[Tensor], process_group=None, *,
          silent_owners: Sequence[Tensor] = ()) -> Plan:
     """Sort ``tensors`` into chains and schedule their reductions.
@@ -461,8 +467,15 @@ def plan(tensors: Sequence[Tensor], process_group=None, *,
     ``silent_owners``: parameters without a gradient on this rank; the reductions of
     their chains are still joined, so that ranks whose gradients are missing do not
     leave the others waiting. Host bookkeeping: under ``torch.compile`` it runs eagerly
-    (a graph break).
+    (a graph break; ``fullgraph=True`` raises gradclip's message).
     """
+    if torch.compiler.is_compiling():
+        _break_graph_before_planning()
+    return _plan_eagerly(tensors, process_group, silent_owners)
+
+
+@run_eagerly
+def _plan_eagerly(tensors: Sequence[Tensor], process_group, silent_owners) -> Plan:
     tensors = tensors if isinstance(tensors, list) else list(tensors)
     if not checks_ranks():
         return _plan(tensors, process_group, silent_owners)
@@ -775,6 +788,40 @@ def _summary(by_mesh: dict, p: Plan | None) -> str:
     if groups:
         parts.append("reducing over " + ", ".join(groups))
     return "; ".join(parts) or "no DTensor and no group"
+
+
+# -- torch.compile(fullgraph=True) ------------------------------------------------------
+
+_FULLGRAPH_REFUSAL = (
+    "gradclip: a sharded clip plans on the host",
+    "gradclip finds the process groups each sharded gradient is summed over by reading "
+    "Python objects (DeviceMesh, ProcessGroup, DTensor placements, process_group=) that "
+    "torch.compile cannot trace. That step runs eagerly: a sharded clip breaks the graph "
+    "once, before its reduction; the all-reduces, the clip coefficient and the scaling "
+    "after it are traced. fullgraph=True forbids that graph break.",
+    ["Compile without fullgraph=True: the clip then costs one graph break.",
+     "Or call the clip (or ClippedOptimizer.step()) outside the compiled function, e.g. "
+     "compile the model's forward and backward only.",
+     "Unsharded gradients (no DTensor, no process_group) compile with fullgraph=True."])
+
+
+def _break_graph_before_planning() -> None:
+    """Under Dynamo, graph-break with gradclip's reason before the eager plan: with
+    ``fullgraph=True`` that reason is the error the user sees."""
+    from torch._dynamo.comptime import comptime
+
+    comptime(_refuse_in_one_graph)
+
+
+def _refuse_in_one_graph(ctx) -> None:
+    from torch._dynamo import exc
+
+    gb_type, explanation, hints = _FULLGRAPH_REFUSAL
+    try:
+        exc.unimplemented(gb_type=gb_type, context="gradclip.distributed.plan",
+                          explanation=explanation, hints=hints)
+    except TypeError:  # a torch whose unimplemented() takes one message
+        raise exc.Unsupported("\n".join([gb_type, explanation] + hints)) from None
 
 
 __all__ = ["CHECK_RANKS_ENV", "Plan", "as_returned_norm", "checks_ranks", "has_dtensor",

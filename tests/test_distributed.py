@@ -395,6 +395,26 @@ def process_groups(rank: int, world: int, backend: str) -> None:
     assert_close(compiled(mine).item(), oracle_norm(full, 3.5), norm_rtol(3.5), "compiled")
     assert any("all_reduce" in graph for graph in graphs), graphs
 
+    # fullgraph=True cannot take that eager step: gradclip's error says why and what works
+    # (not Dynamo's "call to a callable object with no traceable __call__").
+    if backend == "reference":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        params = as_params([distribute_tensor(t, mesh, [Shard(0)]) for t in full[:3]])
+        for clip in (lambda ps: gradclip.clip_grad_norm_(ps, 1.0),
+                     lambda ps: gradclip.get_total_norm([p.grad for p in ps],
+                                                        process_group=group)):
+            one_graph = torch.compile(clip, fullgraph=True, backend="eager")
+            for match in ("gradclip: a sharded clip plans on the host",
+                          "Compile without fullgraph=True"):
+                expect_error(RuntimeError, match, lambda: one_graph(params))
+        opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), max_norm=1.0)
+        expect_error(RuntimeError, "gradclip: a sharded clip plans on the host",
+                     torch.compile(opt.step, fullgraph=True, backend="eager"))
+        dist.barrier()
+
     # A rank with nothing to measure still joins, and the others get the right answer.
     local = mine if rank == 0 else []
     norm = gradclip.get_total_norm(local, process_group=group, backend=backend)
