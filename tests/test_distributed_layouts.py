@@ -1,11 +1,12 @@
 """2-D layouts on 4 gloo ranks: FSDP2 over tensor parallelism, groups reached through
-several meshes, expert parallelism, the rank-consistency check.
+several meshes, expert parallelism, the rank-consistency check, and torchtitan's clip.
 
 Each test spawns 4 processes once (the harness of ``test_distributed.py``, with its
 deadline) and checks many cases in them. The oracle is the float64 norm of the full
 gradients: those of an unsharded replica of the model trained on the same batches where
 the layout comes from a model, the tensors a DTensor was distributed from otherwise, or
-torch's own ``full_tensor()`` (its all-gather) where noted. Each rank records what it
+torch's own ``full_tensor()`` (its all-gather) where noted. torchtitan's
+``clip_grad_norm_`` is compared on the layouts it supports. Each rank records what it
 returned; the tests print the table (``pytest -s``).
 """
 
@@ -15,6 +16,7 @@ import math
 import os
 import random
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -374,6 +376,147 @@ def rank_check_scenario(rank: int, world: int, backend: str) -> None:
 
 def test_rank_check_raises_on_every_rank_and_never_hangs():
     run_ranks(rank_check_scenario, ["reference"], world=4, deadline_s=DEADLINE_S)
+
+
+# -- torchtitan -------------------------------------------------------------------------------
+
+
+def torchtitan_scenario(rank: int, world: int, backend: str) -> None:
+    """gradclip's clip_grad_norm_ and torchtitan's on the layouts torchtitan trains with
+    (every parameter of a kind on one mesh, as its models do): the same norm on every
+    rank, the same clipped gradients, both the full gradients' (oracle)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torchtitan.distributed.utils import clip_grad_norm_ as titan_clip
+
+    def mlp(seed: int):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+
+    def compare(layout: str, params, oracle, titan_kwargs=None, ours_kwargs=None,
+                norm_types=NORM_TYPES):
+        saved = [p.grad.detach().clone() for p in params]
+        for norm_type in norm_types:
+            expected = oracle_norm(oracle, norm_type)
+            max_norm = 0.5 * expected
+            clipped = {}
+            for who, clip, kwargs in (("torchtitan", titan_clip, titan_kwargs or {}),
+                                      ("gradclip", gradclip.clip_grad_norm_, ours_kwargs or {})):
+                for p, g in zip(params, saved):
+                    p.grad = g.clone()
+                if who == "gradclip":
+                    kwargs = dict(kwargs, backend=backend)
+                returned = norm_of(clip(params, max_norm, norm_type, **kwargs))[1]
+                clipped[who] = returned
+                what = f"{layout} {who} p={norm_type}"
+                assert_close(returned, expected, rtol(norm_type), what)
+                check_clipped(params, oracle, coef_of(max_norm, expected), what)
+            record(layout=layout, call="clip_grad_norm_", backend=backend, norm_type=norm_type,
+                   gradclip=clipped["gradclip"], torchtitan=clipped["torchtitan"],
+                   oracle=expected)
+
+    data = batches(world, shape=(3, 5))
+
+    # FSDP2 on the 4 ranks.
+    flat = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    model, replica = mlp(1), mlp(1)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=flat)
+    fully_shard(model, mesh=flat)
+    model(data[rank]).square().sum().backward()
+    oracle = replica_grads(model, replica, sum(replica(b).square().sum() for b in data) / world)
+    compare("FSDP2 (4)", list(model.parameters()), oracle)
+
+    # FSDP2 over TP on a 2x2 mesh (no empty shard: torchtitan's inf norm refuses one).
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model, replica, x, replica_loss = fsdp_over_tp(mesh, out=2)
+    model(x).square().sum().backward()
+    compare("FSDP2 + TP (2x2)", list(model.parameters()), replica_grads(model, replica,
+                                                                         replica_loss))
+
+    # HSDP: replicated over one dimension, sharded over the other.
+    hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    model, replica = mlp(2), mlp(2)
+    fully_shard(model, mesh=hsdp)
+    model(data[rank]).square().sum().backward()
+    oracle = replica_grads(model, replica, sum(replica(b).square().sum() for b in data) / world)
+    compare("HSDP (2x2)", list(model.parameters()), oracle)
+
+    # Pipeline stages: each holds its own layers, FSDP2 over the stage's dp ranks.
+    pp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    stage, dp = pp.get_local_rank("pp"), pp.get_local_rank("dp")
+    model = mlp(10 + stage)
+    fully_shard(model, mesh=pp["dp"])
+    stage_data = [batches(2, shape=(3, 5), seed=20 + 2 * s) for s in range(2)]
+    model(stage_data[stage][dp]).square().sum().backward()
+    oracle_by_stage = []
+    for s in range(2):
+        replica = mlp(10 + s)
+        (sum(replica(b).square().sum() for b in stage_data[s]) / 2).backward()
+        oracle_by_stage.append([p.grad.double() for p in replica.parameters()])
+    for p, g in zip(model.parameters(), oracle_by_stage[stage]):
+        torch.testing.assert_close(p.grad.full_tensor().double(), g, rtol=1e-5, atol=1e-7)
+    compare_stages("pipeline (pp=2 x dp=2)", list(model.parameters()), oracle_by_stage, stage,
+                   backend, titan_clip, pp)
+
+    # Expert parallelism: dense weights on a 1-D mesh, experts (sharded over ep, then FSDP2
+    # over efsdp) on the other; the oracle is torch's all-gather of each gradient.
+    dense_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    sparse = init_device_mesh("cpu", (2, 2), mesh_dim_names=("efsdp", "ep"))
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(5, 8)
+    experts = Experts(distribute_tensor(torch.randn(4, 8, 3), sparse["ep"], [Shard(0)]))
+    fully_shard(dense, mesh=dense_mesh)
+    fully_shard(experts, mesh=sparse["efsdp"])
+    experts(dense(data[rank])).square().sum().backward()
+    params = list(dense.parameters()) + list(experts.parameters())
+    placements = str(experts.weight.grad.placements)
+    assert "_StridedShard" in placements, placements
+    compare("expert parallel (fsdp=4; efsdp=2 x ep=2)", params,
+            [p.grad.full_tensor().double() for p in params], titan_kwargs={"ep_enabled": True})
+
+
+class Experts(torch.nn.Module):
+    """Each rank applies the experts it holds (``weight`` sharded over ep)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x):
+        return torch.einsum("bd,edh->beh", x, self.weight.to_local())
+
+
+def compare_stages(layout, params, oracle_by_stage, stage, backend, titan_clip, pp) -> None:
+    """As ``compare``, for pipeline stages: torchtitan's ``pp_mesh``, gradclip's
+    ``process_group``; the oracle is every stage's gradients."""
+    everything = oracle_by_stage[0] + oracle_by_stage[1]
+    saved = [p.grad.detach().clone() for p in params]
+    for norm_type in NORM_TYPES:
+        expected = oracle_norm(everything, norm_type)
+        max_norm = 0.5 * expected
+        returned = {}
+        for who in ("torchtitan", "gradclip"):
+            for p, g in zip(params, saved):
+                p.grad = g.clone()
+            if who == "torchtitan":
+                norm = titan_clip(params, max_norm, norm_type, pp_mesh=pp["pp"])
+            else:
+                norm = gradclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend,
+                                                process_group=pp.get_group("pp"))
+            returned[who] = norm_of(norm)[1]
+            what = f"{layout} {who} p={norm_type}"
+            assert_close(returned[who], expected, rtol(norm_type), what)
+            check_clipped(params, oracle_by_stage[stage], coef_of(max_norm, expected), what)
+        record(layout=layout, call="clip_grad_norm_", backend=backend, norm_type=norm_type,
+               gradclip=returned["gradclip"], torchtitan=returned["torchtitan"], oracle=expected)
+
+
+def test_torchtitan_clip_agrees_on_its_layouts():
+    pytest.importorskip("torchtitan.distributed.utils")
+    rows = run_ranks(torchtitan_scenario, ["reference"], world=4, deadline_s=DEADLINE_S)
+    print_table(rows)
 
 
 # -- the table of what each rank returned ----------------------------------------------------
