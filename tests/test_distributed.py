@@ -197,17 +197,20 @@ def full_of(t: torch.Tensor) -> torch.Tensor:
 
 
 class Watch(TorchDispatchMode):
-    """Fails on a host read (``.item()``, ``bool()``) and counts all-reduces."""
+    """Fails on a host read (``.item()``, ``bool()``), or counts them; counts all-reduces."""
 
     def __init__(self, allow_host_reads: bool = False):
         super().__init__()
         self.all_reduces = 0
+        self.host_reads = 0
         self.allow_host_reads = allow_host_reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if "_local_scalar_dense" in name and not self.allow_host_reads:
-            raise AssertionError("host synchronisation (aten._local_scalar_dense)")
+        if "_local_scalar_dense" in name:
+            if not self.allow_host_reads:
+                raise AssertionError("host synchronisation (aten._local_scalar_dense)")
+            self.host_reads += 1
         if ("all_reduce" in name or "allreduce" in name) and "wait" not in name:
             self.all_reduces += 1
         return func(*args, **(kwargs or {}))
@@ -285,6 +288,27 @@ def dtensor_layouts(rank: int, world: int, backend: str) -> None:
     gradclip.clip_grad_value_(ours, 0.1, backend=backend)
     for a, t in zip(ours, full):
         assert a.grad.full_tensor().abs().max() <= torch.tensor(0.1)
+
+    # What docs/distributed.md says of host reads and overflow. The reference backend on
+    # CPU tensors decides on the host by design: is the norm finite, is the factor 1.
+    if backend == "reference":
+        params = as_params(grads)
+        with Watch(allow_host_reads=True) as watch:
+            gradclip.clip_grad_norm_(params, 0.1, backend=backend)
+        assert watch.host_reads == 2, watch.host_reads
+        with Watch(allow_host_reads=True) as watch:
+            gradclip.get_total_norm([p.grad for p in params], backend=backend)
+        assert watch.host_reads == 1, watch.host_reads
+    # Each rank's norm is float32 (the backend's accumulation): values of 3e19 overflow
+    # their squares' sum, as torch's do. The ranks' sums are combined in float64: local
+    # norms that are finite give a finite global norm (torch's float32 stack overflows).
+    huge = [distribute_tensor(torch.full((4, 3), 3e19), mesh, [Shard(0)])]
+    assert gradclip.get_total_norm(huge, backend=backend).full_tensor().item() == math.inf
+    assert torch.nn.utils.get_total_norm(huge).full_tensor().item() == math.inf
+    large = [distribute_tensor(torch.full((4, 3), 7e18), mesh, [Shard(0)])]
+    assert_close(gradclip.get_total_norm(large, backend=backend).full_tensor().item(),
+                 7e18 * math.sqrt(12), 1e-6, "7e18")
+    assert torch.nn.utils.get_total_norm(large).full_tensor().item() == math.inf
 
     # No host read, exactly one all-reduce (one mesh, one group) per clip.
     if backend == "reference":
