@@ -311,11 +311,6 @@ def meshes_scenario(rank: int, world: int, backend: str) -> None:
                backend=backend, norm_type=norm_type, gradclip=ours, oracle=expected)
 
 
-def test_groups_through_several_meshes_any_order_strided_and_expert_layouts():
-    rows = run_ranks(meshes_scenario, world=4, deadline_s=DEADLINE_S)
-    print_table(rows)
-
-
 # -- GRADCLIP_CHECK_RANKS=1 ----------------------------------------------------------------
 
 
@@ -323,10 +318,9 @@ def rank_check_scenario(rank: int, world: int, backend: str) -> None:
     """With the check on, ranks that passed different DTensors raise on every rank, a rank
     that fails to plan makes every rank raise, and nothing hangs; layouts that differ by
     design (pipeline stages) pass, at the cost of one more all-reduce."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    mesh = mesh_after_extra_groups()
     grads, full = mixed_dtensors(mesh)
     os.environ["GRADCLIP_CHECK_RANKS"] = "1"  # as users set it
     try:
@@ -377,8 +371,18 @@ def rank_check_scenario(rank: int, world: int, backend: str) -> None:
         del os.environ["GRADCLIP_CHECK_RANKS"]
 
 
-def test_rank_check_raises_on_every_rank_and_never_hangs():
-    run_ranks(rank_check_scenario, ["reference"], world=4, deadline_s=DEADLINE_S)
+
+def meshes_and_rank_check_scenario(rank: int, world: int, backend: str) -> None:
+    """Both in one spawn (starting 4 ranks costs more than either); the check runs the
+    same for every backend."""
+    meshes_scenario(rank, world, backend)
+    if backend == "reference":
+        rank_check_scenario(rank, world, backend)
+
+
+def test_groups_through_several_meshes_any_order_strided_and_expert_layouts_rank_check():
+    rows = run_ranks(meshes_and_rank_check_scenario, world=4, deadline_s=DEADLINE_S)
+    print_table(rows)
 
 
 # -- torchtitan -------------------------------------------------------------------------------
