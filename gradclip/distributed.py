@@ -142,7 +142,7 @@ def involved(tensors: Sequence[Tensor], process_group) -> bool:
 
 def _name_key(name: str) -> tuple:
     # Names are numbers in creation order, or hashes (split_group): any order of them
-    # that every member sees alike will do; numbers as numbers reads better in errors.
+    # that every member sees alike will do; numbers compare as numbers (creation order).
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
@@ -377,7 +377,6 @@ class Plan:
 def _schedule(chains: Iterable[tuple[_Group, ...]], tail_positions: dict) -> tuple[_Step, ...]:
     """The all-reduces that sum every chain's row over each of its groups exactly once,
     in key order (see the module docstring for why every member agrees on them)."""
-
     groups = {g for chain in chains for g in chain}
     shared_axes = {g.axis for g in groups if g.axis is not None and
                    sum(other.axis == g.axis for other in groups) > 1}
