@@ -100,7 +100,8 @@ def run_ranks(scenario, backends: list[str] | None = None, world: int = 2,
     name = f"{scenario.__name__} on {world} ranks"
     with tempfile.TemporaryDirectory() as folder:
         spawn = multiprocessing.get_context("spawn")
-        processes = [spawn.Process(target=_worker, args=(rank, world, folder, scenario, backends)) for rank in range(world)]
+        processes = [spawn.Process(target=_worker, args=(rank, world, folder, scenario, backends))
+                     for rank in range(world)]
         for process in processes:
             process.start()
         deadline = time.monotonic() + deadline_s
