@@ -6,32 +6,71 @@ single-process calls never reach this module (:func:`involved` is their only cos
 
 How a norm is reduced (the design, in ``docs/distributed.md``):
 
-1. Each gradient gets a *chain*: the process groups its p-th power sum must be summed
-   over. A DTensor contributes one group per mesh dimension that shards it (``Shard``);
-   ``Replicate`` dimensions hold copies and are not reduced, so they count once; a
-   ``Partial`` placement is refused (its local values are not a part of the gradient).
-   ``process_group=`` appends its group to every chain; a (tensors, group) pair appends
-   its group to the chains of its tensors.
+1. Each gradient gets a *chain*: the set of process groups its p-th power sum must be
+   summed over. A DTensor contributes the group of each mesh dimension whose placement
+   shards it (``Shard``, ``_StridedShard``, whatever else torch reports as a shard);
+   ``Replicate`` dimensions hold copies and are not reduced, so they count once;
+   ``Partial`` and placements gradclip does not know are refused. Mesh dimensions of
+   size 1 are skipped (nothing to sum). ``process_group=`` adds its group to every
+   chain; a (tensors, group) pair adds its group to the chains of its tensors. A group
+   that shares more than this rank with another group of the same chain would count
+   gradients twice: refused.
 2. The tensors of one chain are measured together by the backend, on their local shards,
    in one read: a *row* ``[sum |g|^p (max |g| for inf), NaN flag, inf/NaN flag]`` in
    float64.
-3. Each distinct group is reduced once: the rows of the chains that end at it are summed,
-   those that go on are stacked after them, and all are all-reduced together (SUM, MAX
-   for the inf norm): a functional collective when ``torch.compile`` traces it, the c10d
-   op eagerly; neither reads the host. Groups are reduced in one order on every rank
-   (mesh dimensions before ``process_group``s, then by mesh dimension and name), so
-   ranks never wait on each other crosswise. The plan that finds the chains is host
-   bookkeeping and runs eagerly under ``torch.compile``.
-4. The rows are combined on the device, the root taken, and the clip coefficient
+3. The groups are reduced one after the other, each in one all-reduce (SUM, MAX for the
+   inf norm): a functional collective when ``torch.compile`` traces it, the c10d op
+   eagerly; neither reads the host. The all-reduce of a group carries one row for the
+   rows that have no group left after it (their sum), then one row per distinct set of
+   groups still to come (the rows with that set summed). A row is thus summed over
+   every group of its chain exactly once, whatever order the groups come in; sums (and
+   maxima) over different groups commute, so the order does not change the result.
+4. The rows left are combined on the device, the root taken, and the clip coefficient
    computed there; each rank then scales its own local shards.
 
+Why no two ranks wait on each other crosswise, and why the members of a group agree on
+the shape of its all-reduce (both hold for any number of meshes, of groups reachable
+through several meshes, and whatever the groups' names):
+
+- Every group has a *key* computed from the group alone, the same on each of its
+  members. A mesh dimension's key is its *axis*: the partition of the ranks into the
+  groups along that dimension, read from the mesh's layout, so a group reached as
+  dimension 1 of a 2-D mesh and as dimension 0 of its submesh has one key. A group
+  passed as ``process_group`` has its name as key (the same on all its members). The
+  axes come before the ``process_group`` groups; two groups with the same axis (two
+  meshes built alike) are ordered by name.
+- Each rank reduces its groups in increasing key order. Then no cycle of waits can form:
+  of the all-reduces not yet done, the one of smallest key has every member either
+  already in it or still before it with nothing else to wait for (all its earlier
+  all-reduces have smaller keys, so they are done).
+- A group's rows are laid out by the keys of the groups still to come (a
+  ``process_group`` group there by its position in the argument). The members of a
+  mesh dimension hold the same DTensors (every rank of a mesh holds a shard of each),
+  so they have the same chains, have reduced the same axes before, and lay out the
+  same rows. The groups passed as ``process_group`` come last, when every row has
+  nothing else to wait for: their all-reduce is one row on every member, whatever
+  each holds (pipeline stages hold different layers).
+
 NaN is carried as a flag because a MAX all-reduce need not propagate it.
+
+With ``GRADCLIP_CHECK_RANKS=1`` in the environment, each plan is checked in one extra
+all-reduce over the default process group: every rank of a mesh must have passed the same
+DTensors (count, global shapes, placements), and every member of a group must lay out its
+all-reduce alike. If not, every rank raises (also when a rank failed to plan). Off by
+default: it costs a collective and a host read per call.
+
+The plan is host bookkeeping over Python objects (meshes, groups, caches keyed by
+identity): under ``torch.compile`` it runs eagerly (one graph break, which
+``fullgraph=True`` refuses with gradclip's own message), and the reduction after it is
+traced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +83,7 @@ from .backends import dispatch
 from .eager import run_eagerly
 from .backends.base import NORM, clip_coefficient
 
+CHECK_RANKS_ENV = "GRADCLIP_CHECK_RANKS"
 _DTENSOR_MODULE = "torch.distributed.tensor"
 _spec_of = operator.attrgetter("_spec")
 _grad_of = operator.attrgetter("grad")
@@ -79,6 +119,12 @@ def has_dtensor(tensors: Sequence[Tensor]) -> bool:
 def grads_and_silent(parameters: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The ``.grad`` of ``parameters`` that have one, and the parameters without one
     (C-level maps when every parameter has one, the common case)."""
+    if torch.compiler.is_compiling():
+        # Plain Python that Dynamo traces (it cannot call an attrgetter): the plan after
+        # it then raises gradclip's own error under fullgraph=True.
+        grads = [p.grad for p in parameters]
+        return ([g for g in grads if g is not None],
+                [p for p, g in zip(parameters, grads) if g is None])
     grads = list(map(_grad_of, parameters))
     if not any(map(operator.is_, grads, repeat(None))):
         return grads, []
@@ -91,18 +137,43 @@ def involved(tensors: Sequence[Tensor], process_group) -> bool:
     return process_group is not None or has_dtensor(tensors)
 
 
-# -- what each tensor is reduced over -------------------------------------------------
+# -- the groups a row is summed over ----------------------------------------------------
 
 
-@dataclass(frozen=True)
+def _name_key(name: str) -> tuple:
+    # Names are numbers in creation order, or hashes (split_group): any order of them
+    # that every member sees alike will do; numbers compare as numbers (creation order).
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+@dataclass(frozen=True, eq=False)
 class _Group:
-    """One process group a row is summed over; ``order`` fixes the reduction order."""
+    """One process group rows are summed over (at least 2 ranks).
 
-    order: tuple
+    ``axis``: for a mesh dimension, the partition of the mesh's ranks into the groups
+    along it (sorted tuples of global ranks), the same on every rank of the mesh however
+    the dimension was reached; ``None`` for a group passed as ``process_group``.
+    Two ``_Group`` are equal when they name the same process group (names are unique
+    among the live groups of a rank).
+    """
+
     name: str
+    process_group: object  # the ProcessGroup itself (eager all-reduce)
     handle: object  # what functional collectives take: a ProcessGroup or (mesh, dim)
     device: torch.device
-    process_group: object  # the ProcessGroup itself (eager all-reduce)
+    members: frozenset
+    axis: tuple | None
+
+    @property
+    def order(self) -> tuple:
+        """The key every member of this group sorts it by (module docstring)."""
+        if self.axis is not None:
+            return (0, self.axis, _name_key(self.name))
+        return (1, (), _name_key(self.name))
+
+    def describe(self) -> str:
+        kind = f"mesh axis {list(map(list, self.axis))}" if self.axis else "process group"
+        return f"{kind} (group {self.name!r}, ranks {sorted(self.members)})"
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -124,7 +195,12 @@ def _device_of_group(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _process_group(group, what: str) -> _Group:
+_plain_groups: dict[str, _Group] = {}
+
+
+def _process_group(group, what: str) -> _Group | None:
+    """``group`` as a ``process_group`` argument names it; ``None`` for a group of one
+    rank (a sum over it changes nothing)."""
     dist = torch.distributed
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         # What new_group() returns on the ranks it leaves out.
@@ -133,62 +209,47 @@ def _process_group(group, what: str) -> _Group:
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{what} must be a torch.distributed.ProcessGroup (for a DeviceMesh "
                         f"dimension, pass mesh.get_group(dim)), got {type(group).__name__}")
+    cached = _plain_groups.get(group.group_name)
+    if cached is not None and cached.process_group is group:
+        return cached
     if dist.get_rank(group) < 0:
         raise ValueError(f"{what} does not contain this rank ({dist.get_rank()}); pass, on each "
                          "rank, a group that the rank belongs to")
-    return _Group((1, 0, group.group_name), group.group_name, group, _device_of_group(group),
-                  group)
+    if group.size() == 1:
+        return None
+    described = _Group(group.group_name, group, group, _device_of_group(group),
+                       frozenset(dist.get_process_group_ranks(group)), None)
+    _plain_groups[group.group_name] = described
+    return described
 
 
-class _MeshLayouts:
-    """The groups that reduce a DTensor, per (mesh, placements), computed once.
+def _mesh_axis(mesh, dim: int) -> tuple[tuple[int, ...], ...]:
+    """The groups along mesh dimension ``dim``, as sorted tuples of global ranks: from the
+    mesh's layout over its root's ranks (a submesh knows its root's), else, on a torch
+    without layouts, from the mesh's own ranks."""
+    size = mesh.size(dim)
+    try:
+        from torch.distributed._mesh_layout import _MeshLayout
 
-    Looked up first by the identity of the DTensor's spec (FSDP2 gives a parameter's
-    gradient the same spec object every step): hashing placements costs a Python call
-    per tensor, which thousands of gradients notice.
-    """
-
-    _MAX_SPECS = 1 << 16
-
-    def __init__(self):
-        self._by_layout: dict[tuple, tuple] = {}
-        self._by_spec: dict[int, tuple] = {}
-
-    def chains(self, specs: list) -> list[tuple[_Group, ...]]:
-        """``chain`` of each spec; when every spec was seen before (every step after the
-        first), without a Python call per tensor."""
-        hits = list(map(self._by_spec.get, map(id, specs)))
-        if None not in hits and all(map(operator.is_, map(_first, hits), specs)):
-            return list(map(_second, hits))
-        return list(map(self.chain, specs))
-
-    def chain(self, spec) -> tuple[_Group, ...]:
-        hit = self._by_spec.get(id(spec))
-        if hit is not None and hit[0] is spec:
-            return hit[1]
-        mesh, placements = spec.mesh, spec.placements
-        key = (id(mesh), placements)
-        layout = self._by_layout.get(key)
-        if layout is None or layout[0] is not mesh:
-            layout = self._by_layout[key] = (mesh, _mesh_chain(mesh, placements))
-        if len(self._by_spec) >= self._MAX_SPECS:
-            self._by_spec.clear()
-        self._by_spec[id(spec)] = (spec, layout[1])
-        return layout[1]
+        blocks = _MeshLayout([mesh._layout[dim]]).remap_to_tensor(mesh._rank_map)
+    except (ImportError, AttributeError, IndexError, TypeError):
+        blocks = mesh.mesh.movedim(dim, -1)
+    return tuple(sorted(tuple(sorted(block)) for block in blocks.reshape(-1, size).tolist()))
 
 
-def _mesh_chain(mesh, placements) -> tuple[_Group, ...]:
-    if mesh.get_coordinate() is None:
-        raise ValueError(f"a gradient is a DTensor on {mesh}, which does not contain this rank "
-                         f"({torch.distributed.get_rank()}); its norm can only be taken on the "
-                         "mesh's ranks. Pass each rank only the gradients it holds a shard of.")
-    chain = []
-    for dim, placement in enumerate(placements):
-        if _shards(placement, dim, placements):
-            group = mesh.get_group(dim)
-            chain.append(_Group((0, dim, group.group_name), group.group_name, (mesh, dim),
-                                _device_of_mesh(mesh), group))
-    return tuple(chain)
+def _mesh_group(mesh, dim: int) -> _Group | None:
+    """Mesh dimension ``dim`` as a group to sum over; ``None`` when it has one rank."""
+    if mesh.size(dim) == 1:
+        return None
+    dist = torch.distributed
+    group = mesh.get_group(dim)
+    members = frozenset(dist.get_process_group_ranks(group))
+    axis = _mesh_axis(mesh, dim)
+    if members not in map(frozenset, axis):
+        raise RuntimeError(f"gradclip could not read the layout of mesh dimension {dim} of {mesh}: "
+                           f"its group holds ranks {sorted(members)}, which is none of the groups "
+                           f"{axis} its layout gives. Please report this with your torch version.")
+    return _Group(group.group_name, group, (mesh, dim), _device_of_mesh(mesh), members, axis)
 
 
 def _shard_classes() -> tuple[type, ...]:
@@ -226,30 +287,127 @@ def _shards(placement, dim: int, placements) -> bool:
                      "pass its local tensors with process_group= (docs/distributed.md).")
 
 
+def _mesh_chain(mesh, placements) -> tuple[_Group, ...]:
+    if mesh.get_coordinate() is None:
+        raise ValueError(f"a gradient is a DTensor on {mesh}, which does not contain this rank "
+                         f"({torch.distributed.get_rank()}); its norm can only be taken on the "
+                         "mesh's ranks. Pass each rank only the gradients it holds a shard of.")
+    groups = [_mesh_group(mesh, dim) for dim, placement in enumerate(placements)
+              if _shards(placement, dim, placements)]
+    return _canonical([g for g in groups if g is not None])
+
+
+def _canonical(groups: Iterable[_Group]) -> tuple[_Group, ...]:
+    """A chain as a tuple in key order: equal chains are equal tuples."""
+    return tuple(sorted(groups, key=operator.attrgetter("order")))
+
+
+class _MeshLayouts:
+    """The chain of a DTensor, per (mesh, placements), computed once.
+
+    Looked up first by the identity of the DTensor's spec (FSDP2 gives a parameter's
+    gradient the same spec object every step): hashing placements costs a Python call
+    per tensor, which thousands of gradients notice.
+    """
+
+    _MAX_SPECS = 1 << 16
+
+    def __init__(self):
+        self._by_layout: dict[tuple, tuple] = {}
+        self._by_spec: dict[int, tuple] = {}
+
+    def chains(self, specs: list) -> list[tuple[_Group, ...]]:
+        """``chain`` of each spec; when every spec was seen before (every step after the
+        first), without a Python call per tensor."""
+        hits = list(map(self._by_spec.get, map(id, specs)))
+        if None not in hits and all(map(operator.is_, map(_first, hits), specs)):
+            return list(map(_second, hits))
+        return list(map(self.chain, specs))
+
+    def chain(self, spec) -> tuple[_Group, ...]:
+        hit = self._by_spec.get(id(spec))
+        if hit is not None and hit[0] is spec:
+            return hit[1]
+        mesh, placements = spec.mesh, spec.placements
+        key = (id(mesh), placements)
+        layout = self._by_layout.get(key)
+        if layout is None or layout[0] is not mesh:
+            layout = self._by_layout[key] = (mesh, _mesh_chain(mesh, placements))
+        if len(self._by_spec) >= self._MAX_SPECS:
+            self._by_spec.clear()
+        self._by_spec[id(spec)] = (spec, layout[1])
+        return layout[1]
+
+
 _layouts = _MeshLayouts()
 
 
 # -- which tensors go where -----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One all-reduce, over ``group``, of one row per entry of ``slots``: ``slots[0]`` is
+    empty (the rows with no group left after this one, summed), each other one a set of
+    groups still to come (the rows that go on to exactly those, summed). ``layout``: the
+    slots as every member of the group sees them (the keys of their groups)."""
+
+    group: _Group
+    slots: tuple[frozenset, ...]
+    layout: tuple
+
+
 @dataclass
 class Plan:
-    """The tensors of one call, by chain, as local (plain) tensors.
+    """The tensors of one call, by chain, as local (plain) tensors, and the reductions.
 
     ``chains`` maps a chain to the local tensors measured together; a chain may hold no
     tensor (a rank whose parameters have no gradient there still joins the reduction).
     ``locals`` is every local tensor, in input order (what a clip scales). ``mesh`` is the
-    first DTensor's mesh (where a DTensor result lives), or ``None``.
+    first DTensor's mesh (where a DTensor result lives), or ``None``. ``schedule``: the
+    all-reduces, in the order every rank issues them.
     """
 
     chains: dict[tuple[_Group, ...], list[Tensor]]
     locals: list[Tensor]
     mesh: object = None
+    schedule: tuple[_Step, ...] = ()
+
+
+def _schedule(chains: Iterable[tuple[_Group, ...]], tail_positions: dict) -> tuple[_Step, ...]:
+    """The all-reduces that sum every chain's row over each of its groups exactly once,
+    in key order (see the module docstring for why every member agrees on them)."""
+    groups = {g for chain in chains for g in chain}
+    shared_axes = {g.axis for g in groups if g.axis is not None and
+                   sum(other.axis == g.axis for other in groups) > 1}
+
+    def slot_key(group: _Group) -> tuple:
+        # Not the name: the members of a group reach different groups after it (dp 0 of
+        # tp 0, dp 1 of tp 1...), whose names differ. Only two groups with one axis need
+        # it (two meshes built alike): their names then order them.
+        if group.axis is None:
+            return (1, (), (tail_positions.get(group, -1), 0, ""))
+        return (0, group.axis, _name_key(group.name) if group.axis in shared_axes else ())
+
+    def layout_key(rest: frozenset) -> list:
+        return sorted(map(slot_key, rest))
+
+    pending = {frozenset(chain) for chain in chains if chain}
+    steps = []
+    for group in _canonical({g for chain in pending for g in chain}):
+        members = {chain for chain in pending if group in chain}
+        rests = {chain - {group} for chain in members} - {frozenset()}
+        going_on = sorted(rests, key=layout_key)
+        pending = (pending - members) | rests
+        steps.append(_Step(group, (frozenset(),) + tuple(going_on),
+                           tuple(tuple(layout_key(rest)) for rest in going_on)))
+    return tuple(steps)
 
 
 def _pair_groups(pairs) -> tuple[dict[int, object], list[_Group]]:
     """From (tensors, group) pairs: the group of each listed tensor (by id; a parameter's
-    ``.grad`` too, so that pairs of parameters also sort their gradients) and the groups."""
+    ``.grad`` too, so that pairs of parameters also sort their gradients) and the groups,
+    in the order the pairs name them."""
     where: dict[int, object] = {}
     groups: list[_Group] = []
     for index, pair in enumerate(pairs):
@@ -259,7 +417,7 @@ def _pair_groups(pairs) -> tuple[dict[int, object], list[_Group]]:
             raise TypeError(f"process_group[{index}] must be a (tensors, group) pair, got "
                             f"{type(pair).__name__}; see docs/distributed.md") from None
         described = None if group is None else _process_group(group, f"process_group[{index}][1]")
-        if described is not None:
+        if described is not None and described not in groups:
             groups.append(described)
         for t in ([tensors] if isinstance(tensors, Tensor) else tensors):
             if id(t) in where:
@@ -273,12 +431,12 @@ def _pair_groups(pairs) -> tuple[dict[int, object], list[_Group]]:
 
 def _tails(items: Sequence[Tensor], process_group) -> tuple[list, list[_Group]]:
     """Per item, the group ``process_group`` adds to its chain (or None), and every group
-    this rank must join even without a tensor in it."""
+    this rank must join even without a tensor in it, in the argument's order."""
     if process_group is None:
         return [None] * len(items), []
     if not isinstance(process_group, (list, tuple)):
         tail = _process_group(process_group, "process_group")
-        return [tail] * len(items), [tail]
+        return [tail] * len(items), [] if tail is None else [tail]
     where, groups = _pair_groups(process_group)
     missing = sum(id(t) not in where for t in items)
     if missing:
@@ -288,40 +446,60 @@ def _tails(items: Sequence[Tensor], process_group) -> tuple[list, list[_Group]]:
     return [where[id(t)] for t in items], groups
 
 
-# Host-side bookkeeping over Python objects (meshes, groups, caches keyed by identity):
-# under torch.compile it runs eagerly, and the reduction after it is traced.
-@run_eagerly
+def _with_tail(chain: tuple[_Group, ...], tail: _Group) -> tuple[_Group, ...]:
+    for group in chain:
+        shared = group.members & tail.members
+        if len(shared) > 1:
+            raise ValueError(
+                f"process_group {tail.name!r} is also a mesh dimension that shards a DTensor "
+                f"gradient, or shares ranks {sorted(shared)} with one ({group.describe()}): "
+                "DTensors are already reduced over their meshes, and reducing again would "
+                "count them several times. Pass process_group only for what the meshes do not "
+                "cover (pipeline stages, plain shards).")
+    return _canonical(chain + (tail,))
+
+
 def plan(tensors: Sequence[Tensor], process_group=None, *,
          silent_owners: Sequence[Tensor] = ()) -> Plan:
-    """Sort ``tensors`` into chains.
+    """Sort ``tensors`` into chains and schedule their reductions.
 
     ``silent_owners``: parameters without a gradient on this rank; the reductions of
     their chains are still joined, so that ranks whose gradients are missing do not
-    leave the others waiting.
+    leave the others waiting. Host bookkeeping: under ``torch.compile`` it runs eagerly
+    (a graph break; ``fullgraph=True`` raises gradclip's message).
     """
-    dtensor = _dtensor_class()
+    if torch.compiler.is_compiling():
+        _break_graph_before_planning()
+    return _plan_eagerly(tensors, process_group, silent_owners)
+
+
+@run_eagerly
+def _plan_eagerly(tensors: Sequence[Tensor], process_group, silent_owners) -> Plan:
     tensors = tensors if isinstance(tensors, list) else list(tensors)
+    if not checks_ranks():
+        return _plan(tensors, process_group, silent_owners)
+    try:
+        planned = _plan(tensors, process_group, silent_owners)
+    except (ValueError, TypeError, RuntimeError):
+        _check_ranks(None, tensors, silent_owners, failed=True)
+        raise
+    _check_ranks(planned, tensors, silent_owners, failed=False)
+    return planned
+
+
+def _plan(tensors: list[Tensor], process_group, silent_owners: Sequence[Tensor]) -> Plan:
     tails, joined = _tails(tensors + list(silent_owners), process_group)
-    if dtensor is not None and tensors and all(map(isinstance, tensors, repeat(dtensor))):
-        # Only DTensors (FSDP2): the per-tensor work in C-level maps.
-        specs = list(map(_spec_of, tensors))
-        local_tensors = list(map(_local_of, tensors))
-        per_tensor = _layouts.chains(specs)
-        mesh = specs[0].mesh
-    else:
-        local_tensors, per_tensor, mesh = [], [], None
-        for t in tensors:
-            if dtensor is not None and isinstance(t, dtensor):
-                spec = t._spec
-                per_tensor.append(_layouts.chain(spec))
-                mesh = spec.mesh if mesh is None else mesh
-                t = _local_of(t)
-            else:
-                per_tensor.append(())
-            local_tensors.append(t)
+    local_tensors, per_tensor, mesh = _mesh_chains(tensors)
+    silent_chains, silent_mesh = _silent_chains(silent_owners)
     if process_group is not None:
+        # A group passed here that is also a mesh axis of some gradient is that axis.
+        axes = {g: g for chain in set(per_tensor + silent_chains) for g in chain}
+        tails = [None if tail is None else axes.get(tail, tail) for tail in tails]
+        joined = [axes.get(group, group) for group in joined]
         per_tensor = [chain if tail is None else _with_tail(chain, tail)
                       for chain, tail in zip(per_tensor, tails)]
+        silent_chains = [chain if tail is None else _with_tail(chain, tail)
+                         for chain, tail in zip(silent_chains, tails[len(tensors):])]
     chains: dict[tuple[_Group, ...], list[Tensor]] = {}
     first = per_tensor[0] if per_tensor else None
     if first is not None and per_tensor.count(first) == len(per_tensor):
@@ -329,28 +507,48 @@ def plan(tensors: Sequence[Tensor], process_group=None, *,
     else:
         for chain, t in zip(per_tensor, local_tensors):
             chains.setdefault(chain, []).append(t)
-    for owner, tail in zip(silent_owners, tails[len(tensors):]):
-        chain = ()
-        if dtensor is not None and isinstance(owner, dtensor):
-            chain = _layouts.chain(owner._spec)
-            mesh = owner._spec.mesh if mesh is None else mesh
-        if tail is not None:
-            chain = _with_tail(chain, tail)
+    for chain in silent_chains:
         if chain:
             chains.setdefault(chain, [])
     for group in joined:
         if not any(group in chain for chain in chains):
             chains[(group,)] = []
-    return Plan(chains, local_tensors, mesh)
+    positions = {group: index for index, group in enumerate(joined)}
+    return Plan(chains, local_tensors, silent_mesh if mesh is None else mesh,
+                _schedule(chains, positions))
 
 
-def _with_tail(chain: tuple[_Group, ...], tail: _Group) -> tuple[_Group, ...]:
-    if tail in chain:
-        raise ValueError(f"process_group {tail.name!r} is also a mesh dimension that shards a "
-                         "DTensor gradient: DTensors are already reduced over their meshes, and "
-                         "reducing again would count them several times. Pass process_group only "
-                         "for what the meshes do not cover (pipeline stages, plain shards).")
-    return chain + (tail,)
+def _mesh_chains(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple], object]:
+    """The local tensor and the mesh chain of each tensor, and the first DTensor's mesh."""
+    dtensor = _dtensor_class()
+    if dtensor is not None and tensors and all(map(isinstance, tensors, repeat(dtensor))):
+        # Only DTensors (FSDP2): the per-tensor work in C-level maps.
+        specs = list(map(_spec_of, tensors))
+        return list(map(_local_of, tensors)), _layouts.chains(specs), specs[0].mesh
+    local_tensors, per_tensor, mesh = [], [], None
+    for t in tensors:
+        if dtensor is not None and isinstance(t, dtensor):
+            spec = t._spec
+            per_tensor.append(_layouts.chain(spec))
+            mesh = spec.mesh if mesh is None else mesh
+            t = _local_of(t)
+        else:
+            per_tensor.append(())
+        local_tensors.append(t)
+    return local_tensors, per_tensor, mesh
+
+
+def _silent_chains(owners: Sequence[Tensor]) -> tuple[list[tuple], object]:
+    """The mesh chain of each parameter without a gradient, and the first one's mesh."""
+    dtensor = _dtensor_class()
+    chains, mesh = [], None
+    for owner in owners:
+        chain = ()
+        if dtensor is not None and isinstance(owner, dtensor):
+            chain = _layouts.chain(owner._spec)
+            mesh = owner._spec.mesh if mesh is None else mesh
+        chains.append(chain)
+    return chains, mesh
 
 
 # -- the reduction --------------------------------------------------------------------
@@ -394,13 +592,14 @@ def reduced_total(p: Plan, norm_type: float, inv_scale: Tensor | None, backend: 
     """The row of the whole model, the same on every rank (on the first row's device), and
     the dtype of ``stats`` (float64 if any tensor of any rank's chain here is float64).
 
-    Each group is reduced in one collective whose shape every member agrees on: one row
-    for the chains that end at the group (their sum), then one per chain that goes on to
-    further mesh dimensions (the same on every rank of a mesh, in mesh-dimension order).
+    Runs ``p.schedule``: before each all-reduce, the rows that go on to the same groups
+    are combined (a sum of rows summed later is the sum of the sums), so a group's
+    all-reduce has one row per slot of its step on every member.
     """
     inf_norm = math.isinf(norm_type)
     combine = _max_rows if inf_norm else _sum_rows
-    rows: dict[tuple[_Group, ...], Tensor] = {}
+    pending: dict[frozenset, list[Tensor]] = {}
+    done: list[Tensor] = []
     dtype = torch.float32
     for chain, tensors in p.chains.items():
         device = tensors[0].device if tensors else chain[0].device
@@ -409,23 +608,22 @@ def reduced_total(p: Plan, norm_type: float, inv_scale: Tensor | None, backend: 
             dtype = torch.float64
         if found_inf is not None:
             row = row + torch.cat([row.new_zeros(2), found_inf.reshape(1).to(row)])
-        rows[chain] = row
-    done = [row for chain, row in rows.items() if not chain]
-    pending = {chain: row for chain, row in rows.items() if chain}
-    for group in sorted({g for chain in pending for g in chain}, key=lambda g: g.order):
-        members = [chain for chain in pending if group in chain]
-        ending = [chain for chain in members if chain[-1] == group]
-        going_on = sorted((chain for chain in members if chain[-1] != group),
-                          key=lambda chain: _rest_order(chain, group))
-        end_row = (combine([pending[chain].to(group.device) for chain in ending]) if ending
-                   else torch.zeros(3, dtype=torch.float64, device=group.device))
-        stacked = torch.stack([end_row] + [pending[chain].to(group.device) for chain in going_on])
+        if chain:
+            pending.setdefault(frozenset(chain), []).append(row)
+        else:
+            done.append(row)
+    for step in p.schedule:
+        group = step.group
+        parts: dict[frozenset, list[Tensor]] = {slot: [] for slot in step.slots}
+        for key in [key for key in pending if group in key]:
+            parts[key - {group}].extend(row.to(group.device) for row in pending.pop(key))
+        stacked = torch.stack([combine(parts[slot]) if parts[slot] else
+                               torch.zeros(3, dtype=torch.float64, device=group.device)
+                               for slot in step.slots])
         reduced = _all_reduce(stacked, group, inf_norm)
-        for chain in ending:
-            del pending[chain]
         done.append(reduced[0])
-        for index, chain in enumerate(going_on, start=1):
-            pending[chain] = reduced[index]
+        for index, slot in enumerate(step.slots[1:], start=1):
+            pending.setdefault(slot, []).append(reduced[index])
     if not done:
         return torch.zeros(3, dtype=torch.float64), dtype
     first = done[0].device
@@ -433,16 +631,11 @@ def reduced_total(p: Plan, norm_type: float, inv_scale: Tensor | None, backend: 
 
 
 def _sum_rows(rows: list[Tensor]) -> Tensor:
-    return torch.stack(rows).sum(0)
+    return rows[0] if len(rows) == 1 else torch.stack(rows).sum(0)
 
 
 def _max_rows(rows: list[Tensor]) -> Tensor:
-    return torch.stack(rows).amax(0)
-
-
-def _rest_order(chain: tuple[_Group, ...], group: _Group) -> tuple:
-    # Mesh dimensions, not group names: the names differ between the ranks of a group.
-    return tuple(g.order[:2] for g in chain[chain.index(group) + 1:])
+    return rows[0] if len(rows) == 1 else torch.stack(rows).amax(0)
 
 
 def norm_stats(p: Plan, norm_type: float, max_norm: float | Tensor, inv_scale: Tensor | None,
@@ -504,5 +697,131 @@ def local_tensors(tensors: Iterable[Tensor]) -> list[Tensor]:
     return [_local_of(t) if isinstance(t, dtensor) else t for t in tensors]
 
 
-__all__ = ["Plan", "as_returned_norm", "has_dtensor", "involved", "local_tensors", "local_value",
-           "norm_stats", "plan", "reduced_total"]
+# -- GRADCLIP_CHECK_RANKS=1: do the ranks agree? ---------------------------------------
+
+_CHECK_PRIME = (1 << 31) - 1  # lanes are summed over ranks modulo this, in int64
+_CHECK_LANES = 4
+
+
+def checks_ranks() -> bool:
+    """Whether ``GRADCLIP_CHECK_RANKS`` asks for the rank-consistency check."""
+    return os.environ.get(CHECK_RANKS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _lanes(*parts) -> list[int]:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4 * _CHECK_LANES).digest()
+    return [int.from_bytes(digest[i:i + 4], "little") % _CHECK_PRIME
+            for i in range(0, 4 * _CHECK_LANES, 4)]
+
+
+def _dtensors_by_mesh(tensors: Sequence[Tensor], silent_owners: Sequence[Tensor]) -> dict:
+    """This rank's DTensors (gradients, and parameters without one: their layouts are the
+    gradients'), as (global shape, placements), per mesh (its shape and ranks)."""
+    dtensor = _dtensor_class()
+    found: dict[tuple, list] = {}
+    if dtensor is None:
+        return found
+    for t in list(tensors) + list(silent_owners):
+        if isinstance(t, dtensor):
+            mesh = t._spec.mesh
+            key = (tuple(mesh.shape), tuple(mesh.mesh.reshape(-1).tolist()))
+            found.setdefault(key, []).append((tuple(t.shape), repr(tuple(t._spec.placements))))
+    return found
+
+
+def _check_ranks(p: Plan | None, tensors: Sequence[Tensor], silent_owners: Sequence[Tensor],
+                 failed: bool) -> None:
+    """One all-reduce over the default group: every rank of a mesh passed the same
+    DTensors, and every member of a group lays out its all-reduce alike; else raise on
+    every rank. A rank that ``failed`` to plan joins it too, so that the others raise
+    instead of waiting for it.
+
+    Each rank adds, for every mesh and group it takes part in, a hash of what it passed
+    there; the first rank of each subtracts its hash times the number of members. The
+    sum over all ranks is zero (modulo a prime, in every lane) when every member agrees.
+    """
+    dist = torch.distributed
+    me = dist.get_rank()
+    blocks: dict[tuple, tuple] = {}
+    by_mesh = _dtensors_by_mesh(tensors, silent_owners)
+    for (shape, ranks), items in by_mesh.items():
+        blocks[("mesh", shape, ranks)] = (ranks, tuple(sorted(items)))
+    for step in () if p is None else p.schedule:
+        group = step.group
+        members = tuple(sorted(group.members))
+        blocks[("group", group.order, members)] = (members, step.layout)
+    lanes = [0] * _CHECK_LANES
+    for key, (members, digest) in blocks.items():
+        weight = 1 - (len(members) if me == min(members) else 0)
+        lanes = [(lane + weight * value) % _CHECK_PRIME
+                 for lane, value in zip(lanes, _lanes(key, digest))]
+    world = dist.group.WORLD
+    totals = torch.tensor(lanes + [int(failed)], dtype=torch.int64,
+                          device=_device_of_group(world))
+    dist.all_reduce(totals, group=world)
+    totals = totals.tolist()
+    if failed:
+        return  # the caller raises its own error
+    if totals[-1]:
+        raise RuntimeError(f"{CHECK_RANKS_ENV}=1: {totals[-1]} other rank(s) raised an error "
+                           "while planning this clip (see their messages); this rank raises "
+                           "too, so that none is left waiting in a collective")
+    if any(total % _CHECK_PRIME for total in totals[:-1]):
+        raise ValueError(f"{CHECK_RANKS_ENV}=1: the ranks did not pass the same sharded "
+                         "tensors. On some mesh, a rank passed DTensors (count, global shapes "
+                         "or placements) that another rank of that mesh did not, or the members "
+                         "of a process group would reduce different rows: the norm would differ "
+                         "between ranks (or a rank would wait in a collective). Pass every "
+                         "rank the gradients of the same parameters. This rank "
+                         f"({me}) passed: {_summary(by_mesh, p)}")
+
+
+def _summary(by_mesh: dict, p: Plan | None) -> str:
+    parts = []
+    for (shape, ranks), items in by_mesh.items():
+        listed = ", ".join(f"{s} {placements}" for s, placements in sorted(items)[:6])
+        more = f", and {len(items) - 6} more" if len(items) > 6 else ""
+        parts.append(f"{len(items)} DTensor(s) on the mesh of shape {shape} over ranks "
+                     f"{list(ranks)}: {listed}{more}")
+    groups = [] if p is None else [step.group.describe() for step in p.schedule]
+    if groups:
+        parts.append("reducing over " + ", ".join(groups))
+    return "; ".join(parts) or "no DTensor and no group"
+
+
+# -- torch.compile(fullgraph=True) ------------------------------------------------------
+
+_FULLGRAPH_REFUSAL = (
+    "gradclip: a sharded clip plans on the host",
+    "gradclip finds the process groups each sharded gradient is summed over by reading "
+    "Python objects (DeviceMesh, ProcessGroup, DTensor placements, process_group=) that "
+    "torch.compile cannot trace. That step runs eagerly: a sharded clip breaks the graph "
+    "once, before its reduction; the all-reduces, the clip coefficient and the scaling "
+    "after it are traced. fullgraph=True forbids that graph break.",
+    ["Compile without fullgraph=True: the clip then costs one graph break.",
+     "Or call the clip (or ClippedOptimizer.step()) outside the compiled function, e.g. "
+     "compile the model's forward and backward only.",
+     "Unsharded gradients (no DTensor, no process_group) compile with fullgraph=True."])
+
+
+def _break_graph_before_planning() -> None:
+    """Under Dynamo, graph-break with gradclip's reason before the eager plan: with
+    ``fullgraph=True`` that reason is the error the user sees."""
+    from torch._dynamo.comptime import comptime
+
+    comptime(_refuse_in_one_graph)
+
+
+def _refuse_in_one_graph(ctx) -> None:
+    from torch._dynamo import exc
+
+    gb_type, explanation, hints = _FULLGRAPH_REFUSAL
+    try:
+        exc.unimplemented(gb_type=gb_type, context="gradclip.distributed.plan",
+                          explanation=explanation, hints=hints)
+    except TypeError:  # a torch whose unimplemented() takes one message
+        raise exc.Unsupported("\n".join([gb_type, explanation] + hints)) from None
+
+
+__all__ = ["CHECK_RANKS_ENV", "Plan", "as_returned_norm", "checks_ranks", "has_dtensor",
+           "involved", "local_tensors", "local_value", "norm_stats", "plan", "reduced_total"]

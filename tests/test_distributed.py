@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
-import os
+import multiprocessing
 import re
+import signal
+import os
 import tempfile
+import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,15 +42,37 @@ BACKENDS = ["reference", "triton"]
 # -- the harness ------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, store: str, scenario: str, backends: list[str]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
+_RECORDS: list[dict] = []  # what a scenario reports (norms per layout), on each rank
+_FOLDER: Path | None = None  # the run's folder, on each rank
+
+
+def record(**fields) -> None:
+    """Keep ``fields`` (JSON values) for the test that runs this scenario: ``run_ranks``
+    returns every rank's records."""
+    _RECORDS.append({"rank": dist.get_rank(), **fields})
+
+
+def _worker(rank: int, world: int, folder: str, scenario, backends: list[str]) -> None:
+    """One rank: run ``scenario`` for each backend, then leave a marker saying the work is
+    done. Any exception is written down for the parent before the process exits."""
+    global _FOLDER
+    folder = _FOLDER = Path(folder)
     try:
+        dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=90))
         for backend in backends:
-            SCENARIOS[scenario](rank, world, backend)
+            scenario(rank, world, backend)
             dist.barrier()
+        (folder / f"records-{rank}.json").write_text(json.dumps(_RECORDS))
+        dist.barrier()  # every rank's checks passed
+        (folder / f"done-{rank}").touch()
+    except BaseException:
+        # Before the group goes: the peers then fail too, and this error must come first.
+        (folder / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def runnable_backends() -> list[str]:
@@ -53,22 +80,80 @@ def runnable_backends() -> list[str]:
     return [b for b in BACKENDS if gradclip.available_backends()[b].available]
 
 
-def run_ranks(scenario: str, backends: list[str] | None = None, world: int = 2) -> None:
-    """Run ``scenario`` for each backend (one spawn for all: starting ranks costs seconds)
-    on ``world`` gloo ranks; fail on an error or past the deadline."""
+def _scenario(scenario):
+    return SCENARIOS[scenario] if isinstance(scenario, str) else scenario
+
+
+def run_ranks(scenario, backends: list[str] | None = None, world: int = 2,
+              deadline_s: float = DEADLINE_S) -> list[dict]:
+    """Run ``scenario`` (a name in SCENARIOS, or a module-level function of a test module)
+    for each backend (one spawn for all: starting ranks costs seconds) on ``world`` gloo
+    ranks, and return the ranks' records.
+
+    Fails on an error in any rank, on a rank that dies before its work is done, and past
+    the deadline (a rank stuck in a collective). A rank that aborts after every rank
+    finished its work (FSDP2 on gloo sometimes does, with SIGABRT, as it exits:
+    TOOLCHAIN.md) is not a failure.
+    """
     backends = runnable_backends() if backends is None else backends
+    scenario = _scenario(scenario)
+    name = f"{scenario.__name__} on {world} ranks"
     with tempfile.TemporaryDirectory() as folder:
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(world, os.path.join(folder, "store"), scenario, backends),
-            nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + DEADLINE_S
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"{scenario} on {world} ranks did not finish in {DEADLINE_S} s "
-                            "(a rank is stuck in a collective)")
+        spawn = multiprocessing.get_context("spawn")
+        processes = [spawn.Process(target=_worker, args=(rank, world, folder, scenario, backends))
+                     for rank in range(world)]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + deadline_s
+        try:
+            while any(process.is_alive() for process in processes):
+                failed = [rank for rank, process in enumerate(processes)
+                          if _failed(process, rank, folder)]
+                if failed:
+                    pytest.fail(_failure_report(name, failed, folder))
+                if time.monotonic() >= deadline:
+                    pytest.fail(f"{name} did not finish in {deadline_s} s (a rank is stuck in "
+                                "a collective)")
+                time.sleep(0.2)
+            failed = [rank for rank, process in enumerate(processes)
+                      if _failed(process, rank, folder)]
+            if failed:
+                pytest.fail(_failure_report(name, failed, folder))
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+        return [row for rank in range(world)
+                for row in json.loads(Path(folder, f"records-{rank}.json").read_text())]
+
+
+def _failed(process, rank: int, folder: str) -> bool:
+    """Whether ``process`` (rank ``rank``) ended without its work done: an error, or an
+    exit before its done marker. SIGABRT after the marker is the known exit abort."""
+    if process.exitcode is None:
+        return Path(folder, f"error-{rank}.txt").exists()
+    if process.exitcode == 0:
+        return not Path(folder, f"done-{rank}").exists()
+    if process.exitcode == -signal.SIGABRT and Path(folder, f"done-{rank}").exists():
+        return False
+    return True
+
+
+def _failure_report(name: str, failed: list[int], folder: str) -> str:
+    """The failed ranks' tracebacks, the first written first (the others usually follow
+    from it: a peer's connection closed)."""
+    def written(rank: int) -> float:
+        error = Path(folder, f"error-{rank}.txt")
+        return error.stat().st_mtime if error.exists() else math.inf
+
+    parts = []
+    for rank in sorted(failed, key=written):
+        error = Path(folder, f"error-{rank}.txt")
+        parts.append(f"rank {rank} failed during its work:\n" + (
+            error.read_text() if error.exists()
+            else "(no traceback: the process died or aborted)\n"))
+    return f"{name}: " + "".join(parts)
 
 
 # -- helpers the ranks use ----------------------------------------------------------------
@@ -113,17 +198,20 @@ def full_of(t: torch.Tensor) -> torch.Tensor:
 
 
 class Watch(TorchDispatchMode):
-    """Fails on a host read (``.item()``, ``bool()``) and counts all-reduces."""
+    """Fails on a host read (``.item()``, ``bool()``), or counts them; counts all-reduces."""
 
     def __init__(self, allow_host_reads: bool = False):
         super().__init__()
         self.all_reduces = 0
+        self.host_reads = 0
         self.allow_host_reads = allow_host_reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if "_local_scalar_dense" in name and not self.allow_host_reads:
-            raise AssertionError("host synchronisation (aten._local_scalar_dense)")
+        if "_local_scalar_dense" in name:
+            if not self.allow_host_reads:
+                raise AssertionError("host synchronisation (aten._local_scalar_dense)")
+            self.host_reads += 1
         if ("all_reduce" in name or "allreduce" in name) and "wait" not in name:
             self.all_reduces += 1
         return func(*args, **(kwargs or {}))
@@ -138,11 +226,12 @@ def device_decides():
     reference._decides_on_host = lambda device: False
 
 
-def expect_error(error_type, match: str, fn) -> None:
+def expect_error(error_type, match: str, fn, also: str = "") -> None:
     try:
         fn()
     except error_type as error:
-        assert match in str(error), f"{error_type.__name__} without {match!r}: {error}"
+        for text in (match, also):
+            assert text in str(error), f"{error_type.__name__} without {text!r}: {error}"
     else:
         raise AssertionError(f"no {error_type.__name__} ({match!r})")
 
@@ -201,6 +290,27 @@ def dtensor_layouts(rank: int, world: int, backend: str) -> None:
     gradclip.clip_grad_value_(ours, 0.1, backend=backend)
     for a, t in zip(ours, full):
         assert a.grad.full_tensor().abs().max() <= torch.tensor(0.1)
+
+    # What docs/distributed.md says of host reads and overflow. The reference backend on
+    # CPU tensors decides on the host by design: is the norm finite, is the factor 1.
+    if backend == "reference":
+        params = as_params(grads)
+        with Watch(allow_host_reads=True) as watch:
+            gradclip.clip_grad_norm_(params, 0.1, backend=backend)
+        assert watch.host_reads == 2, watch.host_reads
+        with Watch(allow_host_reads=True) as watch:
+            gradclip.get_total_norm([p.grad for p in params], backend=backend)
+        assert watch.host_reads == 1, watch.host_reads
+    # Each rank's norm is float32 (the backend's accumulation): values of 3e19 overflow
+    # their squares' sum, as torch's do. The ranks' sums are combined in float64: local
+    # norms that are finite give a finite global norm (torch's float32 stack overflows).
+    huge = [distribute_tensor(torch.full((4, 3), 3e19), mesh, [Shard(0)])]
+    assert gradclip.get_total_norm(huge, backend=backend).full_tensor().item() == math.inf
+    assert torch.nn.utils.get_total_norm(huge).full_tensor().item() == math.inf
+    large = [distribute_tensor(torch.full((4, 3), 7e18), mesh, [Shard(0)])]
+    assert_close(gradclip.get_total_norm(large, backend=backend).full_tensor().item(),
+                 7e18 * math.sqrt(12), 1e-6, "7e18")
+    assert torch.nn.utils.get_total_norm(large).full_tensor().item() == math.inf
 
     # No host read, exactly one all-reduce (one mesh, one group) per clip.
     if backend == "reference":
@@ -310,6 +420,25 @@ def process_groups(rank: int, world: int, backend: str) -> None:
                              backend=record)
     assert_close(compiled(mine).item(), oracle_norm(full, 3.5), norm_rtol(3.5), "compiled")
     assert any("all_reduce" in graph for graph in graphs), graphs
+
+    # fullgraph=True cannot take that eager step: gradclip's error says why and what works
+    # (not Dynamo's "call to a callable object with no traceable __call__").
+    if backend == "reference":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        params = as_params([distribute_tensor(t, mesh, [Shard(0)]) for t in full[:3]])
+        for clip in (lambda ps: gradclip.clip_grad_norm_(ps, 1.0),
+                     lambda ps: gradclip.get_total_norm([p.grad for p in ps],
+                                                        process_group=group)):
+            one_graph = torch.compile(clip, fullgraph=True, backend="eager")
+            expect_error(RuntimeError, "gradclip: a sharded clip plans on the host",
+                         lambda: one_graph(params), also="Compile without fullgraph=True")
+        opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.1), max_norm=1.0)
+        expect_error(RuntimeError, "gradclip: a sharded clip plans on the host",
+                     torch.compile(opt.step, fullgraph=True, backend="eager"))
+        dist.barrier()
 
     # A rank with nothing to measure still joins, and the others get the right answer.
     local = mine if rank == 0 else []
@@ -564,6 +693,49 @@ def documented_examples(rank: int, world: int, backend: str) -> None:
 
 SCENARIOS = {f.__name__: f for f in (dtensor_layouts, mesh_2d, two_meshes, process_groups,
                                      nonfinite, bad_inputs, fsdp2_training, documented_examples)}
+
+
+# -- the harness itself ------------------------------------------------------------------------
+
+
+def _one_rank_raises(rank: int, world: int, backend: str) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 raises on purpose")
+    dist.barrier()  # waits for rank 1, which never comes
+
+
+def _aborts_after_its_work(rank: int, world: int, backend: str) -> None:
+    """Rank 0 aborts (SIGABRT) once its done marker is written, as FSDP2 on gloo sometimes
+    does at exit."""
+    if rank == 0:
+        marker = _FOLDER / "done-0"
+
+        def abort_when_done():
+            while not marker.exists():
+                time.sleep(0.01)
+            os.abort()
+
+        threading.Thread(target=abort_when_done, daemon=True).start()
+
+
+def _aborts_during_its_work(rank: int, world: int, backend: str) -> None:
+    if rank == 0:
+        os.abort()
+    dist.barrier()
+
+
+def test_harness_fails_at_once_on_a_rank_that_raises():
+    # Rank 0 then fails too (its peer is gone): rank 1's error comes first.
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"(?s)on 2 ranks: rank 1 failed during its work:\n.*"
+                             r"RuntimeError: rank 1 raises on purpose"):
+        run_ranks(_one_rank_raises, ["reference"])
+
+
+def test_harness_tells_an_abort_at_exit_from_an_abort_during_the_work():
+    run_ranks(_aborts_after_its_work, ["reference"])  # passes: the work was done
+    with pytest.raises(pytest.fail.Exception, match="rank 0 failed during its work"):
+        run_ranks(_aborts_during_its_work, ["reference"])
 
 
 # -- the tests (each scenario over the reference backend and the Triton kernels) -------------
