@@ -1,7 +1,7 @@
 """Global norms of sharded gradients: DTensors, ``process_group=`` and (tensors, group) pairs.
 
-Every norm that ``gradclip.functional`` and ``ClippedOptimizer`` compute goes through
-:func:`norm_stats` when a gradient is a DTensor or a ``process_group`` is given; plain
+Every norm the clip pipeline (``gradclip.pipeline.measure``) takes goes through
+:func:`reduced_stats` when a gradient is a DTensor or a ``process_group`` is given; plain
 single-process calls never reach this module (:func:`involved` is their only cost).
 
 How a norm is reduced (the design, in ``docs/distributed.md``):
@@ -52,6 +52,12 @@ through several meshes, and whatever the groups' names):
   each holds (pipeline stages hold different layers).
 
 NaN is carried as a flag because a MAX all-reduce need not propagate it.
+
+A spike guard that watches the loss gets the mean of the ranks' losses from the same
+all-reduces: two more columns (the loss, and 1 for a rank that has one) in the row of one
+chain whose groups reach every rank. Where no chain does (HSDP's replicas hold copies of
+the gradients, so the norm never crosses them), the loss gets one all-reduce of its own
+over the default group.
 
 With ``GRADCLIP_CHECK_RANKS=1`` in the environment, each plan is checked in one extra
 all-reduce over the default process group: every rank of a mesh must have passed the same
@@ -555,11 +561,12 @@ def _silent_chains(owners: Sequence[Tensor]) -> tuple[list[tuple], object]:
 
 
 def _row(tensors: list[Tensor], norm_type: float, inv_scale: Tensor | None, backend: str,
-         device: torch.device) -> tuple[Tensor, torch.dtype]:
-    """``[sum |g|^p (or max |g|), NaN flag, inf/NaN flag]`` in float64 for these tensors,
-    and the dtype of their ``stats`` (float64 if any tensor is float64)."""
+         device: torch.device, width: int) -> tuple[Tensor, torch.dtype]:
+    """``[sum |g|^p (or max |g|), NaN flag, inf/NaN flag]`` in float64 for these tensors
+    (then zeros up to ``width`` columns), and the dtype of their ``stats`` (float64 if any
+    tensor is float64)."""
     if not tensors:
-        return torch.zeros(3, dtype=torch.float64, device=device), torch.float32
+        return torch.zeros(width, dtype=torch.float64, device=device), torch.float32
     stats = dispatch.norm_stats(tensors, norm_type, math.inf, inv_scale, backend)
     dtype = stats.dtype
     stats = stats.to(torch.float64)
@@ -568,7 +575,21 @@ def _row(tensors: list[Tensor], norm_type: float, inv_scale: Tensor | None, back
     value = torch.where(is_nan, 0.0, norm)
     if not math.isinf(norm_type):
         value = value.pow(norm_type)
-    return torch.stack([value, is_nan.to(torch.float64), stats[2]]).to(device), dtype
+    columns = [value, is_nan.to(torch.float64), stats[2]] + [norm.new_zeros(())] * (width - 3)
+    return torch.stack(columns).to(device), dtype
+
+
+def _loss_chain(p: Plan) -> tuple[_Group, ...] | None:
+    """The chain whose row carries this rank's loss: one whose groups together reach every
+    rank (their sizes multiply to the world's), so that its sum is the whole job's; the
+    same choice on every rank of a layout (by the groups' keys). ``None``: no chain
+    reaches every rank (HSDP's replicas, say), and the loss needs an all-reduce of its own."""
+    world = torch.distributed.get_world_size()
+    covering = [chain for chain in p.chains
+                if chain and math.prod(len(g.members) for g in chain) == world]
+    if not covering:
+        return None
+    return min(covering, key=lambda chain: (-len(chain), [g.order for g in _canonical(chain)]))
 
 
 def _all_reduce(rows: Tensor, group: _Group, inf_norm: bool) -> Tensor:
@@ -588,26 +609,34 @@ def _all_reduce(rows: Tensor, group: _Group, inf_norm: bool) -> Tensor:
 
 
 def reduced_total(p: Plan, norm_type: float, inv_scale: Tensor | None, backend: str,
-                  found_inf: Tensor | None = None) -> tuple[Tensor, torch.dtype]:
+                  found_inf: Tensor | None = None,
+                  loss: Tensor | None = None) -> tuple[Tensor, torch.dtype]:
     """The row of the whole model, the same on every rank (on the first row's device), and
     the dtype of ``stats`` (float64 if any tensor of any rank's chain here is float64).
 
     Runs ``p.schedule``: before each all-reduce, the rows that go on to the same groups
     are combined (a sum of rows summed later is the sum of the sums), so a group's
-    all-reduce has one row per slot of its step on every member.
+    all-reduce has one row per slot of its step on every member. ``loss`` (0-d, or an
+    empty tensor on a rank without one): the row also sums the ranks' losses and counts
+    them (columns 3 and 4; their maximum, for the inf norm's MAX all-reduces).
     """
     inf_norm = math.isinf(norm_type)
     combine = _max_rows if inf_norm else _sum_rows
+    width = 3 if loss is None else 5
+    loss_chain = None if loss is None else _loss_chain(p)
     pending: dict[frozenset, list[Tensor]] = {}
     done: list[Tensor] = []
     dtype = torch.float32
     for chain, tensors in p.chains.items():
         device = tensors[0].device if tensors else chain[0].device
-        row, row_dtype = _row(tensors, norm_type, inv_scale, backend, device)
+        row, row_dtype = _row(tensors, norm_type, inv_scale, backend, device, width)
         if row_dtype == torch.float64:
             dtype = torch.float64
         if found_inf is not None:
-            row = row + torch.cat([row.new_zeros(2), found_inf.reshape(1).to(row)])
+            row = row + torch.cat([row.new_zeros(2), found_inf.reshape(1).to(row),
+                                   row.new_zeros(width - 3)])
+        if loss is not None and chain == loss_chain:
+            row = row + torch.cat([row.new_zeros(3), _loss_columns(loss, row)])
         if chain:
             pending.setdefault(frozenset(chain), []).append(row)
         else:
@@ -618,16 +647,35 @@ def reduced_total(p: Plan, norm_type: float, inv_scale: Tensor | None, backend: 
         for key in [key for key in pending if group in key]:
             parts[key - {group}].extend(row.to(group.device) for row in pending.pop(key))
         stacked = torch.stack([combine(parts[slot]) if parts[slot] else
-                               torch.zeros(3, dtype=torch.float64, device=group.device)
+                               torch.zeros(width, dtype=torch.float64, device=group.device)
                                for slot in step.slots])
         reduced = _all_reduce(stacked, group, inf_norm)
         done.append(reduced[0])
         for index, slot in enumerate(step.slots[1:], start=1):
             pending.setdefault(slot, []).append(reduced[index])
     if not done:
-        return torch.zeros(3, dtype=torch.float64), dtype
+        done.append(torch.zeros(width, dtype=torch.float64))
     first = done[0].device
-    return combine([row.to(first) for row in done]), dtype
+    total = combine([row.to(first) for row in done])
+    if loss is not None and loss_chain is None:
+        total = total.clone()
+        total[3:] = _all_reduce(_loss_columns(loss, total), _world(), inf_norm)
+    return total, dtype
+
+
+def _loss_columns(loss: Tensor, like: Tensor) -> Tensor:
+    """``[loss, 1]``, or ``[0, 0]`` for a rank without a loss (an empty tensor: a pipeline
+    stage before the last)."""
+    if loss.numel() == 0:
+        return like.new_zeros(2)
+    return torch.stack([loss.reshape(()).to(like), like.new_ones(())])
+
+
+def _world() -> _Group:
+    group = _process_group(torch.distributed.group.WORLD, "the default process group")
+    if group is None:  # one rank: the all-reduce of a group of one
+        raise RuntimeError("a single-rank job has nothing to average a loss over")
+    return group
 
 
 def _sum_rows(rows: list[Tensor]) -> Tensor:
@@ -638,29 +686,29 @@ def _max_rows(rows: list[Tensor]) -> Tensor:
     return rows[0] if len(rows) == 1 else torch.stack(rows).amax(0)
 
 
-def norm_stats(p: Plan, norm_type: float, max_norm: float | Tensor, inv_scale: Tensor | None,
-               backend: str, found_inf: Tensor | None = None) -> Tensor:
-    """``stats`` (:mod:`gradclip.backends.base`) of the whole model, on every rank.
+def reduced_stats(p: Plan, norm_type: float, max_norm: float, inv_scale: Tensor | None,
+                  backend: str, found_inf: Tensor | None = None,
+                  loss: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``stats`` (:mod:`gradclip.backends.base`) of the whole model, on every rank, and the
+    mean of the ranks' ``loss`` (``None`` when not given; their largest under the inf norm).
 
+    ``max_norm``: the float threshold whose factor ``stats`` holds (``inf``: 1).
     ``found_inf``: a flag this rank already has (a scaler unscaled); it is reduced with
     the norm, and overwritten in place with the flag of all ranks, so that every rank
-    skips the same steps.
+    skips the same steps. ``loss``: this rank's loss (an empty tensor when it has none);
+    it rides in the norm's all-reduces when one chain reaches every rank.
     """
-    total, dtype = reduced_total(p, norm_type, inv_scale, backend, found_inf)
+    total, dtype = reduced_total(p, norm_type, inv_scale, backend, found_inf, loss)
     value = total[_VALUE]
     norm = value if math.isinf(norm_type) else value.pow(1.0 / norm_type)
     norm = torch.where(total[_NAN] > 0, math.nan, norm).to(dtype)
     nonfinite = (total[_NONFINITE] > 0).to(dtype)
     if found_inf is not None:
         found_inf.copy_(nonfinite.reshape(found_inf.shape))
-    if callable(getattr(max_norm, "threshold_", None)):
-        # A rule (gradclip.ZClip, AutoClip): it sees the global norm, the same on every rank.
-        max_norm = max_norm.threshold_(norm)
-    if isinstance(max_norm, Tensor):
-        max_norm = max_norm.reshape(()).to(device=norm.device, dtype=dtype)
     inv = None if inv_scale is None else inv_scale.to(norm.device).reshape(())
     coef = clip_coefficient(norm, max_norm, inv).to(dtype)
-    return torch.stack([norm, coef, nonfinite])
+    mean_loss = None if loss is None else total[3] / total[4]
+    return torch.stack([norm, coef, nonfinite]), mean_loss
 
 
 def as_returned_norm(norm: Tensor, p: Plan) -> Tensor:
@@ -824,4 +872,4 @@ def _refuse_in_one_graph(ctx) -> None:
 
 
 __all__ = ["CHECK_RANKS_ENV", "Plan", "as_returned_norm", "checks_ranks", "has_dtensor",
-           "involved", "local_tensors", "local_value", "norm_stats", "plan", "reduced_total"]
+           "involved", "local_tensors", "local_value", "plan", "reduced_stats", "reduced_total"]

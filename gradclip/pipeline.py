@@ -45,7 +45,8 @@ class Measured:
     that of the float threshold it was measured with (``inf``: 1), AMP unscale included.
     ``grads``: the local gradients the apply step writes, ``params`` their parameters
     (when known). ``tensor_norms``: each local gradient's pre-clip norm (unscaled), when
-    asked. ``plan``: the distributed plan, or ``None`` in a single process.
+    asked. ``plan``: the distributed plan, or ``None`` in a single process. ``loss``: the
+    step's loss as the spike guard sees it (the mean over the ranks when sharded).
     """
 
     stats: Tensor
@@ -53,6 +54,7 @@ class Measured:
     params: list[Tensor]
     tensor_norms: Tensor | None = None
     plan: distributed.Plan | None = None
+    loss: Tensor | None = None
 
     @property
     def norm(self) -> Tensor:
@@ -139,8 +141,8 @@ def _sharded(grads: list[Tensor], silent, process_group) -> bool:
 def measure(grads: list[Tensor], norm_type: float, *, hint: float = math.inf,
             inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
             params: list[Tensor] | None = None, silent: list[Tensor] = (),
-            tensor_norms: bool = False, process_group=None,
-            backend: str = "auto") -> Measured | None:
+            tensor_norms: bool = False, process_group=None, loss: Tensor | None = None,
+            wants_loss: bool = False, backend: str = "auto") -> Measured | None:
     """The norm of ``grads`` (and of the whole job's when sharded), in one read.
 
     ``hint``: a float threshold whose factor the backend computes with the norm.
@@ -148,8 +150,11 @@ def measure(grads: list[Tensor], norm_type: float, *, hint: float = math.inf,
     ``found_inf``: a flag a scaler already has (after ``unscale_``); it is reduced with
     the norm when sharded (overwritten in place with every rank's) and stands for the
     flag of this step. ``silent``: parameters without a gradient on this rank, whose
-    reductions it still joins. ``tensor_norms``: also each gradient's norm. ``None``:
-    nothing to measure (no gradient, and no reduction to join).
+    reductions it still joins. ``tensor_norms``: also each gradient's norm. ``loss``:
+    the step's loss, for a spike guard; with ``wants_loss`` (the same on every rank) and
+    sharded gradients, it is averaged over the ranks in the norm's own all-reduces (a rank
+    without one, a pipeline stage before the last, passes ``None``). ``None``: nothing
+    to measure (no gradient, and no reduction to join).
     """
     params = [] if params is None else params
     if _sharded(grads, silent, process_group):
@@ -159,8 +164,13 @@ def measure(grads: list[Tensor], norm_type: float, *, hint: float = math.inf,
                 "supported: each rank holds only shards of its tensors. Track them without "
                 "DTensor gradients or process_group")
         plan = distributed.plan(grads, process_group, silent_owners=silent)
-        stats = distributed.norm_stats(plan, norm_type, hint, inv_scale, backend, found_inf)
-        return Measured(stats, plan.locals, params, None, plan)
+        if wants_loss:
+            loss = torch.zeros(0) if loss is None else _loss_tensor(loss)
+        else:
+            loss = None
+        stats, loss = distributed.reduced_stats(plan, norm_type, hint, inv_scale, backend,
+                                                found_inf, loss)
+        return Measured(stats, plan.locals, params, None, plan, loss)
     if not grads:
         return None
     if tensor_norms:
@@ -170,7 +180,16 @@ def measure(grads: list[Tensor], norm_type: float, *, hint: float = math.inf,
     if found_inf is not None:
         stats = torch.stack([stats[NORM], stats[COEF],
                              found_inf.reshape(()).to(device=stats.device, dtype=stats.dtype)])
-    return Measured(stats, grads, params, norms)
+    return Measured(stats, grads, params, norms, None, loss)
+
+
+def _loss_tensor(loss) -> Tensor:
+    if not isinstance(loss, Tensor):
+        loss = torch.tensor(float(loss))
+    if loss.numel() != 1:
+        raise ValueError(f"loss must have one element (the step's loss), got shape "
+                         f"{tuple(loss.shape)}; pass loss.mean() or the reduced loss")
+    return loss.detach().reshape(())
 
 
 def raise_if_nonfinite(norm: Tensor, norm_type: float) -> None:
@@ -241,13 +260,14 @@ def clip_(grads: list[Tensor], norm_type: float, threshold: Threshold, *,
             return clipped
     m = measure(grads, norm_type, hint=threshold if fixed else math.inf, inv_scale=inv_scale,
                 found_inf=found_inf, params=params, silent=silent, tensor_norms=tensor_norms,
-                process_group=process_group, backend=backend)
+                process_group=process_group, loss=loss, wants_loss=_wants_loss(guard),
+                backend=backend)
     if m is None:
         return None
     if error_if_nonfinite:
         # Before the guard and the rule see the norm: a raising step changes no state.
         raise_if_nonfinite(m.norm, norm_type)
-    verdict = None if guard is None else guard.judge_(m.norm, loss)
+    verdict = None if guard is None else guard.judge_(m.norm, m.loss)
     accept = None if verdict is None or verdict.skip is None else ~verdict.skip
     limit = None if verdict is None else verdict.clip_limit
     only_measures = fixed and math.isinf(threshold) and inv_scale is None and limit is None
@@ -262,6 +282,10 @@ def clip_(grads: list[Tensor], norm_type: float, threshold: Threshold, *,
         rescale_(m.grads, factor, skip, backend)
     return Clipped(norm=m.norm, coef=coef, factor=factor, found_inf=m.found_inf,
                    threshold=threshold, verdict=verdict, tensor_norms=m.tensor_norms, plan=m.plan)
+
+
+def _wants_loss(guard: SpikeGuard | None) -> bool:
+    return guard is not None and guard.watches_loss
 
 
 def _fused_clip_(grads, norm_type, threshold: float, params, silent, inv_scale, process_group,
@@ -306,10 +330,10 @@ def _clip_locally_(grads, norm_type, rule: LocalRule, *, params, silent, inv_sca
     if amp or error_if_nonfinite or guard is not None or tensor_norms:
         m = measure(grads, norm_type, inv_scale=inv_scale, found_inf=found_inf, params=params,
                     silent=silent, tensor_norms=tensor_norms or rule.uses_tensor_norms,
-                    process_group=process_group, backend=backend)
+                    process_group=process_group, loss=loss, backend=backend)
         if error_if_nonfinite:
             raise_if_nonfinite(m.norm, norm_type)
-    verdict = None if guard is None else guard.judge_(m.norm, loss)
+    verdict = None if guard is None else guard.judge_(m.norm, m.loss)
     skip = m.found_inf if amp else None
     local = rule.clip_measured_(params, grads, None if m is None else m.tensor_norms,
                                 inv_scale, skip, backend)

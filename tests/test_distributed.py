@@ -361,8 +361,26 @@ def mesh_2d(rank: int, world: int, backend: str) -> None:
     coef = max_norm / (oracle_norm(everything, 2.0) + 1e-6)
     for p, t in zip(params, stage_layers[stage]):
         torch.testing.assert_close(p.grad.full_tensor(), t * coef)
+    hsdp_loss(rank, mesh, backend)
     expect_error(ValueError, "also a mesh dimension", lambda: gradclip.get_total_norm(
         local, process_group=mesh.get_group("dp"), backend=backend))
+
+
+def hsdp_loss(rank: int, mesh, backend: str) -> None:
+    """HSDP (replicate over "pp", shard over "dp"): the norm's all-reduce never crosses the
+    replicas, whose losses differ; the loss then gets one all-reduce of its own, and every
+    rank sees the mean of the four."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    params = as_params([distribute_tensor(t, mesh, [Replicate(), Shard(0)])
+                        for t in full_tensors(4, [(6, 2)])])
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), backend=backend,
+                                    spike_guard=gradclip.SpikeGuard(window=4, watch="loss"))
+    with Watch(allow_host_reads=True) as watch:
+        opt.step(loss=torch.tensor(float(rank + 1)))
+    assert watch.all_reduces == 2, watch.all_reduces
+    windows = opt.spike_guard._windows
+    assert windows.values[0, 0].item() == 2.5, windows.values  # (1 + 2 + 3 + 4) / 4
 
 
 def two_meshes(rank: int, world: int, backend: str) -> None:
@@ -667,6 +685,59 @@ def fsdp2_training(rank: int, world: int, backend: str) -> None:
     norms = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(norms, rule_opt.last_norm.double().reshape(1))
     assert all(n.item() == norms[0].item() for n in norms), norms
+    guarded_losses(rank, world, backend, ours, mesh)
+
+
+# The losses of a guarded run on each rank: rank 1's spike at step 14 alone lifts the mean
+# above 3x; rank 0's at 17 is a spike of its own loss but not of the mean.
+LOSS_STEPS = 22
+
+
+def rank_losses(rank: int) -> list[float]:
+    losses = [2.0 + 0.02 * ((step * (rank + 3)) % 5) for step in range(LOSS_STEPS)]
+    if rank == 1:
+        losses[14] *= 12.0
+    if rank == 0:
+        losses[17] *= 2.5
+    return losses
+
+
+def guarded_losses(rank: int, world: int, backend: str, model, mesh) -> None:
+    """A spike guard watching the loss over ranks whose losses disagree decides alike on
+    every rank, on the mean of the ranks' losses, which rides in the norm's own all-reduce
+    (FSDP2, and plain shards over a process_group); a rank without a loss is left out."""
+    from recipes import GuardPort
+
+    mean = [sum(rank_losses(r)[step] for r in range(world)) / world for step in range(LOSS_STEPS)]
+    port = GuardPort(window=8, warmup=4, watch="loss")
+    expected = [step for step, loss in enumerate(mean) if port.judge(1.0, loss)["skip"]]
+    assert expected == [14], expected
+    plain = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    for params, group in ((list(model.parameters()), None), (plain, dist.group.WORLD)):
+        opt = gradclip.ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=1.0,
+                                        backend=backend, process_group=group,
+                                        spike_guard=gradclip.SpikeGuard(window=8, warmup=4,
+                                                                        watch="loss"))
+        skipped = []
+        for step, loss in enumerate(rank_losses(rank)):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            before = int(opt.counters[3])
+            with Watch(allow_host_reads=True) as watch:
+                opt.step(loss=torch.tensor(loss))
+            assert watch.all_reduces == 1, "the loss rides in the norm's all-reduce"
+            if int(opt.counters[3]) > before:
+                skipped.append(step)
+        assert skipped == expected, (rank, skipped)
+    # A rank without a loss (a pipeline stage before the last) counts for nothing.
+    opt = gradclip.ClippedOptimizer(torch.optim.SGD(plain, lr=0.0), process_group=dist.group.WORLD,
+                                    backend=backend,
+                                    spike_guard=gradclip.SpikeGuard(window=8, watch="loss"))
+    for p in plain:
+        p.grad = torch.ones_like(p)
+    opt.step(loss=torch.tensor(6.0) if rank == 0 else None)
+    windows, _ = opt.spike_guard._windows, None
+    assert windows.values[0, 0].item() == 6.0 and windows.count.item() == 1
 
 
 ROOT = Path(__file__).resolve().parent.parent
