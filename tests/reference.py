@@ -1,11 +1,11 @@
-"""The test oracle: :mod:`gradclip.bench.oracle` (the op contract computed in float64 from its
+"""The test oracle: :mod:`gradclip.oracle` (the op contract computed in float64 from its
 definition, shared with ``python -m gradclip bench --check``) and assertions built on it."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from gradclip.bench.oracle import (
+from gradclip.oracle import (
     EPS,
     close_or_both_nan,
     expected_stats,

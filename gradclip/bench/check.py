@@ -1,5 +1,5 @@
 """``python -m gradclip bench --check``: each gradclip backend's results on the bench's
-gradients against the float64 oracle (:mod:`.oracle`).
+gradients against the float64 oracle (:mod:`gradclip.oracle`).
 
 Per workload, dtype and backend, on the data the timed modes use:
 
@@ -25,7 +25,7 @@ import gradclip
 from gradclip.backends import dispatch
 from gradclip.backends.base import COEF
 
-from . import oracle
+from .. import oracle
 from .paths import LOSS_SCALE, MODES, Buffers
 
 CHECKS = ("norm", "no-clip", "clip", "amp", "nonfinite")

@@ -103,7 +103,7 @@ columns:
   x torch   torch's time in the same mode and timing over this path's time
 
 --check, --check-only: before timing (or instead of it), each gradclip backend's results
-  on the selected workloads and dtypes against a float64 oracle (gradclip/bench/oracle.py,
+  on the selected workloads and dtypes against a float64 oracle (gradclip/oracle.py,
   the one the tests use): the norm for p = 2, 1, 3.5, inf; no-clip leaves the gradients
   bitwise untouched; clip and amp scale them by the coefficient; a NaN gives a NaN norm,
   found_inf and no AMP rescale. A failed check is listed and the command exits with 1.

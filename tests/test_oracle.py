@@ -1,4 +1,4 @@
-"""The float64 oracle shared by the tests and ``bench --check`` (gradclip/bench/oracle.py):
+"""The float64 oracle shared by the tests and ``bench --check`` (gradclip/oracle.py):
 its per-tensor evaluation agrees with the definition (the norm of one concatenated vector)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gradclip.bench import oracle
+from gradclip import oracle
 
 
 def _definition(tensors, norm_type, max_norm, inv_scale=None):

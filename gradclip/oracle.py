@@ -2,7 +2,8 @@
 ``norm_stats`` returns, computed from its definition in float64.
 
 ``python -m gradclip bench --check`` and the tests (``tests/reference.py`` re-exports this
-module) judge every backend by it. It shares no code with the backends on purpose.
+module) judge every backend by it: it lives beside both, in neither. It shares no code
+with the backends on purpose.
 """
 
 from __future__ import annotations
