@@ -2,9 +2,10 @@
 
 Drop-in functions (``clip_grad_norm_``, ``get_total_norm``, ``clip_grads_with_norm_``,
 ``clip_grad_value_``) with torch's signatures, and ``ClippedOptimizer``, which wraps any
-``torch.optim`` optimizer and fuses the AMP unscale into the clip. Backends: ``cuda``
-(C++/CUDA extension), ``triton`` and ``torch`` (the reference); see
-:func:`available_backends`.
+``torch.optim`` optimizer and fuses the AMP unscale into the clip; clip rules (``ZClip``,
+``AutoClip``, ``PerTensor``, ``AGC``), the ``SpikeGuard`` and ``log_metrics``. Backends:
+``cuda`` (the C++/CUDA extension), ``triton`` and ``reference`` (pure torch, the oracle;
+``torch`` is accepted as its old name); see :func:`available_backends`.
 """
 
 from .backends import BackendStatus, BackendUnavailableError, available_backends

@@ -69,9 +69,9 @@ def wrapper_sees_skipped_steps(opt, scaler_kind: str) -> bool:
 @pytest.mark.parametrize("manual_unscale", [False, True], ids=["auto-unscale", "manual-unscale"])
 @pytest.mark.parametrize("scaler_kind", list(SCALERS))
 @pytest.mark.parametrize("name", optimizer_params(ALL_OPTIMIZERS))
-def test_amp_training_matches_torch_unscale_clip_step(backend_device, gen, name, scaler_kind,
+def test_amp_training_matches_torch_unscale_clip_step(wrapper_backend_device, gen, name, scaler_kind,
                                                        manual_unscale):
-    backend, device = backend_device
+    backend, device = wrapper_backend_device
     autocast = autocast_dtype_for(device)
     theirs = make_params(gen, device)
     ours = clone_params(theirs)

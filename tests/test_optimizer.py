@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gpu, on_device, run_example
+from conftest import BACKEND_DEVICES, gpu, on_device, run_example
 
 import gradclip
 from gradclip.backends import dispatch
@@ -218,8 +218,8 @@ def lambda_scheduler(opt):
 
 
 @pytest.mark.parametrize("name", optimizer_params(ALL_OPTIMIZERS))
-def test_training_matches_torch_clip_then_step(backend_device, gen, name):
-    backend, device = backend_device
+def test_training_matches_torch_clip_then_step(wrapper_backend_device, gen, name):
+    backend, device = wrapper_backend_device
     if name in FUSED_OPTIMIZERS and device == "cpu" and not CPU_FUSED:
         pytest.skip("no fused CPU optimizers in this torch")
     theirs = make_params(gen, device)
@@ -235,6 +235,23 @@ def test_training_matches_torch_clip_then_step(backend_device, gen, name):
     assert tuple(opt.stats().values()) == expected_counts(ref_norms)
     steps, clipped, _ = expected_counts(ref_norms)
     assert 0 < clipped < steps, "the data must make some steps clip and some not"
+
+
+@pytest.mark.parametrize("name", optimizer_params(["adamw", "adamw_fused"]))
+def test_training_on_the_triton_kernels_matches_torch(gen, name):
+    """A smoke test of the wrapper on the Triton kernels (the interpreter here): the rest
+    of this file runs on the reference backend, the backends' own suites cover theirs."""
+    if ("triton", "cpu") not in BACKEND_DEVICES:
+        pytest.skip("the Triton interpreter cannot run here")
+    theirs = make_params(gen)
+    ours = clone_params(theirs)
+    batches = make_batches(gen)
+    ref_opt = ALL_OPTIMIZERS[name](groups_of(theirs))
+    opt = gradclip.ClippedOptimizer(ALL_OPTIMIZERS[name](groups_of(ours)), MAX_NORM, backend="triton")
+    ref_norms, _ = run_reference(theirs, ref_opt, batches)
+    norms, _ = run_wrapped(ours, opt, batches)
+    assert_params_close(ours, theirs, "cpu", "triton")
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=2e-5, atol=0)
 
 
 def test_lbfgs_clips_every_closure_evaluation(gen):
