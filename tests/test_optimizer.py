@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, gpu, on_device, run_example
+from conftest import BACKEND_DEVICES, gpu, on_device
 
 import gradclip
 from gradclip.backends import dispatch
@@ -698,36 +698,6 @@ def test_step_without_scaler_never_syncs(gen, name):
         assert norm.is_cuda
     assert opt.stats()["steps"] == 3
 
-
-
-# ---------------------------------------------------------------------------------------
-# The documentation's examples run
-# ---------------------------------------------------------------------------------------
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def documented_examples() -> list[tuple[str, str]]:
-    """Every python block of README.md and docs/optimizer.md: what users copy must run."""
-    examples = []
-    for doc in (ROOT / "README.md", ROOT / "docs" / "optimizer.md"):
-        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-        examples += [(f"{doc.name}-{i}", block) for i, block in enumerate(blocks)]
-    return examples
-
-
-EXAMPLES = documented_examples()
-
-
-def test_the_wrapper_is_documented_with_runnable_examples():
-    wrapper = [code for _, code in EXAMPLES if "ClippedOptimizer" in code]
-    assert len(wrapper) >= 3, "the docs must show the wrapper with and without AMP"
-    assert any("GradScaler" in code for code in wrapper)
-
-
-@pytest.mark.parametrize("code", [code for _, code in EXAMPLES], ids=[name for name, _ in EXAMPLES])
-def test_documented_example_runs_and_prints_what_it_says(code):
-    run_example(code)
 
 
 # ---------------------------------------------------------------------------------------
