@@ -244,7 +244,7 @@ def test_cpu_section_times_torch_and_gradclip_side_by_side_on_one_thread(tmp_pat
         assert f"{row['ratio']:.3f}x" in line and ("missed" in line) != row["met"]
     assert rows["no-clip"]["torch_norm"] == pytest.approx(0.5, rel=1e-4)
     assert rows["clip"]["torch_norm"] == pytest.approx(4.0, rel=1e-4)
-    assert "| tiny (12 tensors, 0.1M) | no-clip |" in (out / "bench.md").read_text()
+    assert "| tiny (12 tensors, 0.05M) | no-clip |" in (out / "bench.md").read_text()
     again = tmp_path / "again"
     assert main(["bench", "--from-json", str(out / "bench.json"), "--out", str(again)]) == 0
     assert (again / "bench.md").read_text() == (out / "bench.md").read_text()

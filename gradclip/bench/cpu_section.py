@@ -5,9 +5,12 @@
 the CPU), in one run, on one thread, on the same gradients: ``no-clip`` (norm 0.5,
 ``max_norm`` 1: nothing to clip) and ``clip`` (norm 4: every call scales). The two are timed
 call by call in turn (torch, gradclip, gradclip, torch, ...), so that load from other work on
-the machine falls on both alike; each figure is the median of its samples. The targets are
-issue 9 item 7's: gradclip's time at most 0.6x torch's when there is nothing to clip (one read
-against torch's three passes) and at most 1.1x when clipping.
+the machine falls on both alike; each figure is the median of its samples.
+
+The targets, gradclip's time over torch's at most: on small lists (6 and 28 tensors, where a
+call is host overhead) and on ResNet-50's 161 tensors, no slower than torch (1.0) in either
+mode; where reading the gradients dominates, 0.6 when there is nothing to clip (one read
+against torch's three passes), and 1.1 when clipping on 2000 tiny tensors.
 """
 
 from __future__ import annotations
@@ -23,9 +26,18 @@ from .paths import MODES, Buffers
 from .timing import CacheEvictor, time_call
 from .workloads import Workload, get_workload
 
-DEFAULT_WORKLOADS = ("resnet50", "2000x4096")
+DEFAULT_WORKLOADS = ("mlp-6", "tiny-gpt-28", "resnet50", "2000x4096")
 DEFAULT_SAMPLES = 15
-TARGETS = {"no-clip": 0.6, "clip": 1.1}  # gradclip's time over torch's, at most
+SECTION_MODES = ("no-clip", "clip")
+# gradclip's time over torch's, at most, per workload and mode (other workloads: DEFAULT_TARGETS).
+TARGETS = {("mlp-6", "no-clip"): 1.0, ("mlp-6", "clip"): 1.0,
+           ("tiny-gpt-28", "no-clip"): 1.0, ("tiny-gpt-28", "clip"): 1.0,
+           ("resnet50", "no-clip"): 0.6, ("resnet50", "clip"): 1.0}
+DEFAULT_TARGETS = {"no-clip": 0.6, "clip": 1.1}
+
+
+def target(workload: str, mode: str) -> float:
+    return TARGETS.get((workload, mode), DEFAULT_TARGETS[mode])
 
 
 def default_workloads() -> list[Workload]:
@@ -42,11 +54,11 @@ def measure(workloads: list[Workload], repeats: int, warmup: int, progress=None)
         backend = dispatch.resolve("auto", cpu).name
         evict = CacheEvictor(cpu)
         if progress:
-            progress.start(len(workloads) * len(TARGETS))
+            progress.start(len(workloads) * len(SECTION_MODES))
         rows = []
         for w in workloads:
             buffers = Buffers(w, torch.float32, cpu)
-            for mode in TARGETS:
+            for mode in SECTION_MODES:
                 if progress:
                     progress.step(f"{w.key} {mode}")
                 rows.append(_time_mode(buffers, mode, repeats, warmup, evict))
@@ -82,9 +94,10 @@ def _time_mode(b: Buffers, mode: str, repeats: int, warmup: int, evict) -> dict:
     torch_us = statistics.median(samples["torch"])
     ours_us = statistics.median(samples["gradclip"])
     ratio = ours_us / torch_us
+    goal = target(b.workload.key, mode)
     return {"workload": b.workload.key, "title": b.workload.title, "tensors": b.workload.n_tensors,
             "params": b.workload.numel, "mode": mode, "torch_us": torch_us, "gradclip_us": ours_us,
-            "ratio": ratio, "target": TARGETS[mode], "met": ratio <= TARGETS[mode],
+            "ratio": ratio, "target": goal, "met": ratio <= goal,
             "torch_norm": norms["torch"], "gradclip_norm": norms["gradclip"],
             "samples_us": samples}
 
@@ -106,12 +119,12 @@ def _header(result: dict) -> list[str]:
 
 
 def _cells(row: dict) -> list[str]:
-    return [f"{row['title']} ({row['tensors']} tensors, {row['params'] / 1e6:.1f}M)", row["mode"],
-            f"{row['torch_us'] / 1e3:.2f}", f"{row['gradclip_us'] / 1e3:.2f}", f"{row['ratio']:.3f}x",
+    return [f"{row['title']} ({row['tensors']} tensors, {row['params'] / 1e6:.2f}M)", row["mode"],
+            f"{row['torch_us']:.1f}", f"{row['gradclip_us']:.1f}", f"{row['ratio']:.3f}x",
             f"<= {row['target']:.1f}x", "met" if row["met"] else "missed"]
 
 
-_COLUMNS = ("workload", "mode", "torch ms", "gradclip ms", "gradclip/torch", "target", "")
+_COLUMNS = ("workload", "mode", "torch us", "gradclip us", "gradclip/torch", "target", "")
 
 
 def terminal_table(result: dict) -> str:

@@ -98,6 +98,21 @@ def resnet50_shapes(classes: int = 1000) -> list[Shape]:
     return shapes + [(classes, in_ch), (classes,)]
 
 
+def mlp_shapes(widths=(784, 256, 128, 10)) -> list[Shape]:
+    """A small MLP (an MNIST classifier): weight and bias of each of 3 linears, 6 tensors."""
+    shapes: list[Shape] = []
+    for fan_in, fan_out in zip(widths, widths[1:]):
+        shapes += [(fan_out, fan_in), (fan_out,)]
+    return shapes
+
+
+def tiny_gpt_shapes(hidden: int = 128, layers: int = 2, vocab: int = 1000,
+                    positions: int = 64) -> list[Shape]:
+    """A two-layer GPT-2-shaped model (embeddings, 12 tensors per layer, final LayerNorm):
+    28 tensors, the kind of list a small fine-tune clips."""
+    return gpt2_shapes(hidden, layers, vocab, positions)
+
+
 WORKLOADS: dict[str, Workload] = {
     w.key: w for w in (
         Workload("llama-1b", "llama-1B-like", tuple(llama_1b_like_shapes())),
@@ -117,8 +132,11 @@ def odd_sizes_shapes(small_tensors: int = 3000) -> list[Shape]:
 
 
 ODD_SIZES = Workload("odd-sizes", "odd sizes", tuple(odd_sizes_shapes()))
-# Every --workloads key: the four timed by default, then the edge cases.
-ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, ODD_SIZES.key: ODD_SIZES}
+# Small lists, where a call is all host overhead (the CPU section times them).
+SMALL = {w.key: w for w in (Workload("mlp-6", "MLP", tuple(mlp_shapes())),
+                            Workload("tiny-gpt-28", "tiny GPT", tuple(tiny_gpt_shapes())))}
+# Every --workloads key: the four timed by default, the edge cases, the small lists.
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, ODD_SIZES.key: ODD_SIZES, **SMALL}
 
 # --model names served without torchvision: the built-in lists above.
 _LOCAL_MODELS = {"resnet50": "resnet50", "gpt2": "gpt2", "llama-1b": "llama-1b"}
