@@ -49,8 +49,8 @@ from .base import (
     Backend,
     BackendStatus,
     BackendUnavailableError,
-    stats_dtype,
 )
+from . import fakes
 from .reference import ReferenceBackend
 
 # The kernels' HAS_<NAME> flags per dtype, and element sizes by dtype code.
@@ -780,6 +780,7 @@ _OPS_BACKEND = TritonBackend()
 
 
 # -- torch.library registration: lets torch.compile(fullgraph=True) trace through a clip ----
+# The fakes are gradclip.backends.fakes, shared with the CUDA ops.
 
 @torch.library.custom_op("gradclip_triton::norm_stats", mutates_args=())
 def _norm_stats_op(tensors: list[Tensor], norm_type: float, max_norm: float,
@@ -787,19 +788,9 @@ def _norm_stats_op(tensors: list[Tensor], norm_type: float, max_norm: float,
     return _OPS_BACKEND.norm_stats(tensors, norm_type, max_norm, inv_scale)
 
 
-@_norm_stats_op.register_fake
-def _norm_stats_fake(tensors, norm_type, max_norm, inv_scale):
-    return tensors[0].new_empty(3, dtype=stats_dtype(tensors))
-
-
 @torch.library.custom_op("gradclip_triton::scale_", mutates_args=("tensors",))
 def _scale_op(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> None:
     _OPS_BACKEND.scale_(tensors, scale, found_inf)
-
-
-@_scale_op.register_fake
-def _scale_fake(tensors, scale, found_inf):
-    return None
 
 
 @torch.library.custom_op("gradclip_triton::clip_grads_", mutates_args=("grads",))
@@ -808,20 +799,9 @@ def _clip_grads_op(grads: list[Tensor], norm_type: float, max_norm: float,
     return _OPS_BACKEND.clip_grads_(grads, norm_type, max_norm, inv_scale)
 
 
-@_clip_grads_op.register_fake
-def _clip_grads_fake(grads, norm_type, max_norm, inv_scale):
-    return grads[0].new_empty(3, dtype=stats_dtype(grads))
-
-
 @torch.library.custom_op("gradclip_triton::clamp_", mutates_args=("tensors",))
 def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
     _OPS_BACKEND.clamp_(tensors, clip_value)
-
-
-@_clamp_op.register_fake
-def _clamp_fake(tensors, clip_value):
-    return None
-
 
 
 @torch.library.custom_op("gradclip_triton::norm_stats_per_tensor", mutates_args=())
@@ -830,30 +810,14 @@ def _norm_stats_per_tensor_op(tensors: list[Tensor], norm_type: float, max_norm:
     return _OPS_BACKEND.norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
 
 
-@_norm_stats_per_tensor_op.register_fake
-def _norm_stats_per_tensor_fake(tensors, norm_type, max_norm, inv_scale):
-    dtype = stats_dtype(tensors)
-    return tensors[0].new_empty(3, dtype=dtype), tensors[0].new_empty(len(tensors), dtype=dtype)
-
-
 @torch.library.custom_op("gradclip_triton::scale_per_tensor_", mutates_args=("tensors",))
 def _scale_per_tensor_op(tensors: list[Tensor], coefs: Tensor) -> None:
     _OPS_BACKEND.scale_per_tensor_(tensors, coefs)
 
 
-@_scale_per_tensor_op.register_fake
-def _scale_per_tensor_fake(tensors, coefs):
-    return None
-
-
 @torch.library.custom_op("gradclip_triton::clip_per_tensor_", mutates_args=("tensors",))
 def _clip_per_tensor_op(tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
     return _OPS_BACKEND.clip_per_tensor_(tensors, norm_type, max_norm)
-
-
-@_clip_per_tensor_op.register_fake
-def _clip_per_tensor_fake(tensors, norm_type, max_norm):
-    return tensors[0].new_empty(len(tensors), dtype=stats_dtype(tensors))
 
 
 @torch.library.custom_op("gradclip_triton::agc_", mutates_args=("grads",))
@@ -862,6 +826,4 @@ def _agc_op(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: 
     return _OPS_BACKEND.agc_(params, grads, clip_factor, eps, norm_type)
 
 
-@_agc_op.register_fake
-def _agc_fake(params, grads, clip_factor, eps, norm_type):
-    return grads[0].new_empty((), dtype=stats_dtype(grads))
+fakes.register_fakes("gradclip_triton")
