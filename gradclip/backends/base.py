@@ -29,10 +29,9 @@ and float64, and provides two ops:
     torch's in-place ops do.
 
 ``clamp_(tensors, clip_value) -> None``
-    Clamps every tensor in place to ``[-clip_value, clip_value]``. The base class does it
-    with torch's foreach ops; a backend may override it with a one-pass kernel.
+    Clamps every tensor in place to ``[-clip_value, clip_value]``.
 
-Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them; docs/design.md §4):
+Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them):
 
 ``norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale) -> (stats, norms)``
     ``norm_stats`` and, from the same read, ``norms``: a 1-d tensor of ``len(tensors)``
@@ -54,13 +53,15 @@ Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them; docs/design
     are not written. Norms are accumulated in float32 (float64 for float64 tensors). Returns
     the 0-d norm of all gradients before clipping (the norm of the units' norms).
 
-A backend that has no kernel of its own for these gets the reference backend's.
+A backend takes what it can: an op returns ``NotImplemented`` (before writing anything) for
+input it does not take, and the dispatcher (:mod:`gradclip.backends.dispatch`) then runs the
+reference backend's op instead. Nothing else falls back. ``clip_grads_`` and
+``clip_per_tensor_`` compose the other ops unless a backend fuses them.
 
-Neither op synchronises with the host. ``clip_grads_`` composes the two. A backend may
-also offer ``clip_parameters_``, which takes the parameters themselves and finds their
-``.grad`` without a Python loop (the per-tensor Python work dominates eager calls with
-thousands of tensors); it returns ``None`` for any input it does not take, and the
-caller then goes the general way.
+Neither op synchronises with the host. A backend may also offer ``clip_parameters_``,
+which takes the parameters themselves and finds their ``.grad`` without a Python loop (the
+per-tensor Python work dominates eager calls with thousands of tensors); it returns
+``None`` for any input it does not take, and the caller then goes the general way.
 """
 
 from __future__ import annotations
@@ -107,7 +108,11 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend:
-    """Base class of the backends; see the module docstring for the contract."""
+    """Base class of the backends; see the module docstring for the contract.
+
+    Every op returns ``NotImplemented`` here: a backend overrides what it takes, and the
+    dispatcher runs the reference backend's op for the rest.
+    """
 
     name: str = "?"
 
@@ -126,25 +131,15 @@ class Backend:
         """Whether this backend runs tensors of ``device`` (given ``status()`` is available)."""
         raise NotImplementedError
 
-    def norm_stats(
-        self,
-        tensors: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor:
-        raise NotImplementedError
+    def norm_stats(self, tensors: list[Tensor], norm_type: float, max_norm: float,
+                   inv_scale: Tensor | None = None) -> Tensor:
+        return NotImplemented
 
     def scale_(self, tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None) -> None:
-        raise NotImplementedError
+        return NotImplemented
 
-    def clip_grads_(
-        self,
-        grads: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor:
+    def clip_grads_(self, grads: list[Tensor], norm_type: float, max_norm: float,
+                    inv_scale: Tensor | None = None) -> Tensor:
         """Norm, then rescale by ``stats[COEF]``; returns ``stats``.
 
         With ``inv_scale`` (AMP) the rescale is skipped when an inf/NaN was found: the
@@ -152,46 +147,39 @@ class Backend:
         Without it, a non-finite norm rescales by NaN, exactly as torch does.
         """
         stats = self.norm_stats(grads, norm_type, max_norm, inv_scale)
-        self.scale_(grads, coef_of(stats), found_inf_of(stats) if inv_scale is not None else None)
+        if stats is NotImplemented:
+            return NotImplemented
+        skip = found_inf_of(stats) if inv_scale is not None else None
+        if self.scale_(grads, coef_of(stats), skip) is NotImplemented:
+            return NotImplemented
         return stats
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
-        """Clamp in place to ``[-clip_value, clip_value]`` (two foreach passes, as torch)."""
-        for group in group_by_dtype(tensors).values():
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+        return NotImplemented
 
-    # -- per-tensor and unit-wise ops: the reference backend's unless overridden ---------
-
-    def norm_stats_per_tensor(
-        self,
-        tensors: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        return _reference().norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
+    def norm_stats_per_tensor(self, tensors: list[Tensor], norm_type: float, max_norm: float,
+                              inv_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return NotImplemented
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
-        _reference().scale_per_tensor_(tensors, coefs)
+        return NotImplemented
 
     def clip_per_tensor_(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
         """Per-tensor norms, then each tensor scaled by its own factor; returns the norms."""
-        _, norms = self.norm_stats_per_tensor(tensors, norm_type, math.inf)
-        self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm))
+        result = self.norm_stats_per_tensor(tensors, norm_type, math.inf)
+        if result is NotImplemented:
+            return NotImplemented
+        norms = result[1]
+        if self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm)) is NotImplemented:
+            return NotImplemented
         return norms
 
     def agc_(self, params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
              norm_type: float) -> Tensor:
-        return _reference().agc_(params, grads, clip_factor, eps, norm_type)
+        return NotImplemented
 
-    def clip_parameters_(
-        self,
-        params: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor | None:
+    def clip_parameters_(self, params: list[Tensor], norm_type: float, max_norm: float,
+                         inv_scale: Tensor | None = None) -> Tensor | None:
         """``clip_grads_`` over the ``.grad`` of ``params``, or ``None`` if not offered."""
         return None
 
@@ -219,14 +207,3 @@ def clip_coefficient(norm: Tensor, max_norm: float, inv_scale: Tensor | None = N
     if inv_scale is not None:
         coef = coef * inv_scale.to(coef.dtype)
     return coef
-
-
-def _reference() -> Backend:
-    from .reference import ReferenceBackend  # imports this module: import on first use
-    global _REFERENCE
-    if _REFERENCE is None:
-        _REFERENCE = ReferenceBackend()
-    return _REFERENCE
-
-
-_REFERENCE: Backend | None = None

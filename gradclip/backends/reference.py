@@ -192,6 +192,8 @@ def _agc_tensor_(w: Tensor, g: Tensor, clip_factor: float, eps: float, norm_type
 
 
 class ReferenceBackend(Backend):
+    """Pure torch on any device: takes every input the contract allows, complex included."""
+
     name = "reference"
 
     def status(self) -> BackendStatus:
@@ -208,6 +210,11 @@ class ReferenceBackend(Backend):
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
         norm = _total_norm(groups, norm_type, dtype, device, inv_scale)
         return _stats_of(norm, groups, max_norm, inv_scale, dtype, device)
+
+    def clamp_(self, tensors, clip_value):
+        for group in group_by_dtype(tensors).values():
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
 
     def norm_stats_per_tensor(self, tensors, norm_type, max_norm, inv_scale=None):
         dtype, device = stats_dtype(tensors), tensors[0].device
@@ -247,7 +254,6 @@ class ReferenceBackend(Backend):
         dtype = stats_dtype(grads)
         unit_norms = [_agc_tensor_(w, g, clip_factor, eps, norm_type) for w, g in zip(params, grads)]
         return torch.linalg.vector_norm(torch.cat([n.to(dtype) for n in unit_norms]), norm_type)
-
 
     def scale_(self, tensors, scale, found_inf=None):
         factor = scale.reshape(())

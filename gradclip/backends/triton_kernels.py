@@ -1,7 +1,7 @@
 """The Triton kernels of the ``triton`` backend; launched from :mod:`gradclip.backends.triton`.
 
 Both kernels walk the same chunk table, a device-resident int64 buffer built once per
-gradient list (see ``triton.py``)::
+gradient list (see ``triton_tables.py``)::
 
     meta[0]                         counter: finished programs of the running norm launch
     meta[1 : 2 + n]                 base: byte address of each chunk's first element
