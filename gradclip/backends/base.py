@@ -50,8 +50,14 @@ Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them):
     Adaptive gradient clipping, unit-wise (a unit is the whole tensor for ``ndim <= 1``,
     else one slice ``[i]`` along the first dim): where ``‖g_u‖ >= max(‖w_u‖, eps) *
     clip_factor`` the unit's gradient is scaled by ``max / max(‖g_u‖, 1e-6)``; other units
-    are not written. Norms are accumulated in float32 (float64 for float64 tensors). Returns
-    the 0-d norm of all gradients before clipping (the norm of the units' norms).
+    are not written. Norms and factors are computed in float32 (float64 when any gradient
+    is float64). Returns the 0-d norm of all gradients before clipping (the norm of the
+    units' norms).
+
+How every backend rounds a per-tensor or unit-wise rescale (so that the same factor gives
+the same bits on every backend): a tensor that is not float64 is multiplied in float32 by
+its factor rounded to float32, and the product is rounded once to the tensor's dtype; a
+float64 tensor is multiplied in float64.
 
 A backend takes what it can: an op returns ``NotImplemented`` (before writing anything) for
 input it does not take, and the dispatcher (:mod:`gradclip.backends.dispatch`) then runs the
