@@ -31,12 +31,14 @@ from .base import (
     COMPLEX_DTYPES,
     FOUND_INF,
     NORM,
-    SUPPORTED_DTYPES,
     Backend,
     BackendStatus,
     BackendUnavailableError,
+    check_dtypes,
+    check_writable,
     clip_coefficient,
     coef_of,
+    distinct_entries,
     found_inf_of,
     stats_dtype,
 )
@@ -208,11 +210,7 @@ def _split(tensors: list[Tensor], what: str,
     if groups is None or sum(len(g) for (g,), _ in groups.values()) != len(tensors):
         bad = next(t for t in tensors if not isinstance(t, Tensor))
         raise TypeError(f"{what} must be tensors, got {type(bad).__name__}")
-    for _, dtype in groups:
-        if dtype not in SUPPORTED_DTYPES and dtype not in COMPLEX_DTYPES:
-            raise TypeError(f"{what} of dtype {dtype} are not supported; gradclip clips "
-                            "float16, bfloat16, float32 and float64 tensors (and complex "
-                            "ones on the reference backend).")
+    check_dtypes([dtype for _, dtype in groups], what)
     split: dict[tuple[torch.device, bool], list[list[int] | None]] = {}
     for (device, dtype), (_, indices) in groups.items():
         split.setdefault((device, dtype in COMPLEX_DTYPES), []).append(indices)
@@ -238,6 +236,15 @@ def _nonempty(parts: list[_Part], op: str) -> list[_Part]:
     if not parts:
         raise ValueError(f"{op} needs at least one tensor; got an empty list")
     return parts
+
+
+def _check_before_writing(parts: list[_Part], what: str, per_tensor: bool = False) -> None:
+    """What each part's backend checks before it writes, checked for all parts first: a
+    bad tensor on the last device must not leave the first device's tensors written."""
+    for part in parts:
+        check_writable(part.tensors, what)
+        if per_tensor:
+            distinct_entries(part.tensors, what)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -307,6 +314,8 @@ def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None
            backend: str = "auto") -> None:
     """Multiply ``tensors`` by ``scale`` on the device unless it is 1 or ``found_inf`` is set."""
     parts = _parts(tensors, backend, "tensors")
+    if len(parts) > 1:
+        _check_before_writing(parts, "tensors")
     for p in parts:
         call(p.backend, "scale_", p.tensors, scale.to(p.device), _on(found_inf, p.device))
 
@@ -317,6 +326,7 @@ def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
     parts = _nonempty(_parts(grads, backend, "gradients"), "clip_grads_")
     if len(parts) == 1:
         return call(parts[0].backend, "clip_grads_", parts[0].tensors, norm_type, max_norm, inv_scale)
+    _check_before_writing(parts, "gradients")
     stats = _combined_stats(
         [call(p.backend, "norm_stats", p.tensors, norm_type, math.inf, _on(inv_scale, p.device))
          for p in parts], grads[0].device, norm_type, max_norm, inv_scale)
@@ -333,6 +343,8 @@ def clamp_(tensors: list[Tensor], clip_value: float, backend: str = "auto") -> N
         raise TypeError("clip_grad_value_ does not take complex gradients: complex numbers "
                         "have no order to clamp by (torch refuses them too). Clip their norm "
                         "with clip_grad_norm_ instead.")
+    if len(parts) > 1:
+        _check_before_writing(parts, "gradients")
     for p in parts:
         call(p.backend, "clamp_", p.tensors, clip_value)
 
@@ -375,6 +387,7 @@ def clip_per_tensor_(grads: list[Tensor], norm_type: float, max_norm: float,
     parts = _nonempty(_parts(grads, backend, "gradients"), "clip_per_tensor_")
     if len(parts) == 1:
         return call(parts[0].backend, "clip_per_tensor_", parts[0].tensors, norm_type, max_norm)
+    _check_before_writing(parts, "gradients", per_tensor=True)
     norms = [call(p.backend, "clip_per_tensor_", p.tensors, norm_type, max_norm) for p in parts]
     return _in_input_order(parts, norms, grads[0].device)
 
@@ -388,6 +401,7 @@ def scale_per_tensor_(tensors: list[Tensor], coefs: Tensor, backend: str = "auto
     coefs = coefs.reshape(-1)
     if coefs.numel() != len(tensors):
         raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), got {coefs.numel()}")
+    _check_before_writing(parts, "tensors", per_tensor=True)
     for p in parts:
         call(p.backend, "scale_per_tensor_", p.tensors, _gathered(coefs, p.positions, p.device))
 
@@ -395,7 +409,8 @@ def scale_per_tensor_(tensors: list[Tensor], coefs: Tensor, backend: str = "auto
 def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
          norm_type: float, backend: str = "auto") -> Tensor:
     """Adaptive gradient clipping (``Backend.agc_``) of ``grads[i]`` against ``params[i]``;
-    returns the norm of all gradients before clipping, on the first gradient's device."""
+    returns the norm of the distinct gradients before clipping, on the first gradient's
+    device."""
     if len(params) != len(grads):
         raise ValueError(f"agc_ takes one parameter per gradient, got {len(params)} parameters "
                          f"for {len(grads)} gradients")
@@ -403,9 +418,11 @@ def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: flo
         if w.shape != g.shape or w.device != g.device:
             raise ValueError(f"gradient {i} of shape {tuple(g.shape)} on {g.device} does not match "
                              f"its parameter of shape {tuple(w.shape)} on {w.device}")
+    check_dtypes({w.dtype for w in params}, "parameters")
     parts = _nonempty(_parts(grads, backend, "gradients"), "agc_")
     if len(parts) == 1:
         return call(parts[0].backend, "agc_", params, parts[0].tensors, clip_factor, eps, norm_type)
+    _check_before_writing(parts, "gradients", per_tensor=True)
     norms = [call(p.backend, "agc_", [params[i] for i in p.positions], p.tensors, clip_factor, eps,
                   norm_type) for p in parts]
     dtype = stats_dtype(norms)

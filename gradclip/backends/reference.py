@@ -28,7 +28,18 @@ import math
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
+from .base import (
+    EPS,
+    Backend,
+    BackendStatus,
+    aliasing,
+    check_dtypes,
+    check_writable,
+    clip_coefficient,
+    distinct_entries,
+    group_by_dtype,
+    stats_dtype,
+)
 
 _ACCUMULATE_IN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _WIDE = {torch.float64, torch.complex128}
@@ -220,8 +231,29 @@ class ReferenceBackend(Backend):
         norm = _total_norm(groups, norm_type, dtype, device, inv_scale)
         return _stats_of(norm, groups, max_norm, inv_scale, dtype, device)
 
+    def scale_(self, tensors, scale, found_inf=None):
+        factor = scale.reshape(())
+        if _decides_on_host(factor.device):
+            if factor.item() == 1.0 or (found_inf is not None and found_inf.item() != 0):
+                return  # nothing is written: nothing to check
+        elif found_inf is not None:
+            factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(factor), factor)
+        check_writable(tensors)
+        groups = group_by_dtype(tensors)
+        check_dtypes(groups)
+        groups = groups.values()
+        if not _decides_on_host(factor.device) and not _apart(tensors):
+            # torch's multi-tensor kernels would race on a tensor listed twice; one by one,
+            # each entry multiplies in turn, as torch's foreach loop does on the CPU.
+            groups = [[t] for t in tensors]
+        for group in groups:
+            torch._foreach_mul_(group, factor)
+
     def clamp_(self, tensors, clip_value):
-        for group in group_by_dtype(tensors).values():
+        check_writable(tensors)
+        groups = group_by_dtype(tensors)
+        check_dtypes(groups)
+        for group in groups.values():
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)
 
@@ -235,9 +267,11 @@ class ReferenceBackend(Backend):
         return stats, norms
 
     def clip_per_tensor_(self, tensors, norm_type, max_norm):
+        check_writable(tensors)
+        kept = distinct_entries(tensors)
         # The norms alone: the global stats would cost a reduction and a host read here.
         norms = tensor_norms_in_order(tensors, norm_type, stats_dtype(tensors))
-        _scale_entries_(tensors, clip_coefficient(norms, max_norm), None)
+        _scale_entries_(tensors, clip_coefficient(norms, max_norm), kept)
         return norms
 
     def scale_per_tensor_(self, tensors, coefs):
@@ -245,22 +279,31 @@ class ReferenceBackend(Backend):
         if coefs.numel() != len(tensors):
             raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), "
                              f"got {coefs.numel()}")
-        _scale_entries_(tensors, coefs, None)
+        check_writable(tensors)
+        _scale_entries_(tensors, coefs, distinct_entries(tensors))
 
     def agc_(self, params, grads, clip_factor, eps, norm_type):
+        if len(params) != len(grads):
+            raise ValueError(f"agc_ takes one parameter per gradient, got {len(params)} parameters "
+                             f"for {len(grads)} gradients")
+        for i, (w, g) in enumerate(zip(params, grads)):
+            if w.shape != g.shape:
+                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but its parameter has "
+                                 f"shape {tuple(w.shape)}; pass each parameter with its own gradient")
+        check_dtypes({t.dtype for t in params}, "params")
+        check_dtypes({t.dtype for t in grads}, "grads")
+        check_writable(grads, "grads")
+        kept = distinct_entries(grads, "grads")
+        if kept is not None:  # each gradient clipped once, against its first entry's weight
+            params, grads = [params[i] for i in kept], [grads[i] for i in kept]
         dtype = stats_dtype(grads)
         norms = [_agc_tensor_(w, g, clip_factor, eps, norm_type, dtype) for w, g in zip(params, grads)]
         return torch.linalg.vector_norm(torch.cat(norms), norm_type)
 
-    def scale_(self, tensors, scale, found_inf=None):
-        factor = scale.reshape(())
-        if _decides_on_host(factor.device):
-            if factor.item() == 1.0 or (found_inf is not None and found_inf.item() != 0):
-                return
-        elif found_inf is not None:
-            factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(factor), factor)
-        for group in group_by_dtype(tensors).values():
-            torch._foreach_mul_(group, factor)
+
+def _apart(tensors: list[Tensor]) -> bool:
+    """Whether no two tensors share memory (a multi-tensor kernel may take them together)."""
+    return aliasing(tensors) is None
 
 
 def _scale_entries_(tensors: list[Tensor], coefs: Tensor, kept: list[int] | None) -> None:
@@ -285,6 +328,7 @@ def _mul_each_(tensors: list[Tensor], coefs: Tensor, positions: list[int] | None
     else:
         tensors = [tensors[i] for i in positions]
     groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+    check_dtypes([dtype for _, dtype in groups])
     for (_, dtype), ([group], indices) in groups.items():
         factors = wide if dtype in _WIDE else narrow
         # A (1,)-shaped float operand makes the product float32 (a 0-d one would be rounded

@@ -17,7 +17,9 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors when
 
 What the kernels do not take, an op returns ``NotImplemented`` for, before writing
 anything, and the dispatcher runs the reference backend instead: tensors that are not
-dense (gaps or overlaps in memory, rare for gradients).
+dense (gaps or overlaps in memory, rare for gradients), and, for the ops that rescale
+every entry, a list in which entries share memory (torch's semantics multiply a tensor
+listed twice twice; the kernels would race).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import operator
 import struct
 import threading
 
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, fakes
-from .base import COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError
+from .base import COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError, distinct_of
 from .triton_config import INTERPRETER_CONFIG, TritonConfig, interpreting
 from .triton_tables import AgcTable, Table, TableCache, next_pow2
 
@@ -46,6 +49,7 @@ _INTERPRETER_SEGMENT_BLOCK = 16
 # The interpreter runs kernels in Python over shared state: one launch at a time.
 _INTERPRETER_LOCK = threading.Lock()
 
+_shape_of = operator.attrgetter("shape")
 _kernels = None
 
 
@@ -124,7 +128,7 @@ class TritonBackend(Backend):
     def scale_(self, tensors, scale, found_inf=None):
         if torch.compiler.is_compiling():
             return torch.ops.gradclip_triton.scale_(tensors, scale, found_inf)
-        table = self._tables.table(tensors)
+        table = self._every_entry(tensors)
         if table is None:
             return NotImplemented
         device = tensors[0].device
@@ -138,7 +142,7 @@ class TritonBackend(Backend):
         if torch.compiler.is_compiling():
             return torch.ops.gradclip_triton.clip_grads_(grads, float(norm_type), float(max_norm),
                                                          inv_scale)
-        table = self._tables.table(grads)
+        table = self._every_entry(grads)
         if table is None:
             return NotImplemented
         device = grads[0].device
@@ -152,7 +156,7 @@ class TritonBackend(Backend):
     def clamp_(self, tensors, clip_value):
         if torch.compiler.is_compiling():
             return torch.ops.gradclip_triton.clamp_(tensors, float(clip_value))
-        table = self._tables.table(tensors)
+        table = self._every_entry(tensors)
         if table is None:
             return NotImplemented
         with _launching():
@@ -160,9 +164,15 @@ class TritonBackend(Backend):
                             clamp_bits=_float_bits(float(clip_value)))
         torch.autograd.graph.increment_version(tensors)
 
+    def _every_entry(self, tensors: list[Tensor]) -> Table | None:
+        """The table of a list whose every entry a rescale writes, or None when the kernels
+        do not take it: not dense, or entries that share memory (a race in the kernels)."""
+        table = self._tables.table(tensors)
+        return None if table is None or table.shared is not None else table
+
     # -- per-tensor and unit-wise ops ---------------------------------------------------
     # Per tensor: the norm pass with per-chunk partials, segment_kernel (norms, factors),
-    # unit_scale_kernel (only the chunks whose factor is not 1). AGC:
+    # unit_scale_kernel (only the chunks whose factor is not 1, each tensor once). AGC:
     # agc_norm_kernel (weights and gradients, one read each), segment_kernel,
     # unit_scale_kernel.
 
@@ -189,6 +199,7 @@ class TritonBackend(Backend):
         table = self._tables.table(tensors)
         if table is None:
             return NotImplemented
+        distinct_of(table.shared)  # refuses overlaps; a tensor listed twice is scaled once
         device = tensors[0].device
         with _launching():
             self._scale_units(table, device, coefs.to(device=device, dtype=table.acc_dtype))
@@ -201,6 +212,7 @@ class TritonBackend(Backend):
         table = self._tables.table(tensors)
         if table is None:
             return NotImplemented
+        distinct_of(table.shared)
         device = tensors[0].device
         with _launching():
             _, norms, coefs = self._per_tensor(table, device, norm_type, max_norm, None,
@@ -213,6 +225,7 @@ class TritonBackend(Backend):
         if torch.compiler.is_compiling():
             return torch.ops.gradclip_triton.agc_(params, grads, float(clip_factor), float(eps),
                                                   float(norm_type))
+        _check_pairs(params, grads)
         table = self._tables.agc_table(params, grads)
         if table is None:
             return NotImplemented
@@ -356,6 +369,18 @@ class TritonBackend(Backend):
     def clear_cache(self) -> None:
         """Forget the cached tables (those a CUDA graph uses stay alive)."""
         self._tables.clear()
+
+
+def _check_pairs(params: list[Tensor], grads: list[Tensor]) -> None:
+    """AGC's pairs, before anything is read or written: one weight of the same shape per
+    gradient (dtypes and devices are checked when a table is built)."""
+    if len(params) != len(grads):
+        raise ValueError(f"agc_ takes one parameter per gradient, got {len(params)} parameters "
+                         f"for {len(grads)} gradients")
+    if not all(map(operator.eq, map(_shape_of, params), map(_shape_of, grads))):
+        i = next(i for i, (w, g) in enumerate(zip(params, grads)) if w.shape != g.shape)
+        raise ValueError(f"grads[{i}] has shape {tuple(grads[i].shape)} but its parameter has "
+                         f"shape {tuple(params[i].shape)}; pass each parameter with its own gradient")
 
 
 def _launching():

@@ -5,7 +5,8 @@ tensors, copied to the device once and cached: a later call with the same list (
 data pointers, sizes, dtypes) reuses it and costs only the key, four attribute reads per
 tensor. The table depends on nothing else, so a hit is always valid, whichever tensors now
 live at those addresses (device pointers are unique across devices, so the key needs no
-device per tensor).
+device per tensor). Whatever a table says about its tensors' memory (which entries are the
+same tensor) is known from the key too, and cached with it.
 
 CUDA graphs: a table first needed during capture cannot be uploaded inside the capture and
 raises; tables a graph uses are never evicted.
@@ -24,7 +25,7 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
-from .base import DTYPE_CODES
+from .base import DTYPE_CODES, Aliasing, aliasing, distinct_entries
 from .triton_config import TritonConfig, default_config
 
 # The kernels' HAS_<NAME> flags per dtype, and element sizes by dtype code.
@@ -77,6 +78,7 @@ class Table:
     scale_programs: int
     numels: tuple = ()           # per tensor, for the per-tensor segments
     chunk: int = 0               # elements per full chunk
+    shared: Aliasing | None = None  # entries that are the same tensor, or overlap
     held: bool = False           # used in a graph capture: never freed
     segments: Tensor | None = None  # int64 device: owner (n_chunks + 1), starts (tensors + 1)
     segments_source: array | None = None
@@ -84,7 +86,8 @@ class Table:
 
 @dataclass
 class AgcTable:
-    """AGC's table: each chunk a piece of one unit (a row, or a tensor of ndim <= 1)."""
+    """AGC's table: each chunk a piece of one unit (a row, or a tensor of ndim <= 1) of a
+    distinct gradient (a gradient listed twice is clipped once)."""
 
     source: array                # host: gbases, wbases, packed, owner (n + 1 each), starts
     dev: Tensor                  # int64 device copy
@@ -108,6 +111,18 @@ class AgcTable:
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_tensors(tensors: list[Tensor], device: torch.device, what: str) -> None:
+    """Dtypes and devices of a list a table is built for (once per table: a hit has the
+    same dtypes, and device pointers are unique across devices)."""
+    for i, t in enumerate(tensors):
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"triton backend: {what}[{i}] has dtype {t.dtype}; supported are "
+                            "float16, bfloat16, float32 and float64")
+        if t.device != device:
+            raise ValueError(f"triton backend: {what}[{i}] is on {t.device} but {what}[0] is on "
+                             f"{device}; pass the tensors of one device per call")
 
 
 @dataclass
@@ -170,8 +185,9 @@ class TableCache:
                             "capture, and its table cannot be uploaded inside a capture. Call the "
                             "clip once eagerly before capturing (torch.cuda.graphs' usual warm-up "
                             "on a side stream does this; torch.compile's cudagraphs do it too).")
+                    _check_tensors(tensors, device, "tensors")
                     self.misses += 1
-                    table = self.tables[key] = self._build(device, ptrs, numels, dtypes)
+                    table = self.tables[key] = self._build(device, ptrs, numels, dtypes, tensors)
                     self._evict(self.tables)
                 else:
                     self.hits += 1
@@ -187,7 +203,7 @@ class TableCache:
             if old.held:
                 self.held.append(old)
 
-    def _build(self, device, ptrs, numels, dtypes) -> Table:
+    def _build(self, device, ptrs, numels, dtypes, tensors) -> Table:
         config = self.config(device)
         norm_target = self.grid_target(device, config.programs_per_sm)
         chunk = pow2_floor(sum(numels) // max(norm_target * config.chunks_per_program, 1))
@@ -219,20 +235,23 @@ class TableCache:
         dev[:host.numel()].copy_(host, non_blocking=True)
         partials = dev[host.numel():].view(acc_dtype)[:2 * norm_programs]
         return Table(bases, host, dev, partials, n_chunks, _present(dtypes), acc_dtype, norm_programs,
-                     scale_programs, numels, chunk)
+                     scale_programs, numels, chunk, aliasing(tensors))
 
     def segments(self, table: Table, device: torch.device) -> Tensor:
-        """The table's owner and starts vectors, built on first use (device-resident)."""
+        """The table's owner and starts vectors, built on first use (device-resident).
+        ``owner[k]`` is chunk k's tensor, or -1 for the chunks of a later entry of a tensor
+        listed twice: the per-tensor rescale writes each tensor once."""
         if table.segments is None:
             if _capturing(device):
                 raise RuntimeError(
                     "gradclip triton backend: the per-tensor index of this gradient list is new "
                     "during CUDA graph capture and cannot be uploaded inside a capture. Call the "
                     "per-tensor op once eagerly before capturing.")
+            first = table.shared.first if table.shared is not None else range(len(table.numels))
             owner, starts = array("q"), array("q", [0])
             for index, numel in enumerate(table.numels):
                 count = -(-numel // table.chunk)
-                owner.extend(repeat(index, count))
+                owner.extend(repeat(index if first[index] == index else -1, count))
                 starts.append(starts[-1] + count)
             owner.append(0)  # padding, as the table's
             owner.extend(starts)
@@ -262,7 +281,10 @@ class TableCache:
                     raise RuntimeError(
                         "gradclip triton backend: this parameter list is new during CUDA graph "
                         "capture; call adaptive_clip_grad_ once eagerly before capturing.")
-                table = self.agc_tables[key] = self._build_agc(device, key)
+                _check_tensors(grads, device, "grads")
+                _check_tensors(params, device, "params")
+                kept = distinct_entries(grads, "grads")
+                table = self.agc_tables[key] = self._build_agc(device, key, kept)
                 self._evict(self.agc_tables)
             else:
                 self.agc_tables.move_to_end(key)
@@ -270,9 +292,11 @@ class TableCache:
                 table.held = True
         return table
 
-    def _build_agc(self, device, key) -> AgcTable:
+    def _build_agc(self, device, key, kept: list[int] | None) -> AgcTable:
         _, gptrs, wptrs, shapes, gdtypes, wdtypes = key
-        entries = zip(gptrs, wptrs, shapes, gdtypes, wdtypes)
+        entries = list(zip(gptrs, wptrs, shapes, gdtypes, wdtypes))
+        if kept is not None:  # a gradient listed twice is clipped once, by its first entry
+            entries = [entries[i] for i in kept]
         config = self.config(device)
         chunk = config.max_chunk
         gbases, wbases, packed, owner, starts = (array("q") for _ in range(5))
