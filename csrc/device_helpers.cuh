@@ -1,8 +1,8 @@
 // How the kernels split a TensorTable among blocks and threads. Host and device share this
-// code, so tests on a machine without a GPU can replay the split (simulate_visits).
+// code, so tests on a machine without a GPU can replay the split (tests/csrc/replay.cpp).
 #pragma once
 
-#include "kernels.h"
+#include "tables.h"
 
 namespace gradclip {
 

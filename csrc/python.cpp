@@ -14,8 +14,8 @@
 #include <optional>
 #include <vector>
 
-#include "kernels.h"
 #include "ops.h"
+#include "pack.h"
 
 namespace gradclip {
 namespace {
@@ -108,7 +108,8 @@ py::object clip_parameters(py::handle params, double norm_type, double max_norm,
 
 bool accepts(py::handle tensors) { return collect(tensors, /*take_grad=*/false).has_value(); }
 
-// Test helpers (no GPU needed).
+// Test helper (no GPU needed): what the fast paths read from a Python list. The host
+// replays of the kernels are a test-only module (tests/csrc/replay.cpp).
 
 py::object unpacked(py::handle sequence, bool take_grad) {
   Refs tensors;
@@ -116,24 +117,6 @@ py::object unpacked(py::handle sequence, bool take_grad) {
   py::list out;
   for (const at::Tensor* t : tensors) out.append(py::cast(*t));
   return out;
-}
-
-int64_t pack_for_writing_py(const std::vector<at::Tensor>& tensors) {
-  return pack_for_writing(at::TensorList(tensors));
-}
-
-py::tuple simulate_split_py(const std::vector<at::Tensor>& tensors, int64_t grid, bool replay_split) {
-  const SplitReplay replay = simulate_split(at::TensorList(tensors), grid, replay_split);
-  return py::make_tuple(replay.ok, replay.launches, replay.min_visits, replay.max_visits);
-}
-
-bool simulate_agc_py(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                     int64_t grid) {
-  return simulate_agc(at::TensorList(params), at::TensorList(grads), grid);
-}
-
-bool simulate_tensor_slots_py(const std::vector<at::Tensor>& tensors, int64_t grid) {
-  return simulate_tensor_slots(at::TensorList(tensors), grid);
 }
 
 py::dict dtype_codes() {
@@ -168,23 +151,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpacked", &gradclip::unpacked, py::arg("sequence"), py::arg("take_grad") = false,
         "Test helper: the tensors the fast paths read from a list or tuple (with take_grad, the "
         "defined .grad of each parameter), as Python objects; None when it is not one of tensors.");
-  m.def("pack_for_writing", &gradclip::pack_for_writing_py, py::arg("tensors"),
-        "Test helper: check and pack tensors of any device as an op that writes them does, "
-        "bumping the version counters of those the kernels would write; returns how many are "
-        "left to ATen (not dense).");
-  m.def("simulate_split", &gradclip::simulate_split_py, py::arg("tensors"), py::arg("grid"),
-        py::arg("replay") = true,
-        "Test helper: replay on the host how the kernels split a list among blocks; returns "
-        "(ok, launches, min_visits, max_visits). With replay=False it only packs the list.");
-  m.def("simulate_tensor_slots", &gradclip::simulate_tensor_slots_py, py::arg("tensors"), py::arg("grid"),
-        "Test helper: whether the per-tensor norm slots line up for a list split over launches of "
-        "at most grid blocks (each written once, read exactly where written).");
-  m.def("simulate_agc", &gradclip::simulate_agc_py, py::arg("params"), py::arg("grads"), py::arg("grid"),
-        "Test helper: whether agc_'s kernel would read every gradient element exactly once "
-        "(a warp per row) over grid blocks.");
-  m.attr("MAX_AGC_TENSORS_PER_LAUNCH") = gradclip::kMaxAgcTensorsPerLaunch;
   m.attr("DTYPE_CODES") = gradclip::dtype_codes();
-  m.attr("MAX_TENSORS_PER_LAUNCH") = gradclip::kMaxTensorsPerLaunch;
-  m.attr("CHUNK_BYTES") = gradclip::kChunkBytes;
-  m.attr("BLOCK_THREADS") = gradclip::kBlockThreads;
 }

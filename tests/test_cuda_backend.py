@@ -6,7 +6,9 @@ checked on the host: the registered ops and their schemas, their fake implementa
 ops, the build command and its first-use warning, the dtype codes shared with Triton, how the
 fast path unpacks Python tensors, the version-counter bookkeeping of the ops that write, and,
 replayed on the host, how the kernels split a tensor list among blocks and threads (every
-element read once, vectors aligned, 64-bit sizes).
+element read once, vectors aligned, 64-bit sizes) and what the ops that write give the kernels
+(no element to two threads). The host replays are a test-only module, ``tests/csrc/replay.cpp``,
+built here with the ops' packing (``csrc/pack.cpp``) and without CUDA.
 
 With a GPU (``-m gpu``) the kernels run against the float64 oracle of ``reference.py``:
 mixed dtypes, sizes around the chunk edges, misaligned views, empty tensors, more than 2**31
@@ -22,10 +24,12 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +64,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CHUNK = 64 * 1024  # bytes; csrc/kernels.h kChunkBytes
 
 needs_build = pytest.mark.skipif(not CAN_BUILD, reason=f"cannot build: {cuda_build.build_problem()}")
+REPLAY_SOURCE = Path(__file__).resolve().parent / "csrc" / "replay.cpp"
+PRODUCTION_ONLY = ("simulate_split", "simulate_agc", "simulate_tensor_slots", "pack_for_writing")
 
 
 def on_gpu(test):
@@ -73,6 +79,21 @@ def ext():
     if not CAN_BUILD:
         pytest.skip(f"cannot build the CUDA extension here: {cuda_build.build_problem()}")
     return cuda_build.load_extension()
+
+
+@pytest.fixture(scope="module")
+def replay():
+    """The test-only module of host replays (tests/csrc/replay.cpp and the ops' packing,
+    csrc/pack.cpp): C++ without CUDA, built once (about a minute), then cached under
+    $TORCH_EXTENSIONS_DIR. It is no part of the production extension."""
+    folder = cuda_build.source_dir()
+    if folder is None or shutil.which("c++") is None:
+        pytest.skip("the C++ sources or a C++ compiler are missing")
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(name="gradclip_replay_torch" + re.sub(r"\W", "_", torch.__version__),
+                              sources=[str(folder / "pack.cpp"), str(REPLAY_SOURCE)],
+                              extra_include_paths=[str(folder)], extra_cflags=["-O2"])
 
 
 @pytest.fixture
@@ -149,12 +170,17 @@ def test_sources_are_found():
     for name in cuda_build.SOURCES + cuda_build.HEADERS:
         assert (folder / name).is_file()
     # Kernels compile without torch headers (compile time).
-    for name in ("kernels.cu", "kernels.h", "device_helpers.cuh"):
+    for name in ("kernels.cu", "agc.cu", "kernels.h", "agc.h", "tables.h", "device_helpers.cuh",
+                 "kernel_common.cuh"):
         text = (folder / name).read_text()
         assert "#include <torch" not in text and "#include <ATen" not in text, name
     # The binding uses torch's public headers only (torch/csrc/ is torch's internals).
-    for name in ("gradclip.cpp", "python.cpp", "ops.h"):
+    for name in ("gradclip.cpp", "agc.cpp", "pack.cpp", "python.cpp", "ops.h", "pack.h", "ops_common.h"):
         assert "#include <torch/csrc/" not in (folder / name).read_text(), name
+    # The packing the ops and the tests' replay share needs no CUDA.
+    for name in ("pack.cpp", "pack.h", "tables.h"):
+        text = (folder / name).read_text()
+        assert "#include <cuda" not in text and "#include <c10/cuda" not in text, name
 
 
 def test_backend_module_is_not_imported_by_the_build_module():
@@ -258,6 +284,13 @@ def test_schemas_mark_what_is_written(ext):
 
 
 @needs_build
+def test_the_production_module_has_no_test_hooks(ext, replay):
+    """The host replays live in the test-only module (issue 23, item 9)."""
+    assert not any(hasattr(ext, name) for name in PRODUCTION_ONLY)
+    assert all(hasattr(replay, name) for name in PRODUCTION_ONLY)
+
+
+@needs_build
 def test_dtype_codes_are_the_triton_codes(ext):
     # One table: the CUDA extension's TensorTable codes are base.DTYPE_CODES, as Triton's.
     assert ext.DTYPE_CODES == DTYPE_CODES
@@ -282,8 +315,7 @@ def test_fast_path_sees_the_python_tensors(ext):
     assert ext.accepts(tensors) is False  # CPU tensors: the kernels do not take them
 
 
-@needs_build
-def test_ops_that_write_bump_the_version_counters(ext):
+def test_ops_that_write_bump_the_version_counters(replay):
     """The kernels write through raw pointers, which autograd cannot see: the ops bump the
     version counter of every tensor they may write, as ATen's in-place ops do (ATen bumps
     the non-dense ones it writes itself). The same packing runs on any device."""
@@ -291,13 +323,13 @@ def test_ops_that_write_bump_the_version_counters(ext):
     dense, permuted, empty, strided = torch.ones(5), torch.zeros(6, 8).t(), torch.empty(0), torch.zeros(6, 8)[:, ::2]
     tensors = [dense, permuted, empty, strided]
     before = [t._version for t in tensors]
-    assert ext.pack_for_writing(tensors) == 1  # the strided view is left to ATen
+    assert replay.pack_for_writing(tensors)["aside"] == 1  # the strided view is left to ATen
     assert [t._version - b for t, b in zip(tensors, before)] == [1, 1, 1, 0]
     with torch.inference_mode():
         frozen = torch.ones(3)
-        assert ext.pack_for_writing([frozen]) == 0  # no counter inside inference mode
+        assert replay.pack_for_writing([frozen])["aside"] == 0  # no counter inside inference mode
     with pytest.raises(RuntimeError, match="[Ii]nference"):
-        ext.pack_for_writing([frozen])  # as frozen.mul_(2) raises outside it
+        replay.pack_for_writing([frozen])  # as frozen.mul_(2) raises outside it
 
 
 def test_fakes_are_registered_whichever_module_loads_the_extension():
@@ -419,6 +451,67 @@ def test_compile_traces_the_backend_ops(ops_on_cpu, gen):
     assert "gradclip.scale_" in ops, ops
 
 
+# What the ops that write give the kernels (issue 21, items 4 and 5), replayed on CPU tensors
+# with the ops' own packing: no element goes to two kernel threads, and nothing is written
+# (no version counter bumped) before every tensor is checked.
+
+def _spans(entries, dtype_size=4):
+    return sorted((ptr, ptr + numel * dtype_size) for ptr, numel in entries if numel)
+
+
+def _apart(spans) -> bool:
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_an_expanded_tensor_last_is_refused_before_any_counter_moves(replay):
+    tensors = [torch.ones(5), torch.ones(3), torch.ones(1, 4).expand(3, 4)]
+    before = [t._version for t in tensors]
+    for per_tensor in (False, True):
+        with pytest.raises(RuntimeError, match=r"tensors\[2\] has elements that share memory"):
+            replay.pack_for_writing(tensors, per_tensor)
+    assert [t._version for t in tensors] == before
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has elements that share memory"):
+        replay.pack_agc_for_writing([torch.ones(3, 4)] * 2, [torch.ones(3, 4), tensors[2]])
+
+
+def test_a_tensor_listed_twice_goes_to_the_kernels_once(replay):
+    a, b = torch.ones(100), torch.ones(50)
+    # The global ops: the repeat is left to ATen, which multiplies it again after the kernels
+    # (each entry in turn, as torch's foreach ops on the CPU); the kernels see it once.
+    packed = replay.pack_for_writing([a, b, a])
+    assert packed["aside"] == 1 and _spans(packed["entries"]) == _spans([(a.data_ptr(), 100), (b.data_ptr(), 50)])
+    # The per-tensor ops: an entry per tensor; the repeat has no chunks and is not written.
+    packed = replay.pack_for_writing([a, b, a.view(10, 10)], per_tensor=True)
+    assert packed["repeats"] and packed["aside"] == 0
+    assert [numel for _, numel in packed["entries"]] == [100, 50, 0]
+    # AGC: a gradient listed twice is one tensor of rows in the tables.
+    assert replay.pack_agc_for_writing([torch.ones(4, 25)] * 2, [a.view(4, 25)] * 2) == (4, 1, 0)
+
+
+def test_overlapping_views_never_meet_in_the_kernels(replay, rng):
+    """Random views of one buffer (the same ones twice, overlapping ones, disjoint ones):
+    the kernels' entries of a global op never overlap, and the rest is left to ATen."""
+    storage = torch.zeros(4000)
+    for _ in range(20):
+        views = []
+        for _ in range(rng.randrange(2, 12)):
+            start = rng.randrange(0, 3900)
+            views.append(storage[start:start + rng.randrange(1, 100)])
+        views += rng.sample(views, rng.randrange(0, len(views)))
+        packed = replay.pack_for_writing(views)
+        assert _apart(_spans(packed["entries"]))
+        assert len(packed["entries"]) + packed["aside"] == len(views)
+
+
+def test_per_tensor_ops_refuse_overlapping_tensors(replay):
+    storage = torch.zeros(300)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[2\] overlap in memory"):
+        replay.pack_for_writing([torch.ones(3), storage[:200], storage[100:]], per_tensor=True)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] and grads\[1\] overlap in memory"):
+        replay.pack_agc_for_writing([torch.ones(2, 100)] * 2,
+                                    [storage[:200].view(2, 100), storage[100:].view(2, 100)])
+
+
 def _meta_tensors(rng, count, max_numel=70_000, offsets=True):
     """Meta tensors (no memory: the split only needs addresses and sizes), some of them views
     with a storage offset, i.e. not 16-byte aligned; some empty."""
@@ -431,51 +524,46 @@ def _meta_tensors(rng, count, max_numel=70_000, offsets=True):
     return tensors
 
 
-@needs_build
 @pytest.mark.parametrize("grid", [1, 3, 132, 528, 100_000])
-def test_split_reads_every_element_once(ext, rng, grid):
+def test_split_reads_every_element_once(replay, rng, grid):
     tensors = _meta_tensors(rng, 60)
-    ok, launches, lo, hi = ext.simulate_split(tensors, grid)
+    ok, launches, lo, hi = replay.simulate_split(tensors, grid)
     assert ok, "a vector access is misaligned or leaves its tensor"
     assert launches == 1
     assert lo == hi == [1] * len(tensors)
 
 
-@needs_build
-def test_split_of_more_tensors_than_one_launch_holds(ext, rng):
-    count = 2 * ext.MAX_TENSORS_PER_LAUNCH + 17
+def test_split_of_more_tensors_than_one_launch_holds(replay, rng):
+    count = 2 * replay.MAX_TENSORS_PER_LAUNCH + 17
     tensors = _meta_tensors(rng, count, max_numel=300)
     tensors[-1] = torch.empty(0, device="meta")  # a trailing empty tensor
     nonempty = sum(t.numel() > 0 for t in tensors)
-    ok, launches, lo, hi = ext.simulate_split(tensors, 528)
+    ok, launches, lo, hi = replay.simulate_split(tensors, 528)
     assert ok and lo == hi == [1] * count
-    assert launches == -(-nonempty // ext.MAX_TENSORS_PER_LAUNCH)
+    assert launches == -(-nonempty // replay.MAX_TENSORS_PER_LAUNCH)
 
 
-@needs_build
 @pytest.mark.parametrize("grid", [1, 3, 132, 528, 100_000])
-def test_per_tensor_norm_slots_line_up(ext, rng, grid):
+def test_per_tensor_norm_slots_line_up(replay, rng, grid):
     """Each (block, tensor) part of the per-tensor norms goes to its own slot, and the
     finaliser reads exactly the slots of the blocks that read its tensor (empty tensors
     and misaligned views included)."""
-    assert ext.simulate_tensor_slots(_meta_tensors(rng, 60), grid)
+    assert replay.simulate_tensor_slots(_meta_tensors(rng, 60), grid)
 
 
-@needs_build
-def test_per_tensor_norm_slots_line_up_over_several_launches(ext, rng):
-    tensors = _meta_tensors(rng, 2 * ext.MAX_TENSORS_PER_LAUNCH + 17, max_numel=300)
+def test_per_tensor_norm_slots_line_up_over_several_launches(replay, rng):
+    tensors = _meta_tensors(rng, 2 * replay.MAX_TENSORS_PER_LAUNCH + 17, max_numel=300)
     tensors[-1] = torch.empty(0, device="meta")
     for grid in (7, 528):
-        assert ext.simulate_tensor_slots(tensors, grid)
+        assert replay.simulate_tensor_slots(tensors, grid)
 
 
 @pytest.mark.slow
-@needs_build
-def test_split_indexes_past_two_to_the_31(ext):
+def test_split_indexes_past_two_to_the_31(replay):
     # 2**31 + 5 bfloat16 elements, viewed at an odd offset: element and byte offsets
     # beyond int32 on the host replay (the kernels use the same 64-bit helpers).
     big = torch.empty(2**31 + 6, dtype=torch.bfloat16, device="meta")[1:]
-    ok, launches, lo, hi = ext.simulate_split([torch.empty(3, device="meta"), big], 528)
+    ok, launches, lo, hi = replay.simulate_split([torch.empty(3, device="meta"), big], 528)
     assert ok and lo == hi == [1, 1]
 
 
@@ -978,20 +1066,18 @@ def test_scale_per_tensor_skips_factors_of_one(gen):
     torch.testing.assert_close(tensors[1], before[1] * 0.5, rtol=0, atol=0)
 
 
-@needs_build
 @pytest.mark.parametrize("grid", [1, 5, 528])
-def test_agc_reads_every_gradient_element_once(ext, rng, grid):
+def test_agc_reads_every_gradient_element_once(replay, rng, grid):
     """agc_'s warps cover each row once (0-d, 1-d, empty, Linear and conv shapes, mixed dtypes)."""
     shapes = [(), (0,), (7,), (0, 3), (3, 0), (33, 5), (4, 3, 3, 3), (2, 70_000), (100_003,)]
     shapes += [(rng.randrange(1, 50), rng.randrange(1, 300)) for _ in range(20)]
     grads = [torch.empty(s, dtype=rng.choice(DTYPES), device="meta") for s in shapes]
     params = [torch.empty(s, dtype=rng.choice(DTYPES), device="meta") for s in shapes]
-    assert ext.simulate_agc(params, grads, grid)
+    assert replay.simulate_agc(params, grads, grid)
 
 
-@needs_build
-def test_agc_rows_over_several_launches(ext, rng):
-    count = 2 * ext.MAX_AGC_TENSORS_PER_LAUNCH + 5
+def test_agc_rows_over_several_launches(replay, rng):
+    count = 2 * replay.MAX_AGC_TENSORS_PER_LAUNCH + 5
     shapes = [(rng.randrange(0, 4), rng.randrange(0, 40)) for _ in range(count)]
     grads = [torch.empty(s, device="meta") for s in shapes]
-    assert ext.simulate_agc(grads, grads, 3)
+    assert replay.simulate_agc(grads, grads, 3)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import HAS_CUDA
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 from gradclip.backends import dispatch
@@ -170,3 +171,71 @@ def test_a_backend_that_accepts_the_list_gets_it_whole_without_the_python_split(
     dispatch.clamp_(tensors, 1.0, backend="reference")
     assert double.calls == [("norm_stats", 5), ("scale_", 5), ("norm_stats", 5), ("scale_", 5),
                             ("clamp_", 5)]
+
+
+# -- per-tensor results in input order, without a host-built index (issue 21, item 6) -------
+
+class FailOnHostData(TorchDispatchMode):
+    """Fails where a tensor is made from host data (``torch.tensor(list)``: ``lift_fresh``),
+    as an index of input positions would be: on a GPU a synchronising copy, which a CUDA
+    graph cannot capture."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default:
+            raise AssertionError("a tensor was built from host data")
+        return func(*args, **(kwargs or {}))
+
+
+def _mixed_list(gen, with_complex):
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32]
+    tensors = [torch.randn(5 + i, generator=gen).to(dtype) * 3 for i, dtype in enumerate(dtypes)]
+    if with_complex:
+        tensors.insert(2, torch.randn(4, dtype=torch.complex64, generator=gen) * 3)
+        tensors.append(torch.randn(3, dtype=torch.complex128, generator=gen) * 3)
+    return tensors
+
+
+@pytest.mark.parametrize("with_complex", [False, True], ids=["one-part", "parts"])
+def test_per_tensor_ops_keep_input_order_without_a_host_index(gen, with_complex):
+    """A mixed-dtype list (one part) and a list the dispatcher splits (complex tensors go
+    to the reference): norms come back and factors go out in input order, reordered on the
+    device."""
+    tensors = _mixed_list(gen, with_complex)
+    want = [float(t.abs().double().norm()) for t in tensors]
+    coefs = torch.linspace(0.1, 0.9, len(tensors), dtype=torch.float64)
+    expected = [t * c.item() for t, c in zip(tensors, coefs)]
+    with FailOnHostData():
+        norms = dispatch.tensor_norms(tensors, 2.0)
+        stats, more = dispatch.norm_stats_per_tensor(tensors, 2.0, 1.0)
+        dispatch.scale_per_tensor_(tensors, coefs)
+        clipped = dispatch.clip_per_tensor_([t.clone() for t in expected], 2.0, 0.5)
+    assert norms.tolist() == pytest.approx(want, rel=2e-5) and torch.equal(norms, more)
+    assert clipped.tolist() == pytest.approx([w * c.item() for w, c in zip(want, coefs)], rel=2e-2)
+    for t, e in zip(tensors, expected):
+        torch.testing.assert_close(t, e, rtol=1e-2, atol=0)
+
+
+@pytest.mark.gpu
+def test_split_per_tensor_ops_are_captured_by_a_cuda_graph(gen):
+    """A list split in parts (complex tensors apart) on a GPU: the reordering of norms and
+    factors is captured (no host index to upload) and follows the data on replay."""
+    tensors = [t.cuda() for t in _mixed_list(gen, with_complex=True)]
+    fresh = [t.clone() for t in tensors]
+    coefs = torch.linspace(0.1, 0.9, len(tensors), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dispatch.tensor_norms(tensors, 2.0)
+        dispatch.scale_per_tensor_(tensors, coefs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norms = dispatch.tensor_norms(tensors, 2.0)
+        dispatch.scale_per_tensor_(tensors, coefs)
+    for t, f in zip(tensors, fresh):
+        t.copy_(f * 2)
+    graph.replay()
+    want = [2 * float(f.abs().double().norm()) for f in fresh]
+    assert norms.tolist() == pytest.approx(want, rel=2e-5)
+    for t, f, c in zip(tensors, fresh, coefs.tolist()):
+        torch.testing.assert_close(t, f * 2 * c, rtol=1e-2, atol=0)

@@ -97,3 +97,41 @@ def test_fused_optimizer_skips_on_found_inf():
     fused.grad_scale, fused.found_inf = torch.tensor(1.0), torch.tensor(1.0)
     fused.step()
     assert torch.equal(p.detach(), torch.ones(4)), "found_inf must skip the fused update"
+
+
+def test_register_fake_takes_the_registering_module_from_stacklevel():
+    """backends/fakes.py: register_fakes registers on behalf of its caller (register_fake's
+    _stacklevel), so that torch finds the fakes of the C++ ops in the module their
+    TORCH_LIBRARY names (set_python_module("gradclip.backends.cuda"); the end-to-end check
+    is test_cuda_backend.py::test_fakes_are_registered_whichever_module_loads_the_extension)."""
+    assert "_stacklevel" in inspect.signature(torch.library.register_fake).parameters
+    lib = torch.library.Library("gradclip_pin_test", "FRAGMENT")
+    try:
+        lib.define("probe(Tensor x) -> Tensor")
+
+        def register():  # a helper that registers for its caller, as register_fakes does
+            torch.library.register_fake("gradclip_pin_test::probe", lambda x: x.new_empty(x.shape),
+                                        _stacklevel=2)
+
+        register()
+        with torch._subclasses.fake_tensor.FakeTensorMode():
+            assert torch.ops.gradclip_pin_test.probe(torch.empty(3)).shape == (3,)
+    finally:
+        lib._destroy()
+
+
+def test_tensor_from_host_data_is_lift_fresh_in_dispatch():
+    """tests/test_dispatch.py (FailOnHostData): a tensor built from a Python list reaches a
+    TorchDispatchMode as aten.lift_fresh, which is how the test sees a host-built index."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        torch.tensor([0, 2])
+    assert torch.ops.aten.lift_fresh.default in seen

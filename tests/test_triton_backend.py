@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 from reference import expected_stats  # noqa: E402
 
+from gradclip.backends import dispatch  # noqa: E402
 from gradclip.backends.base import COEF, FOUND_INF, NORM, clip_coefficient  # noqa: E402
 from gradclip.backends.reference import ReferenceBackend  # noqa: E402
 from gradclip.backends.triton import INTERPRETER_CONFIG, TritonBackend, TritonConfig  # noqa: E402
@@ -301,7 +302,15 @@ def test_misaligned_views(device, dtype):
         assert torch.equal(b[0], old[0]) and torch.equal(b[1 + n - k:], old[1 + n - k:])
 
 
+def _with_layout(tensors):
+    """Copies with the same strides (``clone`` makes a non-dense tensor contiguous)."""
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+            for t in tensors]
+
+
 def test_dense_permuted_and_non_dense_tensors(device):
+    """Dense tensors, permuted or not, run in the kernels; a list with one that is not dense
+    is returned (NotImplemented, nothing written) and the dispatcher runs the reference."""
     base = torch.randn(6, 8, 5, 3, device=device)
     dense = [base.to(memory_format=torch.channels_last), base.permute(3, 2, 1, 0)]
     strided = torch.randn(16, 9, device=device)[:, ::2]
@@ -309,11 +318,15 @@ def test_dense_permuted_and_non_dense_tensors(device):
     for tensors, kernel_runs in ((dense, True), (dense[:1] + [strided], False)):
         misses = backend.cache_info()["misses"]
         expected = ReferenceBackend().norm_stats(tensors, 2.0, 1.0)
-        torch.testing.assert_close(backend.norm_stats(tensors, 2.0, 1.0), expected,
+        torch.testing.assert_close(dispatch.call(backend, "norm_stats", tensors, 2.0, 1.0), expected,
                                    rtol=rtol(device), atol=0)
         assert backend.cache_info()["misses"] == misses + kernel_runs
-        clipped, reference = snapshot(tensors), snapshot(tensors)
-        backend.clip_grads_(clipped, 2.0, 1.0)
+        clipped, reference = _with_layout(tensors), _with_layout(tensors)
+        if not kernel_runs:
+            assert backend.norm_stats(tensors, 2.0, 1.0) is NotImplemented
+            assert backend.clip_grads_(clipped, 2.0, 1.0) is NotImplemented
+            assert_same_values(clipped, tensors)
+        dispatch.call(backend, "clip_grads_", clipped, 2.0, 1.0)
         ReferenceBackend().clip_grads_(reference, 2.0, 1.0)
         for x, y in zip(clipped, reference):
             torch.testing.assert_close(x, y, rtol=rtol(device), atol=0)

@@ -29,10 +29,9 @@ and float64, and provides two ops:
     torch's in-place ops do.
 
 ``clamp_(tensors, clip_value) -> None``
-    Clamps every tensor in place to ``[-clip_value, clip_value]``. The base class does it
-    with torch's foreach ops; a backend may override it with a one-pass kernel.
+    Clamps every tensor in place to ``[-clip_value, clip_value]``.
 
-Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them; docs/design.md §4):
+Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them):
 
 ``norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale) -> (stats, norms)``
     ``norm_stats`` and, from the same read, ``norms``: a 1-d tensor of ``len(tensors)``
@@ -51,16 +50,39 @@ Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them; docs/design
     Adaptive gradient clipping, unit-wise (a unit is the whole tensor for ``ndim <= 1``,
     else one slice ``[i]`` along the first dim): where ``‖g_u‖ >= max(‖w_u‖, eps) *
     clip_factor`` the unit's gradient is scaled by ``max / max(‖g_u‖, 1e-6)``; other units
-    are not written. Norms are accumulated in float32 (float64 for float64 tensors). Returns
-    the 0-d norm of all gradients before clipping (the norm of the units' norms).
+    are not written. Norms and factors are computed in float32 (float64 when any gradient
+    is float64). Returns the 0-d norm of the distinct gradients before clipping (the norm
+    of their units' norms).
 
-A backend that has no kernel of its own for these gets the reference backend's.
+How every backend rounds a per-tensor or unit-wise rescale (so that the same factor gives
+the same bits on every backend): a tensor that is not float64 is multiplied in float32 by
+its factor rounded to float32, and the product is rounded once to the tensor's dtype; a
+float64 tensor is multiplied in float64.
 
-Neither op synchronises with the host. ``clip_grads_`` composes the two. A backend may
-also offer ``clip_parameters_``, which takes the parameters themselves and finds their
-``.grad`` without a Python loop (the per-tensor Python work dominates eager calls with
-thousands of tensors); it returns ``None`` for any input it does not take, and the
-caller then goes the general way.
+Inputs every op checks before it writes anything (a bad tensor late in the list leaves
+every earlier one untouched): dtypes, devices, layouts, the shapes of AGC's pairs, and
+memory. A tensor whose elements share memory (an expanded, stride-0 view) cannot be
+written in place and raises, as torch's in-place ops do. The same tensor twice in a list
+(a parameter listed twice, two parameters sharing one ``.grad``):
+
+- the global ops keep torch's semantics: it counts twice in the norm, and ``scale_``
+  multiplies it once per entry, in turn (as ``torch._foreach_mul_`` on the CPU);
+- the per-tensor and unit-wise ops write each distinct tensor once (the first entry's
+  factor; timm's loop clips it once too), and ``norms`` has an entry per position.
+
+Tensors that overlap in memory without being the same tensor are taken by the global ops
+as by torch (each entry in turn) and refused by the per-tensor ones, whose factors would
+then depend on the order of writes.
+
+A backend takes what it can: an op returns ``NotImplemented`` (before writing anything) for
+input it does not take, and the dispatcher (:mod:`gradclip.backends.dispatch`) then runs the
+reference backend's op instead. Nothing else falls back. ``clip_grads_`` and
+``clip_per_tensor_`` compose the other ops unless a backend fuses them.
+
+Neither op synchronises with the host. A backend may also offer ``clip_parameters_``,
+which takes the parameters themselves and finds their ``.grad`` without a Python loop (the
+per-tensor Python work dominates eager calls with thousands of tensors); it returns
+``None`` for any input it does not take, and the caller then goes the general way.
 """
 
 from __future__ import annotations
@@ -107,7 +129,11 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend:
-    """Base class of the backends; see the module docstring for the contract."""
+    """Base class of the backends; see the module docstring for the contract.
+
+    Every op returns ``NotImplemented`` here: a backend overrides what it takes, and the
+    dispatcher runs the reference backend's op for the rest.
+    """
 
     name: str = "?"
 
@@ -126,25 +152,15 @@ class Backend:
         """Whether this backend runs tensors of ``device`` (given ``status()`` is available)."""
         raise NotImplementedError
 
-    def norm_stats(
-        self,
-        tensors: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor:
-        raise NotImplementedError
+    def norm_stats(self, tensors: list[Tensor], norm_type: float, max_norm: float,
+                   inv_scale: Tensor | None = None) -> Tensor:
+        return NotImplemented
 
     def scale_(self, tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None) -> None:
-        raise NotImplementedError
+        return NotImplemented
 
-    def clip_grads_(
-        self,
-        grads: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor:
+    def clip_grads_(self, grads: list[Tensor], norm_type: float, max_norm: float,
+                    inv_scale: Tensor | None = None) -> Tensor:
         """Norm, then rescale by ``stats[COEF]``; returns ``stats``.
 
         With ``inv_scale`` (AMP) the rescale is skipped when an inf/NaN was found: the
@@ -152,46 +168,39 @@ class Backend:
         Without it, a non-finite norm rescales by NaN, exactly as torch does.
         """
         stats = self.norm_stats(grads, norm_type, max_norm, inv_scale)
-        self.scale_(grads, coef_of(stats), found_inf_of(stats) if inv_scale is not None else None)
+        if stats is NotImplemented:
+            return NotImplemented
+        skip = found_inf_of(stats) if inv_scale is not None else None
+        if self.scale_(grads, coef_of(stats), skip) is NotImplemented:
+            return NotImplemented
         return stats
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
-        """Clamp in place to ``[-clip_value, clip_value]`` (two foreach passes, as torch)."""
-        for group in group_by_dtype(tensors).values():
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+        return NotImplemented
 
-    # -- per-tensor and unit-wise ops: the reference backend's unless overridden ---------
-
-    def norm_stats_per_tensor(
-        self,
-        tensors: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        return _reference().norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
+    def norm_stats_per_tensor(self, tensors: list[Tensor], norm_type: float, max_norm: float,
+                              inv_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return NotImplemented
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
-        _reference().scale_per_tensor_(tensors, coefs)
+        return NotImplemented
 
     def clip_per_tensor_(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
         """Per-tensor norms, then each tensor scaled by its own factor; returns the norms."""
-        _, norms = self.norm_stats_per_tensor(tensors, norm_type, math.inf)
-        self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm))
+        result = self.norm_stats_per_tensor(tensors, norm_type, math.inf)
+        if result is NotImplemented:
+            return NotImplemented
+        norms = result[1]
+        if self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm)) is NotImplemented:
+            return NotImplemented
         return norms
 
     def agc_(self, params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
              norm_type: float) -> Tensor:
-        return _reference().agc_(params, grads, clip_factor, eps, norm_type)
+        return NotImplemented
 
-    def clip_parameters_(
-        self,
-        params: list[Tensor],
-        norm_type: float,
-        max_norm: float,
-        inv_scale: Tensor | None = None,
-    ) -> Tensor | None:
+    def clip_parameters_(self, params: list[Tensor], norm_type: float, max_norm: float,
+                         inv_scale: Tensor | None = None) -> Tensor | None:
         """``clip_grads_`` over the ``.grad`` of ``params``, or ``None`` if not offered."""
         return None
 
@@ -221,12 +230,113 @@ def clip_coefficient(norm: Tensor, max_norm: float, inv_scale: Tensor | None = N
     return coef
 
 
-def _reference() -> Backend:
-    from .reference import ReferenceBackend  # imports this module: import on first use
-    global _REFERENCE
-    if _REFERENCE is None:
-        _REFERENCE = ReferenceBackend()
-    return _REFERENCE
+def check_dtypes(dtypes, what: str = "tensors") -> None:
+    """``TypeError`` for a dtype no backend clips (the dtypes of a list, e.g. the keys of
+    :func:`group_by_dtype`), before anything is written."""
+    for dtype in dtypes:
+        if dtype not in SUPPORTED_DTYPES and dtype not in COMPLEX_DTYPES:
+            raise TypeError(f"{what} of dtype {dtype} are not supported; gradclip clips "
+                            "float16, bfloat16, float32 and float64 tensors (and complex "
+                            "ones on the reference backend).")
 
 
-_REFERENCE: Backend | None = None
+# -- memory: what an op that writes in place must know about its tensors ------------------
+
+_is_contiguous = Tensor.is_contiguous
+
+
+def shares_memory_within(t: Tensor) -> bool:
+    """Whether two elements of ``t`` are one location (a dimension of size > 1 with stride 0,
+    as ``expand`` makes): torch's in-place ops refuse such a tensor, and so do ours."""
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))
+
+
+def check_writable(tensors: list[Tensor], what: str = "tensors") -> None:
+    """Raise ``RuntimeError`` for the first tensor whose elements share memory, before any
+    write. Costs one contiguity test per tensor when none is expanded."""
+    if all(map(_is_contiguous, tensors)):
+        return
+    for i, t in enumerate(tensors):
+        if shares_memory_within(t):
+            raise RuntimeError(
+                f"{what}[{i}] (shape {tuple(t.shape)}, strides {t.stride()}) has elements that share "
+                "memory, as an expanded or stride-0 view has; it cannot be written in place, and "
+                f"no tensor was changed. Give it memory of its own, e.g. {what}[{i}] = "
+                f"{what}[{i}].clone() (for a .grad: p.grad = p.grad.clone()).")
+
+
+def byte_span(t: Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` byte addresses of ``t``'s elements; ``(0, 0)`` when empty."""
+    if t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr()
+    if _is_contiguous(t):
+        return start, start + t.nbytes
+    low = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride < 0)
+    high = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride > 0)
+    return start + low * t.element_size(), start + (high + 1) * t.element_size()
+
+
+def _same_elements(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` (of one span) hold the very same elements in the same order."""
+    if a.dtype != b.dtype or a.numel() != b.numel():
+        return False
+    return (a.shape == b.shape and a.stride() == b.stride()) or (_is_contiguous(a) and _is_contiguous(b))
+
+
+@dataclass(frozen=True)
+class Aliasing:
+    """How the tensors of a list share memory (:func:`aliasing`)."""
+
+    first: tuple[int, ...]          # per position, the first position of the same tensor
+    overlap: tuple[int, int] | None  # two positions that overlap without being the same
+
+    def distinct(self) -> list[int]:
+        """The positions of the first entry of each distinct tensor, in order."""
+        return [i for i, f in enumerate(self.first) if f == i]
+
+
+def aliasing(tensors: list[Tensor]) -> Aliasing | None:
+    """``None`` when no two tensors share memory (the usual case), else which entries are
+    the same tensor and whether any two overlap otherwise. One sort of the byte spans.
+
+    Traced code (``torch.compile``) has no addresses to compare: there it is ``None``.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    spans = sorted((lo, hi, i) for i, (lo, hi) in enumerate(map(byte_span, tensors)) if hi > lo)
+    first = list(range(len(tensors)))
+    overlap = None
+    reach, reach_at, head = 0, -1, None  # furthest end so far, who reaches it, cluster head
+    for lo, hi, i in spans:
+        if lo >= reach:
+            head = (lo, hi, i)
+        elif head[:2] == (lo, hi) and _same_elements(tensors[head[2]], tensors[i]):
+            first[i] = head[2]
+        elif overlap is None:
+            overlap = (min(reach_at, i), max(reach_at, i))
+        if hi > reach:
+            reach, reach_at = hi, i
+    if overlap is None and all(f == i for i, f in enumerate(first)):
+        return None
+    return Aliasing(tuple(first), overlap)
+
+
+def distinct_entries(tensors: list[Tensor], what: str = "tensors") -> list[int] | None:
+    """For the per-tensor ops: the positions of the distinct tensors (each tensor's first
+    entry), or ``None`` when all are distinct; ``RuntimeError`` when two overlap in memory
+    without being the same tensor."""
+    return distinct_of(aliasing(tensors), what)
+
+
+def distinct_of(shared: Aliasing | None, what: str = "tensors") -> list[int] | None:
+    """:func:`distinct_entries` from an :func:`aliasing` already taken."""
+    if shared is None:
+        return None
+    if shared.overlap is not None:
+        i, j = shared.overlap
+        raise RuntimeError(
+            f"{what}[{i}] and {what}[{j}] overlap in memory without being the same tensor, so "
+            "clipping each by its own factor has no one answer; no tensor was changed. Pass "
+            "tensors with memory of their own (e.g. .clone() one of them).")
+    return shared.distinct()

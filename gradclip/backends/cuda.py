@@ -3,7 +3,8 @@
 The ops are declared once, in C++ (``torch.ops.gradclip.norm_stats``, ``scale_``,
 ``clamp_``, ``clip_grads_``, and the per-tensor ``norm_stats_per_tensor``,
 ``scale_per_tensor_``, ``clip_per_tensor_``, ``agc_``); this module calls them and registers their fake
-implementations, so that ``torch.compile`` can trace them and CUDA graphs capture them.
+implementations (:mod:`gradclip.backends.fakes`, shared with the Triton ops), so that
+``torch.compile`` can trace them and CUDA graphs capture them.
 Eager calls first offer the list to the extension's pybind11 fast path of the same op (the
 same C++ function without the dispatcher's per-tensor boxing), which reads the gradients of
 a whole parameter list in C++; what it does not take goes to the op.
@@ -17,10 +18,9 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch import Tensor
 
-from . import cuda_build
-from .base import Backend, BackendStatus, BackendUnavailableError, stats_dtype
+from . import cuda_build, fakes
+from .base import Backend, BackendStatus, BackendUnavailableError
 
 # What the extension's fast paths return for a list they do not take.
 _NOT_TAKEN = NotImplemented
@@ -140,55 +140,6 @@ class CudaBackend(Backend):
         return None if stats is _NOT_TAKEN else stats
 
 
-# Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor.
-
-def _norm_stats_fake(tensors: list[Tensor], norm_type: float, max_norm: float,
-                     inv_scale: Tensor | None) -> Tensor:
-    torch._check(len(tensors) > 0, lambda: "gradclip::norm_stats: tensors is empty")
-    return tensors[0].new_empty((3,), dtype=stats_dtype(tensors))
-
-
-def _scale_fake(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None) -> None:
-    torch._check(scale.numel() == 1, lambda: "gradclip::scale_: scale must have one element")
-
-
-def _clamp_fake(tensors: list[Tensor], clip_value: float) -> None:
-    return None
-
-
-def _clip_grads_fake(grads: list[Tensor], norm_type: float, max_norm: float,
-                     inv_scale: Tensor | None) -> Tensor:
-    torch._check(len(grads) > 0, lambda: "gradclip::clip_grads_: grads is empty")
-    return grads[0].new_empty((3,), dtype=stats_dtype(grads))
-
-
-def _norm_stats_per_tensor_fake(tensors: list[Tensor], norm_type: float, max_norm: float,
-                                inv_scale: Tensor | None) -> tuple[Tensor, Tensor]:
-    torch._check(len(tensors) > 0, lambda: "gradclip::norm_stats_per_tensor: tensors is empty")
-    dtype = stats_dtype(tensors)
-    return tensors[0].new_empty((3,), dtype=dtype), tensors[0].new_empty((len(tensors),), dtype=dtype)
-
-
-def _scale_per_tensor_fake(tensors: list[Tensor], coefs: Tensor) -> None:
-    torch._check(coefs.numel() == len(tensors),
-                 lambda: "gradclip::scale_per_tensor_: coefs needs one element per tensor")
-
-
-def _clip_per_tensor_fake(tensors: list[Tensor], norm_type: float, max_norm: float) -> Tensor:
-    torch._check(len(tensors) > 0, lambda: "gradclip::clip_per_tensor_: tensors is empty")
-    return tensors[0].new_empty((len(tensors),), dtype=stats_dtype(tensors))
-
-
-def _agc_fake(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
-              norm_type: float) -> Tensor:
-    torch._check(len(grads) > 0, lambda: "gradclip::agc_: grads is empty")
-    return grads[0].new_empty((), dtype=stats_dtype(grads))
-
-
-_FAKES = {"norm_stats": _norm_stats_fake, "scale_": _scale_fake, "clamp_": _clamp_fake,
-          "clip_grads_": _clip_grads_fake, "norm_stats_per_tensor": _norm_stats_per_tensor_fake,
-          "scale_per_tensor_": _scale_per_tensor_fake, "clip_per_tensor_": _clip_per_tensor_fake,
-          "agc_": _agc_fake}
 _fakes_registered = False
 
 
@@ -202,8 +153,7 @@ def register_fakes() -> None:
     global _fakes_registered
     if _fakes_registered:
         return
-    for name, fake in _FAKES.items():
-        torch.library.register_fake(f"gradclip::{name}", fake)
+    fakes.register_fakes("gradclip")
     _fakes_registered = True
 
 

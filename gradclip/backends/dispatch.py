@@ -1,4 +1,4 @@
-"""The one place that chooses a backend.
+"""The one place that chooses a backend, and the one place that falls back.
 
 ``backend="auto"`` (the default everywhere) reads ``GRADCLIP_BACKEND`` and, if that is
 unset or ``auto`` too, picks per device the fastest backend that runs there:
@@ -8,10 +8,11 @@ that ``auto`` tried and could not load (a failed build, say) is skipped with a w
 A backend named explicitly, by argument or environment, must run or raise
 :class:`BackendUnavailableError` saying why.
 
-Above this module nothing knows which backend runs: callers use :func:`norm_stats`,
-:func:`scale_` and :func:`clip_grads_`, which also split the tensors by device. Complex
-tensors go to the reference backend (the only one that reduces ``|z|``) under ``auto``;
-a fused backend named explicitly refuses them.
+Above this module nothing knows which backend runs: callers use the ops below, which also
+split the tensors by device. A backend returns ``NotImplemented`` for input it does not
+take (a tensor that is not dense, say); :func:`call` then runs the op of the one reference
+backend. Complex tensors go to the reference backend (the only one that reduces ``|z|``)
+under ``auto``; a fused backend named explicitly refuses them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import importlib
 import math
 import os
 import warnings
+from itertools import chain
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,12 +31,14 @@ from .base import (
     COMPLEX_DTYPES,
     FOUND_INF,
     NORM,
-    SUPPORTED_DTYPES,
     Backend,
     BackendStatus,
     BackendUnavailableError,
+    check_dtypes,
+    check_writable,
     clip_coefficient,
     coef_of,
+    distinct_entries,
     found_inf_of,
     stats_dtype,
 )
@@ -46,6 +51,8 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _MODULES = {"cuda": ("gradclip.backends.cuda", "CudaBackend"),
             "triton": ("gradclip.backends.triton", "TritonBackend")}
 
+# The one reference backend: what "reference" names, and what every other backend falls
+# back to (call).
 _instances: dict[str, Backend] = {"reference": ReferenceBackend()}
 _import_errors: dict[str, str] = {}
 _auto_choice: dict[torch.device, Backend] = {}
@@ -142,22 +149,60 @@ def _load(backend: Backend) -> None:
         load()
 
 
-_Part = tuple[torch.device, bool]  # (device, complex): the tensors one backend call takes
+def call(backend: Backend, op: str, *args):
+    """``backend``'s op ``op`` on ``args``, or the reference backend's when ``backend``
+    returns ``NotImplemented`` (it writes nothing then): the only fallback there is."""
+    result = getattr(backend, op)(*args)
+    if result is NotImplemented:
+        result = getattr(_instances["reference"], op)(*args)
+    return result
 
 
-def _split(tensors: list[Tensor], what: str) -> dict[_Part, list[Tensor]]:
-    """The tensors by device, and within a device real apart from complex; each part in
-    dtype groups. Unsupported tensors raise.
+class _Part(NamedTuple):
+    """The tensors one backend call takes, and where they were in the input."""
 
-    torch's C++ grouping (the one torch's own clipping uses) keeps this cheap for thousands
-    of tensors.
-    """
-    return {part: group for part, (group, _) in _split_indexed(tensors, what, False).items()}
+    backend: Backend
+    tensors: list[Tensor]
+    positions: list[int] | None  # input positions of ``tensors``; None: the whole input
+    is_complex: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
 
 
-def _split_indexed(tensors: list[Tensor], what: str,
-                   with_indices: bool = True) -> dict[_Part, tuple[list[Tensor], list[int]]]:
-    """:func:`_split`, each part with the input positions of its tensors."""
+def _parts(tensors: list[Tensor], backend: str, what: str) -> list[_Part]:
+    """The backend calls that ``tensors`` take: the whole list when its first tensor's
+    backend accepts it as given (the common eager call: no Python work per tensor); else
+    the list validated and split by device, complex tensors apart, each part in input
+    order (a list on one device is one part, whatever its dtypes)."""
+    if not tensors:
+        return []
+    first = tensors[0]
+    chosen = None
+    if isinstance(first, Tensor):
+        chosen = resolve(backend, first.device)
+        if chosen.accepts(tensors):
+            return [_Part(chosen, tensors, None)]
+    split = _split(tensors, what)
+    if len(split) == 1:
+        ((device, is_complex), _), = split.items()
+        if chosen is None or is_complex:
+            chosen = _part_backend(backend, device, is_complex)
+        return [_Part(chosen, tensors, None, is_complex)]
+    parts = []
+    for (device, is_complex), index_lists in _split(tensors, what, with_indices=True).items():
+        positions = index_lists[0] if len(index_lists) == 1 else sorted(chain(*index_lists))
+        parts.append(_Part(_part_backend(backend, device, is_complex), [tensors[i] for i in positions],
+                           positions, is_complex))
+    return parts
+
+
+def _split(tensors: list[Tensor], what: str,
+           with_indices: bool = False) -> dict[tuple[torch.device, bool], list[list[int] | None]]:
+    """Per (device, complex), the input positions of its tensors, one list per dtype (with
+    ``with_indices``; else None each); every tensor validated. torch's C++ grouping (the
+    one torch's own clipping uses) keeps this cheap for thousands of tensors."""
     try:
         groups = torch._C._group_tensors_by_device_and_dtype([tensors], with_indices)
     except (TypeError, RuntimeError):  # a non-tensor, or None
@@ -165,25 +210,19 @@ def _split_indexed(tensors: list[Tensor], what: str,
     if groups is None or sum(len(g) for (g,), _ in groups.values()) != len(tensors):
         bad = next(t for t in tensors if not isinstance(t, Tensor))
         raise TypeError(f"{what} must be tensors, got {type(bad).__name__}")
-    parts: dict[_Part, tuple[list[Tensor], list[int]]] = {}
-    for (device, dtype), ([group], indices) in groups.items():
-        if dtype not in SUPPORTED_DTYPES and dtype not in COMPLEX_DTYPES:
-            raise TypeError(f"{what} of dtype {dtype} are not supported; gradclip clips "
-                            "float16, bfloat16, float32 and float64 tensors (and complex "
-                            "ones on the reference backend).")
-        members, positions = parts.setdefault((device, dtype in COMPLEX_DTYPES), ([], []))
-        members.extend(group)
-        positions.extend(indices or ())
+    check_dtypes([dtype for _, dtype in groups], what)
+    split: dict[tuple[torch.device, bool], list[list[int] | None]] = {}
+    for (device, dtype), (_, indices) in groups.items():
+        split.setdefault((device, dtype in COMPLEX_DTYPES), []).append(indices)
     strided = torch.strided
     if not all(t.layout is strided for t in tensors):
         layout = next(t.layout for t in tensors if t.layout is not strided)
         raise RuntimeError(f"{what} with layout {layout} are not supported; gradclip clips "
                            "dense (strided) tensors only. Densify them with .to_dense() first.")
-    return parts
+    return split
 
 
-def _resolve_part(backend: str, part: _Part) -> Backend:
-    device, is_complex = part
+def _part_backend(backend: str, device: torch.device, is_complex: bool) -> Backend:
     if not is_complex:
         return resolve(backend, device)
     name = requested_backend(backend)
@@ -193,17 +232,68 @@ def _resolve_part(backend: str, part: _Part) -> Backend:
     return _instances["reference"]
 
 
-def _taken_whole(tensors: list[Tensor], backend: str) -> Backend | None:
-    """The first tensor's backend if it takes the whole list as given, else None.
+def _nonempty(parts: list[_Part], op: str) -> list[_Part]:
+    if not parts:
+        raise ValueError(f"{op} needs at least one tensor; got an empty list")
+    return parts
 
-    The common call (one device, a list the backend checks in C++) then skips the per-tensor
-    Python work of :func:`_split`.
-    """
-    first = tensors[0] if tensors else None
-    if not isinstance(first, Tensor):
-        return None
-    chosen = resolve(backend, first.device)
-    return chosen if chosen.accepts(tensors) else None
+
+def _check_before_writing(parts: list[_Part], what: str, per_tensor: bool = False) -> None:
+    """What each part's backend checks before it writes, checked for all parts first: a
+    bad tensor on the last device must not leave the first device's tensors written."""
+    for part in parts:
+        check_writable(part.tensors, what)
+        if per_tensor:
+            distinct_entries(part.tensors, what)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _combined_stats(stats: list[Tensor], first: torch.device, norm_type: float,
+                    max_norm: float, inv_scale: Tensor | None) -> Tensor:
+    """One ``stats`` from the parts' stats (each measured with ``max_norm=inf``), on
+    ``first``: the norm of the parts' norms."""
+    dtype = stats_dtype(stats)
+    stats = torch.stack([s.to(device=first, dtype=dtype) for s in stats])
+    norm = torch.linalg.vector_norm(stats[:, NORM], norm_type)
+    norm = torch.where(stats[:, NORM].isnan().any(), math.nan, norm)
+    inv = None if inv_scale is None else inv_scale.to(device=first, dtype=dtype).reshape(())
+    return torch.stack([norm, clip_coefficient(norm, max_norm, inv), stats[:, FOUND_INF].amax()])
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int, int]]:
+    """``positions`` (ascending) as runs of consecutive ones: (first position, offset, length)."""
+    runs = []
+    for offset, position in enumerate(positions):
+        if runs and runs[-1][0] + runs[-1][2] == position:
+            start, at, length = runs[-1]
+            runs[-1] = (start, at, length + 1)
+        else:
+            runs.append((position, offset, 1))
+    return runs
+
+
+def _in_input_order(parts: list[_Part], values: list[Tensor], device: torch.device) -> Tensor:
+    """One vector, in input order, from one vector per part (an element per tensor): one
+    ``cat`` of slices, runs of consecutive positions. Built on the device from views, it
+    needs no index tensor from the host (no copy to synchronise on; a CUDA graph can
+    capture it)."""
+    dtype = stats_dtype(values)
+    values = [v.to(device=device, dtype=dtype) for v in values]
+    pieces = sorted((start, k, offset, length) for k, part in enumerate(parts)
+                    for start, offset, length in _runs(part.positions))
+    return torch.cat([values[k][offset:offset + length] for _, k, offset, length in pieces])
+
+
+def _gathered(values: Tensor, positions: list[int], device: torch.device) -> Tensor:
+    """``values[positions]`` on ``device``, from slices (no index tensor from the host)."""
+    runs = _runs(positions)
+    if len(runs) == 1:
+        start, _, length = runs[0]
+        return values[start:start + length].to(device)
+    return torch.cat([values[start:start + length] for start, _, length in runs]).to(device)
 
 
 def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
@@ -212,78 +302,51 @@ def norm_stats(tensors: list[Tensor], norm_type: float, max_norm: float,
 
     With several devices the result lives on the first tensor's device.
     """
-    whole = _taken_whole(tensors, backend)
-    if whole is not None:
-        return whole.norm_stats(tensors, norm_type, max_norm, inv_scale)
-    parts = _split(tensors, "tensors")
+    parts = _nonempty(_parts(tensors, backend, "tensors"), "norm_stats")
     if len(parts) == 1:
-        (part, group), = parts.items()
-        return _resolve_part(backend, part).norm_stats(group, norm_type, max_norm, inv_scale)
-    return _combine_parts(parts, tensors[0].device, norm_type, max_norm, inv_scale, backend)
-
-
-def _combine_parts(parts: dict[_Part, list[Tensor]], first: torch.device, norm_type: float,
-                   max_norm: float, inv_scale: Tensor | None, backend: str) -> Tensor:
-    """One ``stats`` from the stats of each part, on ``first``: the norm of the parts' norms."""
-    stats = [_resolve_part(backend, part).norm_stats(
-                 group, norm_type, math.inf, None if inv_scale is None else inv_scale.to(part[0])
-             ).to(first) for part, group in parts.items()]
-    dtype = stats_dtype(stats)
-    stats = torch.stack(stats).to(dtype)
-    norm = torch.linalg.vector_norm(stats[:, NORM], norm_type)
-    norm = torch.where(stats[:, NORM].isnan().any(), math.nan, norm)
-    inv = None if inv_scale is None else inv_scale.to(device=first, dtype=dtype).reshape(())
-    return torch.stack([norm, clip_coefficient(norm, max_norm, inv), stats[:, FOUND_INF].amax()])
+        return call(parts[0].backend, "norm_stats", parts[0].tensors, norm_type, max_norm, inv_scale)
+    stats = [call(p.backend, "norm_stats", p.tensors, norm_type, math.inf, _on(inv_scale, p.device))
+             for p in parts]
+    return _combined_stats(stats, tensors[0].device, norm_type, max_norm, inv_scale)
 
 
 def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None,
            backend: str = "auto") -> None:
     """Multiply ``tensors`` by ``scale`` on the device unless it is 1 or ``found_inf`` is set."""
-    whole = _taken_whole(tensors, backend)
-    if whole is not None:
-        device = tensors[0].device
-        whole.scale_(tensors, scale.to(device), None if found_inf is None else found_inf.to(device))
-        return
-    _scale_parts(_split(tensors, "tensors"), scale, found_inf, backend)
-
-
-def _scale_parts(parts: dict[_Part, list[Tensor]], scale: Tensor, found_inf: Tensor | None,
-                 backend: str) -> None:
-    for part, group in parts.items():
-        device = part[0]
-        skip = None if found_inf is None else found_inf.to(device)
-        _resolve_part(backend, part).scale_(group, scale.to(device), skip)
+    parts = _parts(tensors, backend, "tensors")
+    if len(parts) > 1:
+        _check_before_writing(parts, "tensors")
+    for p in parts:
+        call(p.backend, "scale_", p.tensors, scale.to(p.device), _on(found_inf, p.device))
 
 
 def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
                 inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Norm and rescale (see ``Backend.clip_grads_``); returns ``stats``."""
-    whole = _taken_whole(grads, backend)
-    if whole is not None:
-        return whole.clip_grads_(grads, norm_type, max_norm, inv_scale)
-    parts = _split(grads, "gradients")
+    parts = _nonempty(_parts(grads, backend, "gradients"), "clip_grads_")
     if len(parts) == 1:
-        (part, group), = parts.items()
-        return _resolve_part(backend, part).clip_grads_(group, norm_type, max_norm, inv_scale)
-    stats = _combine_parts(parts, grads[0].device, norm_type, max_norm, inv_scale, backend)
-    # The parts are known: scale them without splitting the list again.
-    _scale_parts(parts, coef_of(stats), found_inf_of(stats) if inv_scale is not None else None,
-                 backend)
+        return call(parts[0].backend, "clip_grads_", parts[0].tensors, norm_type, max_norm, inv_scale)
+    _check_before_writing(parts, "gradients")
+    stats = _combined_stats(
+        [call(p.backend, "norm_stats", p.tensors, norm_type, math.inf, _on(inv_scale, p.device))
+         for p in parts], grads[0].device, norm_type, max_norm, inv_scale)
+    skip = found_inf_of(stats) if inv_scale is not None else None
+    for p in parts:
+        call(p.backend, "scale_", p.tensors, coef_of(stats).to(p.device), _on(skip, p.device))
     return stats
 
 
 def clamp_(tensors: list[Tensor], clip_value: float, backend: str = "auto") -> None:
     """Clamp ``tensors`` in place to ``[-clip_value, clip_value]``."""
-    whole = _taken_whole(tensors, backend)
-    if whole is not None:
-        whole.clamp_(tensors, clip_value)
-        return
-    for (device, is_complex), group in _split(tensors, "gradients").items():
-        if is_complex:
-            raise TypeError("clip_grad_value_ does not take complex gradients: complex numbers "
-                            "have no order to clamp by (torch refuses them too). Clip their norm "
-                            "with clip_grad_norm_ instead.")
-        resolve(backend, device).clamp_(group, clip_value)
+    parts = _parts(tensors, backend, "gradients")
+    if any(p.is_complex for p in parts):
+        raise TypeError("clip_grad_value_ does not take complex gradients: complex numbers "
+                        "have no order to clamp by (torch refuses them too). Clip their norm "
+                        "with clip_grad_norm_ instead.")
+    if len(parts) > 1:
+        _check_before_writing(parts, "gradients")
+    for p in parts:
+        call(p.backend, "clamp_", p.tensors, clip_value)
 
 
 def clip_parameters_(params: list, norm_type: float, max_norm: float,
@@ -302,40 +365,15 @@ def norm_stats_per_tensor(tensors: list[Tensor], norm_type: float, max_norm: flo
     """``(stats, norms)``: :func:`norm_stats` and each tensor's norm, in input order, from
     the same read (see ``Backend.norm_stats_per_tensor``). With several devices both live
     on the first tensor's device."""
-    whole = _taken_whole(tensors, backend)
-    if whole is not None:
-        return whole.norm_stats_per_tensor(tensors, norm_type, max_norm, inv_scale)
-    parts = _split_indexed(tensors, "tensors")
+    parts = _nonempty(_parts(tensors, backend, "tensors"), "norm_stats_per_tensor")
     if len(parts) == 1:
-        (part, (group, positions)), = parts.items()
-        stats, norms = _resolve_part(backend, part).norm_stats_per_tensor(
-            group, norm_type, max_norm, inv_scale)
-        return stats, _in_input_order([(norms, positions)], len(tensors))
+        return tuple(call(parts[0].backend, "norm_stats_per_tensor", parts[0].tensors, norm_type,
+                          max_norm, inv_scale))
+    results = [call(p.backend, "norm_stats_per_tensor", p.tensors, norm_type, math.inf,
+                    _on(inv_scale, p.device)) for p in parts]
     first = tensors[0].device
-    results = [(_resolve_part(backend, part).norm_stats_per_tensor(
-                    group, norm_type, math.inf, None if inv_scale is None else inv_scale.to(part[0])),
-                positions) for part, (group, positions) in parts.items()]
-    dtype = stats_dtype([stats for (stats, _), _ in results])
-    norms = _in_input_order([(n.to(device=first, dtype=dtype), p) for (_, n), p in results],
-                            len(tensors))
-    stats = torch.stack([s.to(device=first, dtype=dtype) for (s, _), _ in results])
-    norm = torch.linalg.vector_norm(stats[:, NORM], norm_type)
-    norm = torch.where(stats[:, NORM].isnan().any(), math.nan, norm)
-    inv = None if inv_scale is None else inv_scale.to(device=first, dtype=dtype).reshape(())
-    stats = torch.stack([norm, clip_coefficient(norm, max_norm, inv), stats[:, FOUND_INF].amax()])
-    return stats, norms
-
-
-def _in_input_order(pieces: list[tuple[Tensor, list[int]]], count: int) -> Tensor:
-    """One vector from per-part vectors and the input positions of their elements."""
-    if len(pieces) == 1 and pieces[0][1] == list(range(count)):
-        return pieces[0][0]
-    first = pieces[0][0]
-    dtype = stats_dtype([values for values, _ in pieces])
-    out = torch.empty(count, dtype=dtype, device=first.device)
-    for values, positions in pieces:
-        out[torch.tensor(positions, device=first.device)] = values.to(device=first.device, dtype=dtype)
-    return out
+    stats = _combined_stats([s for s, _ in results], first, norm_type, max_norm, inv_scale)
+    return stats, _in_input_order(parts, [n for _, n in results], first)
 
 
 def tensor_norms(tensors: list[Tensor], norm_type: float, backend: str = "auto") -> Tensor:
@@ -346,47 +384,54 @@ def tensor_norms(tensors: list[Tensor], norm_type: float, backend: str = "auto")
 def clip_per_tensor_(grads: list[Tensor], norm_type: float, max_norm: float,
                      backend: str = "auto") -> Tensor:
     """Clip each gradient to its own norm (``Backend.clip_per_tensor_``); returns the norms."""
-    whole = _taken_whole(grads, backend)
-    if whole is not None:
-        return whole.clip_per_tensor_(grads, norm_type, max_norm)
-    pieces = [(_resolve_part(backend, part).clip_per_tensor_(group, norm_type, max_norm), positions)
-              for part, (group, positions) in _split_indexed(grads, "gradients").items()]
-    return _in_input_order(pieces, len(grads))
+    parts = _nonempty(_parts(grads, backend, "gradients"), "clip_per_tensor_")
+    if len(parts) == 1:
+        return call(parts[0].backend, "clip_per_tensor_", parts[0].tensors, norm_type, max_norm)
+    _check_before_writing(parts, "gradients", per_tensor=True)
+    norms = [call(p.backend, "clip_per_tensor_", p.tensors, norm_type, max_norm) for p in parts]
+    return _in_input_order(parts, norms, grads[0].device)
 
 
 def scale_per_tensor_(tensors: list[Tensor], coefs: Tensor, backend: str = "auto") -> None:
     """Multiply ``tensors[i]`` by ``coefs[i]`` in place, skipping factors of exactly 1."""
-    whole = _taken_whole(tensors, backend)
-    if whole is not None:
-        whole.scale_per_tensor_(tensors, coefs.to(tensors[0].device))
+    parts = _parts(tensors, backend, "tensors")
+    if len(parts) == 1:
+        call(parts[0].backend, "scale_per_tensor_", parts[0].tensors, coefs.to(parts[0].device))
         return
-    for part, (group, positions) in _split_indexed(tensors, "tensors").items():
-        part_coefs = coefs.to(part[0])[torch.tensor(positions, device=part[0])]
-        _resolve_part(backend, part).scale_per_tensor_(group, part_coefs)
+    coefs = coefs.reshape(-1)
+    if coefs.numel() != len(tensors):
+        raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), got {coefs.numel()}")
+    _check_before_writing(parts, "tensors", per_tensor=True)
+    for p in parts:
+        call(p.backend, "scale_per_tensor_", p.tensors, _gathered(coefs, p.positions, p.device))
 
 
 def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
          norm_type: float, backend: str = "auto") -> Tensor:
     """Adaptive gradient clipping (``Backend.agc_``) of ``grads[i]`` against ``params[i]``;
-    returns the norm of all gradients before clipping, on the first gradient's device."""
-    for w, g in zip(params, grads):
+    returns the norm of the distinct gradients before clipping, on the first gradient's
+    device."""
+    if len(params) != len(grads):
+        raise ValueError(f"agc_ takes one parameter per gradient, got {len(params)} parameters "
+                         f"for {len(grads)} gradients")
+    for i, (w, g) in enumerate(zip(params, grads)):
         if w.shape != g.shape or w.device != g.device:
-            raise ValueError(f"a gradient of shape {tuple(g.shape)} on {g.device} does not match "
+            raise ValueError(f"gradient {i} of shape {tuple(g.shape)} on {g.device} does not match "
                              f"its parameter of shape {tuple(w.shape)} on {w.device}")
-    whole = _taken_whole(grads, backend)
-    if whole is not None and whole.accepts(params):
-        return whole.agc_(params, grads, clip_factor, eps, norm_type)
-    first = grads[0].device
-    norms = []
-    for part, (group, positions) in _split_indexed(grads, "gradients").items():
-        weights = [params[i] for i in positions]
-        norms.append(_resolve_part(backend, part).agc_(weights, group, clip_factor, eps, norm_type))
+    check_dtypes({w.dtype for w in params}, "parameters")
+    parts = _nonempty(_parts(grads, backend, "gradients"), "agc_")
+    if len(parts) == 1:
+        return call(parts[0].backend, "agc_", params, parts[0].tensors, clip_factor, eps, norm_type)
+    _check_before_writing(parts, "gradients", per_tensor=True)
+    norms = [call(p.backend, "agc_", [params[i] for i in p.positions], p.tensors, clip_factor, eps,
+                  norm_type) for p in parts]
     dtype = stats_dtype(norms)
+    first = grads[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device=first, dtype=dtype) for n in norms]),
                                     norm_type)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "available_backends",
-           "agc_", "clamp_", "clip_grads_", "clip_parameters_", "clip_per_tensor_", "get_backend",
-           "norm_stats", "norm_stats_per_tensor", "requested_backend", "resolve", "scale_",
-           "scale_per_tensor_", "tensor_norms"]
+__all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "agc_",
+           "available_backends", "call", "clamp_", "clip_grads_", "clip_parameters_",
+           "clip_per_tensor_", "get_backend", "norm_stats", "norm_stats_per_tensor",
+           "requested_backend", "resolve", "scale_", "scale_per_tensor_", "tensor_norms"]

@@ -28,7 +28,18 @@ import math
 import torch
 from torch import Tensor
 
-from .base import EPS, Backend, BackendStatus, clip_coefficient, group_by_dtype, stats_dtype
+from .base import (
+    EPS,
+    Backend,
+    BackendStatus,
+    aliasing,
+    check_dtypes,
+    check_writable,
+    clip_coefficient,
+    distinct_entries,
+    group_by_dtype,
+    stats_dtype,
+)
 
 _ACCUMULATE_IN = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _WIDE = {torch.float64, torch.complex128}
@@ -179,19 +190,30 @@ def agc_coefficients(param_norms: Tensor, grad_norms: Tensor, clip_factor: float
     return torch.where(grad_norms < limit, torch.ones_like(scaled), scaled)
 
 
-def _agc_tensor_(w: Tensor, g: Tensor, clip_factor: float, eps: float, norm_type: float) -> Tensor:
-    """AGC of one tensor in place; returns its grad's unit norms (before clipping)."""
-    grad_norms = unit_norms(g, norm_type)
-    coefs = agc_coefficients(unit_norms(w, norm_type).to(grad_norms.dtype), grad_norms,
-                             clip_factor, eps)
+def _factors_for(t: Tensor, factors: Tensor) -> Tensor:
+    """``factors`` (per unit of ``t``, along its first dim, or one for all of it) as the
+    operand of ``t.mul_``, so that the product is taken in float32 (float64 for float64
+    tensors) and rounded once: a 0-d operand of a dimensioned tensor would be rounded to a
+    16-bit tensor's dtype first (on the GPU), a float64 one would widen the product."""
+    factors = factors.to(torch.float64 if t.dtype in _WIDE else torch.float32)
+    return factors.reshape((-1,) + (1,) * (t.ndim - 1)) if t.ndim else factors.reshape(())
+
+
+def _agc_tensor_(w: Tensor, g: Tensor, clip_factor: float, eps: float, norm_type: float,
+                 dtype: torch.dtype) -> Tensor:
+    """AGC of one tensor in place, the factor in ``dtype``; returns its grad's unit norms
+    (before clipping)."""
+    grad_norms = unit_norms(g, norm_type).to(dtype)
+    coefs = agc_coefficients(unit_norms(w, norm_type).to(dtype), grad_norms, clip_factor, eps)
     if _decides_on_host(g.device) and not bool((coefs != 1.0).any()):
         return grad_norms
-    # In the factor's precision, rounded once to the gradient's dtype.
-    g.mul_(coefs.reshape((-1,) + (1,) * (g.ndim - 1)) if g.ndim > 1 else coefs.reshape(()))
+    g.mul_(_factors_for(g, coefs))
     return grad_norms
 
 
 class ReferenceBackend(Backend):
+    """Pure torch on any device: takes every input the contract allows, complex included."""
+
     name = "reference"
 
     def status(self) -> BackendStatus:
@@ -209,6 +231,32 @@ class ReferenceBackend(Backend):
         norm = _total_norm(groups, norm_type, dtype, device, inv_scale)
         return _stats_of(norm, groups, max_norm, inv_scale, dtype, device)
 
+    def scale_(self, tensors, scale, found_inf=None):
+        factor = scale.reshape(())
+        if _decides_on_host(factor.device):
+            if factor.item() == 1.0 or (found_inf is not None and found_inf.item() != 0):
+                return  # nothing is written: nothing to check
+        elif found_inf is not None:
+            factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(factor), factor)
+        check_writable(tensors)
+        groups = group_by_dtype(tensors)
+        check_dtypes(groups)
+        groups = groups.values()
+        if not _decides_on_host(factor.device) and not _apart(tensors):
+            # torch's multi-tensor kernels would race on a tensor listed twice; one by one,
+            # each entry multiplies in turn, as torch's foreach loop does on the CPU.
+            groups = [[t] for t in tensors]
+        for group in groups:
+            torch._foreach_mul_(group, factor)
+
+    def clamp_(self, tensors, clip_value):
+        check_writable(tensors)
+        groups = group_by_dtype(tensors)
+        check_dtypes(groups)
+        for group in groups.values():
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
+
     def norm_stats_per_tensor(self, tensors, norm_type, max_norm, inv_scale=None):
         dtype, device = stats_dtype(tensors), tensors[0].device
         if inv_scale is not None:
@@ -219,9 +267,11 @@ class ReferenceBackend(Backend):
         return stats, norms
 
     def clip_per_tensor_(self, tensors, norm_type, max_norm):
+        check_writable(tensors)
+        kept = distinct_entries(tensors)
         # The norms alone: the global stats would cost a reduction and a host read here.
         norms = tensor_norms_in_order(tensors, norm_type, stats_dtype(tensors))
-        self.scale_per_tensor_(tensors, clip_coefficient(norms, max_norm))
+        _scale_entries_(tensors, clip_coefficient(norms, max_norm), kept)
         return norms
 
     def scale_per_tensor_(self, tensors, coefs):
@@ -229,32 +279,60 @@ class ReferenceBackend(Backend):
         if coefs.numel() != len(tensors):
             raise ValueError(f"coefs must have one element per tensor ({len(tensors)}), "
                              f"got {coefs.numel()}")
-        if _decides_on_host(coefs.device):
-            # Python floats hold the factors exactly (float32 or float64 values).
-            kept = [(t, c) for t, c in zip(tensors, coefs.tolist()) if c != 1.0]
-            if not kept:
-                return
-            for ([group], indices) in torch._C._group_tensors_by_device_and_dtype(
-                    [[t for t, _ in kept]], True).values():
-                torch._foreach_mul_(group, [kept[i][1] for i in indices])
-            return
-        factors = coefs.unbind()
-        groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
-        for ([group], indices) in groups.values():
-            torch._foreach_mul_(group, [factors[i] for i in indices])
+        check_writable(tensors)
+        _scale_entries_(tensors, coefs, distinct_entries(tensors))
 
     def agc_(self, params, grads, clip_factor, eps, norm_type):
+        if len(params) != len(grads):
+            raise ValueError(f"agc_ takes one parameter per gradient, got {len(params)} parameters "
+                             f"for {len(grads)} gradients")
+        for i, (w, g) in enumerate(zip(params, grads)):
+            if w.shape != g.shape:
+                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but its parameter has "
+                                 f"shape {tuple(w.shape)}; pass each parameter with its own gradient")
+        check_dtypes({t.dtype for t in params}, "params")
+        check_dtypes({t.dtype for t in grads}, "grads")
+        check_writable(grads, "grads")
+        kept = distinct_entries(grads, "grads")
+        if kept is not None:  # each gradient clipped once, against its first entry's weight
+            params, grads = [params[i] for i in kept], [grads[i] for i in kept]
         dtype = stats_dtype(grads)
-        unit_norms = [_agc_tensor_(w, g, clip_factor, eps, norm_type) for w, g in zip(params, grads)]
-        return torch.linalg.vector_norm(torch.cat([n.to(dtype) for n in unit_norms]), norm_type)
+        norms = [_agc_tensor_(w, g, clip_factor, eps, norm_type, dtype) for w, g in zip(params, grads)]
+        return torch.linalg.vector_norm(torch.cat(norms), norm_type)
 
 
-    def scale_(self, tensors, scale, found_inf=None):
-        factor = scale.reshape(())
-        if _decides_on_host(factor.device):
-            if factor.item() == 1.0 or (found_inf is not None and found_inf.item() != 0):
-                return
-        elif found_inf is not None:
-            factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(factor), factor)
-        for group in group_by_dtype(tensors).values():
-            torch._foreach_mul_(group, factor)
+def _apart(tensors: list[Tensor]) -> bool:
+    """Whether no two tensors share memory (a multi-tensor kernel may take them together)."""
+    return aliasing(tensors) is None
+
+
+def _scale_entries_(tensors: list[Tensor], coefs: Tensor, kept: list[int] | None) -> None:
+    """``tensors[i] *= coefs[i]`` for the entries ``kept`` (all if None); on the CPU the host
+    leaves out the factors of exactly 1 (nothing to synchronise with)."""
+    if _decides_on_host(coefs.device):
+        factors = coefs.tolist()
+        kept = [i for i in (range(len(tensors)) if kept is None else kept) if factors[i] != 1.0]
+        if not kept:
+            return
+    _mul_each_(tensors, coefs, kept)
+
+
+def _mul_each_(tensors: list[Tensor], coefs: Tensor, positions: list[int] | None) -> None:
+    """``tensors[i] *= coefs[i]`` for each ``i`` of ``positions`` (all if None), rounded as the
+    contract says (base.py): in float32 (float64 for float64 tensors), rounded once. The
+    factors are views of ``coefs``: no host read, no index tensor."""
+    narrow = coefs.to(torch.float32).reshape(-1, 1).unbind()
+    wide = coefs.reshape(-1, 1).unbind() if coefs.dtype == torch.float64 else narrow
+    if positions is None:
+        positions = range(len(tensors))
+    else:
+        tensors = [tensors[i] for i in positions]
+    groups = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+    check_dtypes([dtype for _, dtype in groups])
+    for (_, dtype), ([group], indices) in groups.items():
+        factors = wide if dtype in _WIDE else narrow
+        # A (1,)-shaped float operand makes the product float32 (a 0-d one would be rounded
+        # to a 16-bit tensor's dtype first, on the GPU); a 0-d tensor takes a 0-d operand,
+        # of the same priority in type promotion, so its product is float32 too.
+        torch._foreach_mul_(group, [factors[positions[j]] if t.ndim else factors[positions[j]].reshape(())
+                                    for t, j in zip(group, indices)])

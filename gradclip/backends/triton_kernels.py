@@ -1,7 +1,7 @@
 """The Triton kernels of the ``triton`` backend; launched from :mod:`gradclip.backends.triton`.
 
 Both kernels walk the same chunk table, a device-resident int64 buffer built once per
-gradient list (see ``triton.py``)::
+gradient list (see ``triton_tables.py``)::
 
     meta[0]                         counter: finished programs of the running norm launch
     meta[1 : 2 + n]                 base: byte address of each chunk's first element
@@ -19,7 +19,8 @@ walk: the norm pass also writes each chunk's partial to a vector (``PER_CHUNK``)
 ``segment_kernel`` reduces the partials of each unit (a tensor, or an AGC row) in chunk
 order, from a ``starts`` vector (the unit's first chunk; ``starts[u + 1]`` ends it), and
 writes each unit's norm and clip factor. ``unit_scale_kernel`` then rescales the chunks
-whose unit's factor is not 1, through an ``owner`` vector (each chunk's unit).
+whose unit's factor is not 1, through an ``owner`` vector (each chunk's unit, or -1 for a
+chunk no program writes).
 """
 
 from __future__ import annotations
@@ -439,12 +440,15 @@ def unit_scale_kernel(bases_ptr, packs_ptr, owner_ptr, n_chunks, coef_ptr, LEN_S
                       HAS_F32: tl.constexpr, HAS_BF16: tl.constexpr, HAS_F16: tl.constexpr,
                       HAS_F64: tl.constexpr, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Multiplies each chunk in place by its unit's factor ``coef[owner[k]]``; a chunk whose
-    factor is exactly 1 is neither read nor written (two scalar loads)."""
+    factor is exactly 1 is neither read nor written (two scalar loads), nor is one whose
+    owner is -1 (a later entry of a tensor listed twice: each tensor is written once, so
+    no two programs write one element)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     for k in range(pid, n_chunks, G):
-        c = tl.load(coef_ptr + tl.load(owner_ptr + k))
-        if c != 1.0:
+        unit = tl.load(owner_ptr + k)
+        c = tl.load(coef_ptr + tl.maximum(unit, 0))
+        if (unit >= 0) & (c != 1.0):
             base = tl.load(bases_ptr + k)
             packed = tl.load(packs_ptr + k)
             length = packed >> LEN_SHIFT
