@@ -57,7 +57,7 @@ __device__ __forceinline__ T agc_factor(T weight_norm, T grad_norm, T eps, T cli
 }
 
 // Reads each weight row and each gradient row once; writes a gradient row (re-read from
-// cache) only when its factor is not 1, and one norm per row. A warp per row: rows of
+// cache) only when its factor is not 1, and one norm and one factor per row. A warp per row: rows of
 // NFNet/ResNet/LLM weights are 10^2-10^4 elements; a single very wide row (a 1-d tensor
 // of millions of elements) is read by one warp alone, slowly but correctly.
 template <NormKind K>
@@ -87,11 +87,17 @@ __global__ void __launch_bounds__(kAgcThreads)
     double factor;
     if (params.out_dtype == kDouble) {
       factor = agc_factor<double>(weight_norm, grad_norm, params.eps, params.clip_factor);
-      if (lane == 0) static_cast<double*>(params.unit_norms)[table.row_offset + row] = grad_norm;
+      if (lane == 0) {
+        static_cast<double*>(params.unit_norms)[table.row_offset + row] = grad_norm;
+        static_cast<double*>(params.unit_factors)[table.row_offset + row] = factor;
+      }
     } else {
       factor = agc_factor<float>(static_cast<float>(weight_norm), static_cast<float>(grad_norm),
                                  static_cast<float>(params.eps), static_cast<float>(params.clip_factor));
-      if (lane == 0) static_cast<float*>(params.unit_norms)[table.row_offset + row] = static_cast<float>(grad_norm);
+      if (lane == 0) {
+        static_cast<float*>(params.unit_norms)[table.row_offset + row] = static_cast<float>(grad_norm);
+        static_cast<float*>(params.unit_factors)[table.row_offset + row] = static_cast<float>(factor);
+      }
     }
     if (factor == 1.0) continue;
     switch (gd) {

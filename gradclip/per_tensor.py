@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import pipeline
 from .backends import dispatch
-from .backends.base import NORM, clip_coefficient, stats_dtype
+from .backends.base import NORM, clip_coefficient, distinct_entries, stats_dtype
 from .functional import TensorOrTensors, _as_list, check_max_norm, check_norm_type
 from .rules import LocalClip, LocalRule, register_rule
 
@@ -199,7 +199,10 @@ class PerTensor(LocalRule):
             if skip is not None:  # an inf/NaN step under AMP: written by nobody, skipped
                 factors = torch.where(skip.reshape(()) != 0, torch.ones_like(factors), factors)
             dispatch.scale_per_tensor_(grads, factors, backend)
-        return LocalClip(_global_norm(norms, self.norm_type), _smallest(coefs), norms)
+        # Each distinct gradient once in the global norm (it is clipped once), as AGC's.
+        kept = distinct_entries(grads)
+        distinct = norms if kept is None else norms[kept]
+        return LocalClip(_global_norm(distinct, self.norm_type), _smallest(coefs), norms)
 
     def clip_(self, params: list[Tensor], *, backend: str = "auto") -> Tensor:
         """Clip the ``.grad`` of ``params`` in place; returns the global norm of the gradients
@@ -292,9 +295,9 @@ class AGC(LocalRule):
         kept = [grads[i] for i, p in enumerate(params) if self.excludes(p)]
         parts, smallest = [], None
         if chosen:
-            out = dispatch.agc_([params[i].detach() for i in chosen], [grads[i] for i in chosen],
-                                self.clip_factor, self.eps, self.norm_type, backend)
-            norm, smallest = (out[0], out[1]) if out.dim() == 1 else (out, None)
+            norm, smallest = dispatch.agc_([params[i].detach() for i in chosen],
+                                           [grads[i] for i in chosen], self.clip_factor, self.eps,
+                                           self.norm_type, backend).unbind()
             parts.append(norm)
         if kept:
             stats = dispatch.norm_stats(kept, self.norm_type, math.inf, None, backend)

@@ -89,7 +89,7 @@ def test_tracking_norms_with_gradless_parameters_builds_no_index_per_step(monkey
     assert math.isnan(norms[1].item()) and not norms[[0, 2]].isnan().any()
 
 
-@pytest.mark.parametrize("name", ["per_tensor"])
+@pytest.mark.parametrize("name", list(LOCAL_RULES))
 def test_a_local_rules_step_reports_what_it_clipped(name):
     """clipped_steps counts a step when any gradient (or unit) was clipped; clip_coef is the
     smallest factor; max_norm is the PerTensor's (NaN for AGC: one per unit)."""
@@ -104,7 +104,11 @@ def test_a_local_rules_step_reports_what_it_clipped(name):
     opt.step()
     metrics = {k: v.item() for k, v in opt.metrics().items()}
     assert opt.stats() == {"steps": 2, "clipped_steps": 1, "nonfinite_steps": 0}
-    factors = [(p.grad.norm() / b.norm()).item() for p, b in zip(params, before)]
+    def units(t):  # a tensor for PerTensor; AGC's units: rows, or the whole of a 1-d tensor
+        return [t] if name == "per_tensor" or t.ndim <= 1 else list(t)
+
+    factors = [(a.norm() / b.norm()).item() for p, before_p in zip(params, before)
+               for a, b in zip(units(p.grad), units(before_p))]
     assert metrics["clip_coef"] == pytest.approx(min(factors), rel=1e-5) and metrics["clip_coef"] < 1
     if name == "per_tensor":
         assert metrics["max_norm"] == 0.5

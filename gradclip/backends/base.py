@@ -46,13 +46,14 @@ Per-tensor and unit-wise ops (``gradclip/per_tensor.py`` calls them):
     Clips every tensor to its own norm: ``tensors[i] *= min(1, max_norm / (norms[i] + 1e-6))``
     with torch's rounding; returns the pre-clip ``norms``.
 
-``agc_(params, grads, clip_factor, eps, norm_type) -> norm``
+``agc_(params, grads, clip_factor, eps, norm_type) -> result``
     Adaptive gradient clipping, unit-wise (a unit is the whole tensor for ``ndim <= 1``,
     else one slice ``[i]`` along the first dim): where ``‖g_u‖ >= max(‖w_u‖, eps) *
     clip_factor`` the unit's gradient is scaled by ``max / max(‖g_u‖, 1e-6)``; other units
     are not written. Norms and factors are computed in float32 (float64 when any gradient
-    is float64). Returns the 0-d norm of the distinct gradients before clipping (the norm
-    of their units' norms).
+    is float64). Returns ``[norm, smallest]`` (1-d, 2 elements): the norm of the distinct
+    gradients before clipping (the norm of their units' norms) and the smallest factor of
+    any unit (1 for none: whether anything was clipped, without a host read).
 
 How every backend rounds a per-tensor or unit-wise rescale (so that the same factor gives
 the same bits on every backend): a tensor that is not float64 is multiplied in float32 by
@@ -210,6 +211,13 @@ def group_by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
     take one dtype). torch's C++ grouping: a Python loop costs ~1 us per tensor."""
     groups = torch._C._group_tensors_by_device_and_dtype([tensors], False)
     return {dtype: group for (_, dtype), ([group], _) in groups.items()}
+
+
+def agc_result(unit_norms: Tensor, unit_coefs: Tensor, norm_type: float) -> Tensor:
+    """What ``agc_`` returns: ``[the norm of the units' norms, the smallest factor]`` (1
+    for no unit; NaN if a factor is NaN)."""
+    smallest = torch.cat([unit_coefs.new_ones(1), unit_coefs]).amin()
+    return torch.stack([torch.linalg.vector_norm(unit_norms, norm_type), smallest])
 
 
 def stats_dtype(tensors: list[Tensor]) -> torch.dtype:

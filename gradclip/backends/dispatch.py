@@ -409,8 +409,9 @@ def scale_per_tensor_(tensors: list[Tensor], coefs: Tensor, backend: str = "auto
 def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
          norm_type: float, backend: str = "auto") -> Tensor:
     """Adaptive gradient clipping (``Backend.agc_``) of ``grads[i]`` against ``params[i]``;
-    returns the norm of the distinct gradients before clipping, on the first gradient's
-    device."""
+    returns ``[norm, smallest]`` on the first gradient's device: the norm of the distinct
+    gradients before clipping (a gradient given twice is clipped, and counted, once) and the
+    smallest factor applied (1 when nothing clipped)."""
     if len(params) != len(grads):
         raise ValueError(f"agc_ takes one parameter per gradient, got {len(params)} parameters "
                          f"for {len(grads)} gradients")
@@ -423,12 +424,12 @@ def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: flo
     if len(parts) == 1:
         return call(parts[0].backend, "agc_", params, parts[0].tensors, clip_factor, eps, norm_type)
     _check_before_writing(parts, "gradients", per_tensor=True)
-    norms = [call(p.backend, "agc_", [params[i] for i in p.positions], p.tensors, clip_factor, eps,
-                  norm_type) for p in parts]
-    dtype = stats_dtype(norms)
+    results = [call(p.backend, "agc_", [params[i] for i in p.positions], p.tensors, clip_factor,
+                    eps, norm_type) for p in parts]
+    dtype = stats_dtype(results)
     first = grads[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device=first, dtype=dtype) for n in norms]),
-                                    norm_type)
+    results = torch.stack([r.to(device=first, dtype=dtype) for r in results])
+    return torch.stack([torch.linalg.vector_norm(results[:, 0], norm_type), results[:, 1].amin()])
 
 
 __all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "agc_",

@@ -56,7 +56,7 @@ def clip_per_tensor_(tensors: list[Tensor], norm_type: float, max_norm: float) -
 def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: float,
          norm_type: float) -> Tensor:
     torch._check(len(params) == len(grads), lambda: "agc_: one parameter per gradient")
-    return _stats_like(grads, "agc_").new_empty(())
+    return _stats_like(grads, "agc_").new_empty((2,))
 
 
 FAKES = {"norm_stats": norm_stats, "scale_": scale_, "clamp_": clamp_, "clip_grads_": clip_grads_,

@@ -32,6 +32,7 @@ from .base import (
     EPS,
     Backend,
     BackendStatus,
+    agc_result,
     aliasing,
     check_dtypes,
     check_writable,
@@ -200,15 +201,15 @@ def _factors_for(t: Tensor, factors: Tensor) -> Tensor:
 
 
 def _agc_tensor_(w: Tensor, g: Tensor, clip_factor: float, eps: float, norm_type: float,
-                 dtype: torch.dtype) -> Tensor:
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """AGC of one tensor in place, the factor in ``dtype``; returns its grad's unit norms
-    (before clipping)."""
+    (before clipping) and the units' factors."""
     grad_norms = unit_norms(g, norm_type).to(dtype)
     coefs = agc_coefficients(unit_norms(w, norm_type).to(dtype), grad_norms, clip_factor, eps)
     if _decides_on_host(g.device) and not bool((coefs != 1.0).any()):
-        return grad_norms
+        return grad_norms, coefs
     g.mul_(_factors_for(g, coefs))
-    return grad_norms
+    return grad_norms, coefs
 
 
 class ReferenceBackend(Backend):
@@ -297,8 +298,9 @@ class ReferenceBackend(Backend):
         if kept is not None:  # each gradient clipped once, against its first entry's weight
             params, grads = [params[i] for i in kept], [grads[i] for i in kept]
         dtype = stats_dtype(grads)
-        norms = [_agc_tensor_(w, g, clip_factor, eps, norm_type, dtype) for w, g in zip(params, grads)]
-        return torch.linalg.vector_norm(torch.cat(norms), norm_type)
+        norms, coefs = zip(*(_agc_tensor_(w, g, clip_factor, eps, norm_type, dtype)
+                             for w, g in zip(params, grads)))
+        return agc_result(torch.cat(norms), torch.cat(coefs), norm_type)
 
 
 def _apart(tensors: list[Tensor]) -> bool:

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch, fakes
-from .base import COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError, distinct_of
+from .base import (COEF, FOUND_INF, Backend, BackendStatus, BackendUnavailableError, agc_result,
+                   distinct_of)
 from .triton_config import INTERPRETER_CONFIG, TritonConfig, interpreting
 from .triton_tables import AgcTable, Table, TableCache, next_pow2
 
@@ -231,9 +232,10 @@ class TritonBackend(Backend):
             return NotImplemented
         device = grads[0].device
         with _launching():
-            unit_norms = self._agc(table, device, float(clip_factor), float(eps), norm_type)
+            unit_norms, unit_coefs = self._agc(table, device, float(clip_factor), float(eps),
+                                               norm_type)
         torch.autograd.graph.increment_version(grads)
-        return torch.linalg.vector_norm(unit_norms, norm_type)
+        return agc_result(unit_norms, unit_coefs, norm_type)
 
     # -- launches -----------------------------------------------------------------------
 
@@ -327,8 +329,10 @@ class TritonBackend(Backend):
                 BLOCK=config.scale_block, EXACT_BF16=device.type == "cpu",
                 num_warps=config.scale_num_warps)
 
-    def _agc(self, table: AgcTable, device, clip_factor: float, eps: float, norm_type) -> Tensor:
-        """AGC in three launches; returns the gradients' unit norms (before clipping)."""
+    def _agc(self, table: AgcTable, device, clip_factor: float, eps: float,
+             norm_type) -> tuple[Tensor, Tensor]:
+        """AGC in three launches; returns the gradients' unit norms (before clipping) and
+        the units' factors."""
         kernels = _load_kernels()
         import triton.language as tl
 
@@ -352,7 +356,7 @@ class TritonBackend(Backend):
                                eps=eps)
         self._launch_unit_scale(device, table.part(0), table.part(2), table.part(3),
                                 table.n_chunks, coefs, 6, table.present, table.programs)
-        return norms
+        return norms, coefs
 
     # -- the table cache ----------------------------------------------------------------
 
