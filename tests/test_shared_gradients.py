@@ -98,8 +98,10 @@ def test_global_clip_of_a_parameter_listed_twice_is_torchs(backend_device, gen, 
         o.grad, t.grad = g.clone().to(o.device), g.clone()
     norm = gradclip.clip_grad_norm_([ours[0], ours[1], ours[0], ours[2]], 1.0, backend=name)
     torch_norm = torch.nn.utils.clip_grad_norm_([theirs[0], theirs[1], theirs[0], theirs[2]], 1.0)
-    # torch rounds a 16-bit tensor's norm to its dtype; gradclip keeps float32 (documented).
-    rtol = 1e-5 if dtypes == (torch.float32,) else 1e-2
+    # torch rounds a 16-bit tensor's norm to its dtype (so its factor is off by up to one
+    # bfloat16 ulp, 2**-8, relative); gradclip keeps float32 (documented). The tensor listed
+    # twice is multiplied twice, and each product is rounded: up to 2**-8 * 2 + 2**-9 apart.
+    rtol = 1e-5 if dtypes == (torch.float32,) else 2e-2
     assert math.isclose(float(norm), float(torch_norm), rel_tol=rtol)
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o.grad.cpu(), t.grad, rtol=rtol, atol=0)
