@@ -230,7 +230,8 @@ def test_first_clip_logs_one_info_line(caplog, recorder):
                                              "SingleDeviceStrategy.clip_gradients_norm"))
 
 
-@pytest.mark.parametrize("backend,error", [("bogus", ValueError), ("cuda", gradclip.BackendUnavailableError)])
+@pytest.mark.parametrize("backend,error", [("bogus", ValueError), ("cuda", gradclip.BackendUnavailableError)],
+                         ids=["bogus", "cuda_without_a_gpu"])
 def test_a_backend_that_cannot_run_is_refused_at_construction(backend, error):
     if backend == "cuda" and torch.cuda.is_available():
         pytest.skip("the cuda backend can run here")

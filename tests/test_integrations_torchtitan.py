@@ -106,7 +106,8 @@ def test_plain_tensors_the_same_norm_and_gradients_as_torchtitan(caplog):
     assert len(lines) == 1 and "torchtitan" in lines[0] and "backend reference" in lines[0], lines
 
 
-@pytest.mark.parametrize("backend,error", [("bogus", ValueError), ("cuda", gradclip.BackendUnavailableError)])
+@pytest.mark.parametrize("backend,error", [("bogus", ValueError), ("cuda", gradclip.BackendUnavailableError)],
+                         ids=["bogus", "cuda_without_a_gpu"])
 def test_a_backend_that_cannot_run_is_refused_at_patch_time(backend, error):
     if backend == "cuda" and torch.cuda.is_available():
         pytest.skip("the cuda backend can run here")
