@@ -297,11 +297,8 @@ def _fused_clip_(grads, norm_type, threshold: float, params, silent, inv_scale, 
     if math.isinf(threshold) and inv_scale is None:
         stats = dispatch.norm_stats(grads, norm_type, threshold, None, backend)
     else:
-        stats = None
-        if params is not None and inv_scale is None:
-            stats = dispatch.clip_parameters_(params, norm_type, threshold, None, backend)
-        if stats is None:
-            stats = dispatch.clip_grads_(grads, norm_type, threshold, inv_scale, backend)
+        stats = dispatch.clip_grads_(grads, norm_type, threshold, inv_scale, backend,
+                                     params=params)
     coef = None if inv_scale is None else clip_coefficient(stats[NORM], threshold)
     return Clipped(stats, coef=coef, threshold=threshold)
 

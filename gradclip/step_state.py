@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .backends.base import clip_coefficient
+from .backends.base import largest_unclipped_norm
 from .guard import RollingWindows, Verdict
 
 COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps", "skipped_steps", "spike_steps",
@@ -35,43 +35,12 @@ _DELTAS = ((1, 0, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, 0, 0), (1, 1, 0, 0, 0, 0, 0),
            (1, 0, 1, 0, 0, 0, 0))
 # The window of accepted norms behind metrics()' mean and std when no guard watches norms.
 DEFAULT_WINDOW = 100
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def _one_hot(index: int) -> list[int]:
     row = [0] * len(COUNTER_NAMES)
     row[index] = 1
     return row
-
-
-def largest_unclipped_norm(max_norm: float, dtype: torch.dtype) -> float:
-    """The largest ``dtype`` norm whose clip coefficient is exactly 1 (torch's formula and
-    rounding, as ``clip_coefficient``), so that "clipped" means what the rescale did.
-
-    The coefficient falls as the norm grows, and so does it along the bit patterns of
-    non-negative floats, which are ordered as integers: a binary search over those finds
-    the boundary in at most 64 evaluations, whatever ``max_norm`` is.
-    """
-    finfo = torch.finfo(dtype)
-    if math.isinf(max_norm) or max_norm >= finfo.max:
-        return finfo.max
-    as_int = _INT_VIEW[dtype]
-
-    def clips(bits: int) -> bool:
-        value = torch.tensor(bits, dtype=as_int).view(dtype)
-        return bool(clip_coefficient(value, max_norm) < 1)
-
-    low = 0  # +0.0: its coefficient is max_norm / 1e-6, clipped only for tiny max_norm
-    if clips(low):
-        return 0.0
-    high = int(torch.tensor(finfo.max, dtype=dtype).view(as_int))
-    while high - low > 1:  # invariant: clips(high) or high is the top; not clips(low)
-        middle = (low + high) // 2
-        if clips(middle):
-            high = middle
-        else:
-            low = middle
-    return float(torch.tensor(low, dtype=as_int).view(dtype))
 
 
 def _largest_below(value: float, dtype: torch.dtype) -> float:

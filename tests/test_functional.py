@@ -399,3 +399,23 @@ def test_a_device_threshold_clips_like_the_same_float(backend_device, gen, amp):
         torch.testing.assert_close(getattr(clipped, name), getattr(expected, name),
                                    rtol=1e-6, atol=0, msg=name)
     _assert_grads_close(ours, theirs, rtol=1e-6)
+
+
+def test_the_host_computes_torchs_clip_factor_to_the_bit():
+    """On the CPU the reference backend computes the factor of a norm it read on the host
+    in Python floats (float32 steps rounded through ctypes): bit for bit what torch's
+    tensor ops give, over norms and thresholds of every magnitude and the edge cases."""
+    from gradclip.backends.base import clip_coefficient, host_clip_coefficient
+
+    gen = torch.Generator().manual_seed(0)
+    exponents = torch.empty(4000, dtype=torch.float64).uniform_(-45, 38, generator=gen)
+    norms = (torch.rand(4000, dtype=torch.float64, generator=gen) * 10.0 ** exponents).tolist()
+    norms += [0.0, 1e-45, 1e-6, 0.999999, 1.0, 3.4e38, math.inf, math.nan]
+    thresholds = [1.0, 0.5, 1e-6, 7.3, 3e38, math.inf]
+    for dtype in (torch.float32, torch.float64):
+        for max_norm in thresholds:
+            values = torch.tensor(norms, dtype=dtype)
+            want = clip_coefficient(values, max_norm).tolist()
+            got = [host_clip_coefficient(v, max_norm, dtype) for v in values.tolist()]
+            same = [a == b or (a != a and b != b) for a, b in zip(want, got)]
+            assert all(same), (dtype, max_norm, next(v for v, ok in zip(norms, same) if not ok))

@@ -88,7 +88,9 @@ per-tensor Python work dominates eager calls with thousands of tensors); it retu
 
 from __future__ import annotations
 
+import functools
 import math
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -236,6 +238,60 @@ def clip_coefficient(norm: Tensor, max_norm: float, inv_scale: Tensor | None = N
     if inv_scale is not None:
         coef = coef * inv_scale.to(coef.dtype)
     return coef
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), as a Python float; past
+    float32's range, inf (as a float32 tensor's arithmetic rounds it)."""
+    return ctypes.c_float(x).value
+
+
+def host_clip_coefficient(norm: float, max_norm: float, dtype: torch.dtype) -> float:
+    """:func:`clip_coefficient` of a norm the host holds, with the same bits: each float32
+    step computed in float64 and rounded to float32, which for +, * and / of float32
+    operands is the correctly rounded float32 result (53 >= 2 x 24 + 2 bits of precision),
+    so that the CPU can skip the four small ops of the tensor form."""
+    if dtype == torch.float64:
+        return min((1.0 / (norm + EPS)) * max_norm, 1.0) if norm == norm else norm
+    r = _float32
+    if norm != norm:
+        return norm
+    coef = r(r(1.0 / r(r(norm) + r(EPS))) * r(max_norm))
+    return coef if coef < 1.0 or coef != coef else 1.0
+
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@functools.lru_cache(maxsize=256)
+def largest_unclipped_norm(max_norm: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` norm whose clip coefficient is exactly 1 (torch's formula and
+    rounding, as ``clip_coefficient``), so that "clipped" means what the rescale did.
+
+    The coefficient falls as the norm grows, and so does it along the bit patterns of
+    non-negative floats, which are ordered as integers: a binary search over those finds
+    the boundary in at most 64 evaluations, whatever ``max_norm`` is.
+    """
+    finfo = torch.finfo(dtype)
+    if math.isinf(max_norm) or max_norm >= finfo.max:
+        return finfo.max
+    as_int = _INT_VIEW[dtype]
+
+    def clips(bits: int) -> bool:
+        value = torch.tensor(bits, dtype=as_int).view(dtype)
+        return bool(clip_coefficient(value, max_norm) < 1)
+
+    low = 0  # +0.0: its coefficient is max_norm / 1e-6, clipped only for tiny max_norm
+    if clips(low):
+        return 0.0
+    high = int(torch.tensor(finfo.max, dtype=dtype).view(as_int))
+    while high - low > 1:  # invariant: clips(high) or high is the top; not clips(low)
+        middle = (low + high) // 2
+        if clips(middle):
+            high = middle
+        else:
+            low = middle
+    return float(torch.tensor(low, dtype=as_int).view(dtype))
 
 
 def check_dtypes(dtypes, what: str = "tensors") -> None:

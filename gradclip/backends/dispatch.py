@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 import os
 import warnings
 from itertools import chain
@@ -47,6 +48,9 @@ from .reference import ReferenceBackend
 BACKENDS = ("cuda", "triton", "reference")
 ALIASES = {"torch": "reference"}
 ENV_VAR = "GRADCLIP_BACKEND"
+_ENV_KEY = os.environ.encodekey(ENV_VAR)
+_layout_of = operator.attrgetter("layout")
+_STRIDED = {torch.strided}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _MODULES = {"cuda": ("gradclip.backends.cuda", "CudaBackend"),
             "triton": ("gradclip.backends.triton", "TritonBackend")}
@@ -97,7 +101,10 @@ def requested_backend(backend: str = "auto") -> str:
         raise TypeError(f"backend must be a string such as 'auto' or 'reference', got {type(backend).__name__}")
     backend = ALIASES.get(backend, backend)
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        # os.environ's own mapping, read without its three Python-level calls per lookup
+        # (each clip asks): os.environ[...] = ... and monkeypatch.setenv update it too.
+        raw = os.environ._data.get(_ENV_KEY)
+        backend = "auto" if raw is None else os.fsdecode(raw).strip().lower() or "auto"
         backend = ALIASES.get(backend, backend)
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={backend!r} is not a backend; set it to 'auto', "
@@ -214,9 +221,8 @@ def _split(tensors: list[Tensor], what: str,
     split: dict[tuple[torch.device, bool], list[list[int] | None]] = {}
     for (device, dtype), (_, indices) in groups.items():
         split.setdefault((device, dtype in COMPLEX_DTYPES), []).append(indices)
-    strided = torch.strided
-    if not all(t.layout is strided for t in tensors):
-        layout = next(t.layout for t in tensors if t.layout is not strided)
+    if {*map(_layout_of, tensors)} != _STRIDED:
+        layout = next(t.layout for t in tensors if t.layout is not torch.strided)
         raise RuntimeError(f"{what} with layout {layout} are not supported; gradclip clips "
                            "dense (strided) tensors only. Densify them with .to_dense() first.")
     return split
@@ -321,11 +327,19 @@ def scale_(tensors: list[Tensor], scale: Tensor, found_inf: Tensor | None = None
 
 
 def clip_grads_(grads: list[Tensor], norm_type: float, max_norm: float,
-                inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor:
-    """Norm and rescale (see ``Backend.clip_grads_``); returns ``stats``."""
+                inv_scale: Tensor | None = None, backend: str = "auto", *,
+                params: list[Tensor] | None = None) -> Tensor:
+    """Norm and rescale (see ``Backend.clip_grads_``); returns ``stats``. ``params``: the
+    gradients' parameters, for a backend whose fast path reads ``.grad`` itself
+    (``Backend.clip_parameters_``), tried first."""
     parts = _nonempty(_parts(grads, backend, "gradients"), "clip_grads_")
     if len(parts) == 1:
-        return call(parts[0].backend, "clip_grads_", parts[0].tensors, norm_type, max_norm, inv_scale)
+        chosen = parts[0].backend
+        if params is not None and inv_scale is None and _reads_parameters(chosen):
+            stats = chosen.clip_parameters_(params, norm_type, max_norm, None)
+            if stats is not None:
+                return stats
+        return call(chosen, "clip_grads_", parts[0].tensors, norm_type, max_norm, inv_scale)
     _check_before_writing(parts, "gradients")
     stats = _combined_stats(
         [call(p.backend, "norm_stats", p.tensors, norm_type, math.inf, _on(inv_scale, p.device))
@@ -347,6 +361,10 @@ def clamp_(tensors: list[Tensor], clip_value: float, backend: str = "auto") -> N
         _check_before_writing(parts, "gradients")
     for p in parts:
         call(p.backend, "clamp_", p.tensors, clip_value)
+
+
+def _reads_parameters(backend: Backend) -> bool:
+    return type(backend).clip_parameters_ is not Backend.clip_parameters_
 
 
 def clip_parameters_(params: list, norm_type: float, max_norm: float,

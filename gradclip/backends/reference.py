@@ -37,8 +37,11 @@ from .base import (
     check_dtypes,
     check_writable,
     clip_coefficient,
+    coef_of,
     distinct_entries,
+    host_clip_coefficient,
     group_by_dtype,
+    largest_unclipped_norm,
     stats_dtype,
 )
 
@@ -60,7 +63,11 @@ def _per_tensor_norms(groups: Groups, norm_type: float, dtype: torch.dtype, devi
     """Norms of each tensor (times ``inv_scale``) as one ``dtype`` vector, each reduced in
     float32 (float64 for float64 inputs; complex tensors in their real precision). Empty
     tensors add nothing to any norm, and torch's inf norm refuses them; the leading zero
-    keeps the vector non-empty."""
+    keeps the vector non-empty. One dtype and a p-norm (the usual call) is torch's own
+    vector: one stack of the norms, as ``clip_grad_norm_`` makes it."""
+    if len(groups) == 1 and not math.isinf(norm_type):
+        (dtype_in, group), = groups.items()
+        return torch.stack(_group_norms(dtype_in, group, norm_type, inv_scale)).to(dtype)
     parts = [torch.zeros(1, dtype=dtype, device=device)]
     for dtype_in, group in groups.items():
         if math.isinf(norm_type):
@@ -212,6 +219,20 @@ def _agc_tensor_(w: Tensor, g: Tensor, clip_factor: float, eps: float, norm_type
     return grad_norms, coefs
 
 
+def _factor_for(stats: Tensor, dtype: torch.dtype, group: list[Tensor]) -> Tensor | list[Tensor]:
+    """``stats[COEF]`` as the contract's rounding rule multiplies a group of ``dtype`` by
+    it: in the stats' precision when that is the tensors' (a 0-d view: torch's foreach
+    multiply by a Python scalar makes a temporary per tensor); else in float32 by the
+    factor rounded to float32, one (1,)-shaped float32 operand per tensor (a 0-d one would
+    be rounded to a 16-bit tensor's dtype first; a 0-d tensor takes a 0-d one, which has
+    its priority in type promotion), each product rounded once."""
+    if dtype == stats.dtype:
+        return stats[1]
+    factor = stats[1:2].to(torch.float32)
+    scalar = factor.reshape(())
+    return [factor if t.ndim else scalar for t in group]
+
+
 class ReferenceBackend(Backend):
     """Pure torch on any device: takes every input the contract allows, complex included."""
 
@@ -231,6 +252,31 @@ class ReferenceBackend(Backend):
             inv_scale = inv_scale.to(device=device, dtype=dtype).reshape(())
         norm = _total_norm(groups, norm_type, dtype, device, inv_scale)
         return _stats_of(norm, groups, max_norm, inv_scale, dtype, device)
+
+    def clip_grads_(self, grads, norm_type, max_norm, inv_scale=None):
+        if inv_scale is not None or not _decides_on_host(grads[0].device):
+            return super().clip_grads_(grads, norm_type, max_norm, inv_scale)
+        # The CPU, where the host decides: a norm at or below the largest one whose factor
+        # is exactly 1 (torch's formula) needs no factor and no write; its stats are known.
+        groups = group_by_dtype(grads)
+        check_dtypes(groups)
+        dtype = torch.float64 if groups.keys() & _WIDE else torch.float32
+        norm = _total_norm(groups, norm_type, dtype, grads[0].device, None)
+        value = norm.item()
+        if value <= largest_unclipped_norm(max_norm, dtype):  # False for NaN, and inf above
+            return torch.tensor([value, 1.0, 0.0], dtype=dtype)
+        if not math.isfinite(value):
+            stats = _stats_of(norm, groups, max_norm, None, dtype, grads[0].device)
+            self.scale_(grads, coef_of(stats))
+            return stats
+        # A finite norm: every element is finite (no flag to look for), and the factor,
+        # torch's to the bit, is below 1: computed and applied from the host.
+        stats = torch.tensor([value, host_clip_coefficient(value, max_norm, dtype), 0.0],
+                             dtype=dtype)
+        check_writable(grads)
+        for dtype_in, group in groups.items():
+            torch._foreach_mul_(group, _factor_for(stats, dtype_in, group))
+        return stats
 
     def scale_(self, tensors, scale, found_inf=None):
         factor = scale.reshape(())
