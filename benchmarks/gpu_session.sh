@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in stages, with logs under $OUT (default ./gpu-session).
 # Run from the repository root on a machine with a CUDA GPU, no install needed:
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh build all-tests sanitizer check bench
-# Stages: build cuda-tests triton-tests optimizer-tests all-tests sanitizer check bench
-#         host quick
+# Stages: build cuda-tests triton-tests optimizer-tests all-tests sanitizer big graphs check
+#         bench host quick
 # Every check and timing goes through `python -m gradclip bench` (docs/bench.md).
 # Each stage has a time cap so a session fits the device's 10-minute calls.
 set -uo pipefail
@@ -39,8 +39,19 @@ for name in "$@"; do
         optimizer-tests) stage optimizer-tests 300 "${pytest_gpu[@]}" tests/test_optimizer.py tests/test_amp.py ;;
         all-tests) stage all-tests 540 "${pytest_gpu[@]}" tests ;;
         sanitizer)
+            # Every op once (the per-tensor and AGC kernels first: they never ran on a GPU),
+            # then the norm and rescale kernels on the edge cases.
+            for tool in memcheck racecheck synccheck; do
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "$tool-ops" 150 "$sanitizer" --tool "$tool" \
+                    python benchmarks/kernel_smoke.py cuda triton
+            done
             PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 120 "$sanitizer" --tool memcheck "${edge_check[@]}"
             stage racecheck 120 "$sanitizer" --tool racecheck "${edge_check[@]}" ;;
+        # Inputs past 2**31 elements (bf16, 4+ GiB) for the norm, per-tensor and AGC kernels.
+        big) stage big 300 "${pytest_gpu[@]}" tests -m gpu -k "two_to_the_31 or past_2_pow_31" ;;
+        # CUDA-graph capture and replay: the clip, per-tensor clips, AGC, the rules, a
+        # ClippedOptimizer step with ZClip and a guard, the 1-process NCCL mesh.
+        graphs) stage graphs 300 "${pytest_gpu[@]}" tests -m gpu -k "graph or capture" ;;
         # Every gradclip backend against the oracle on the four workloads and the edge cases.
         check) TAIL=30 stage check 300 "${bench[@]}" --check-only --dtypes fp32,bf16,fp16 \
                    --workloads llama-1b,gpt2,resnet50,2000x4096,odd-sizes --out "$OUT/check" ;;

@@ -414,3 +414,38 @@ def test_clips_replay_in_a_cuda_graph(gen, name):
     torch.testing.assert_close(norms, want)
     for p, c in zip(params, copies):
         torch.testing.assert_close(p.grad, c.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_per_tensor_and_agc_past_two_to_the_31_elements(name):
+    """A bfloat16 gradient of more than 2**31 elements (4 GiB), among small ones: per-tensor
+    norms, the per-tensor clip and AGC index it with 64-bit offsets and agree with the
+    reference backend on the same GPU (its last row and last element weigh in)."""
+    rows, width = (1 << 16) + 1, 1 << 15  # 2**31 + 2**15 elements, rows of 2**15
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def grads():
+        big = torch.empty(rows, width, dtype=torch.bfloat16, device="cuda").normal_(generator=gen)
+        big[-1, -1] = 300.0
+        return [big, torch.randn(37, device="cuda", generator=gen)]
+
+    torch.cuda.manual_seed(0)
+    first = grads()
+    norms = gradclip.backends.dispatch.tensor_norms(first, 2.0, name)
+    want = gradclip.backends.dispatch.tensor_norms(first, 2.0, "reference")
+    torch.testing.assert_close(norms, want, rtol=1e-4, atol=0)
+    clipped = gradclip.backends.dispatch.clip_per_tensor_(first, 2.0, 1.0, name)
+    torch.testing.assert_close(clipped, want, rtol=1e-4, atol=0)
+    scale = (1.0 / (want[0] + 1e-6)).to(torch.float32)
+    assert first[0][-1, -1].item() == pytest.approx(300.0 * scale.item(), rel=1e-2)
+    del first, clipped
+    weights = [torch.ones(rows, width, dtype=torch.bfloat16, device="cuda"),
+               torch.ones(37, device="cuda")]
+    ours, theirs = grads(), None
+    theirs = [g.clone() for g in ours]
+    result = gradclip.backends.dispatch.agc_(weights, ours, 0.01, 1e-3, 2.0, name)
+    expected = gradclip.backends.dispatch.agc_(weights, theirs, 0.01, 1e-3, 2.0, "reference")
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(ours[0][-1], theirs[0][-1], rtol=1e-2, atol=0)
+    torch.testing.assert_close(ours[1], theirs[1])

@@ -418,3 +418,55 @@ def test_one_rule_or_guard_for_two_optimizers_raises(make):
     with pytest.raises(ValueError, match="another ClippedOptimizer"):
         gradclip.ClippedOptimizer(INNER["sgd"](make_params()), **{key: shared})
     gradclip.ClippedOptimizer(INNER["sgd"](make_params()), **{key: copy.deepcopy(shared)})
+
+
+@pytest.mark.gpu
+def test_a_guarded_zclip_step_replays_in_a_cuda_graph():
+    """A ClippedOptimizer step with ZClip and a skipping SpikeGuard over a capturable fused
+    AdamW reads nothing on the host, so a CUDA graph captures it; its replays train, skip
+    and count as the same steps run eagerly."""
+    def build():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in ((64, 32), (32,))]
+        inner = torch.optim.AdamW(params, lr=1e-2, fused=True, capturable=True)
+        opt = gradclip.ClippedOptimizer(inner, max_norm=gradclip.ZClip(warmup_steps=3),
+                                        spike_guard=gradclip.SpikeGuard(window=4, warmup=3))
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        return params, opt
+
+    norms = norm_sequence(14, spikes=[9], seed=3)
+    gen = torch.Generator().manual_seed(0)
+    draws = []  # each step's gradients, drawn on the CPU, copied into the same GPU tensors
+    for norm in norms:
+        cpu = make_params()
+        set_grads(cpu, norm, gen)
+        draws.append(torch.cat([p.grad.flatten() for p in cpu]))
+
+    def load(params, i):
+        flat = torch.nn.functional.pad(draws[i], (0, 64 * 32 + 32 - draws[i].numel())).cuda()
+        params[0].grad.copy_(flat[:64 * 32].view(64, 32))
+        params[1].grad.copy_(flat[64 * 32:])
+
+    eager_params, eager = build()
+    for i in range(len(norms)):
+        load(eager_params, i)
+        eager.step()
+    params, opt = build()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):  # warm-up: optimizer state, backend tables
+            load(params, i)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(3, len(norms)):
+        load(params, i)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert opt.stats()["skipped_steps"] == eager.stats()["skipped_steps"] == 1
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
