@@ -11,7 +11,6 @@ from .dispatch import (
     available_backends,
     clamp_,
     clip_grads_,
-    clip_parameters_,
     get_backend,
     norm_stats,
     requested_backend,
@@ -20,5 +19,5 @@ from .dispatch import (
 )
 
 __all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "available_backends",
-           "clamp_", "clip_grads_", "clip_parameters_", "dispatch", "get_backend", "norm_stats",
+           "clamp_", "clip_grads_", "dispatch", "get_backend", "norm_stats",
            "requested_backend", "resolve", "scale_"]

@@ -367,14 +367,6 @@ def _reads_parameters(backend: Backend) -> bool:
     return type(backend).clip_parameters_ is not Backend.clip_parameters_
 
 
-def clip_parameters_(params: list, norm_type: float, max_norm: float,
-                     inv_scale: Tensor | None = None, backend: str = "auto") -> Tensor | None:
-    """The backend's fast path over ``params`` (``stats``), or ``None``: use :func:`clip_grads_`."""
-    if not params or not isinstance(params[0], Tensor):
-        return None
-    return resolve(backend, params[0].device).clip_parameters_(params, norm_type, max_norm, inv_scale)
-
-
 # -- per-tensor and unit-wise ops (gradclip/per_tensor.py) -------------------------------
 
 def norm_stats_per_tensor(tensors: list[Tensor], norm_type: float, max_norm: float,
@@ -451,6 +443,6 @@ def agc_(params: list[Tensor], grads: list[Tensor], clip_factor: float, eps: flo
 
 
 __all__ = ["BACKENDS", "Backend", "BackendStatus", "BackendUnavailableError", "agc_",
-           "available_backends", "call", "clamp_", "clip_grads_", "clip_parameters_",
+           "available_backends", "call", "clamp_", "clip_grads_",
            "clip_per_tensor_", "get_backend", "norm_stats", "norm_stats_per_tensor",
            "requested_backend", "resolve", "scale_", "scale_per_tensor_", "tensor_norms"]
