@@ -197,19 +197,25 @@ def test_check_that_checks_nothing_fails(tmp_path, capsys, tiny_shapes):
     ("writes", {"no-clip", "clip", "amp", "nonfinite"}),  # every rescale nudges the gradients
 ])
 def test_check_fails_a_wrong_backend_and_exits_1(fault, failing, tmp_path, capsys, monkeypatch, tiny_shapes):
-    from gradclip.backends.base import NORM
+    from gradclip.backends import reference as reference_module
     reference = dispatch.get_backend("reference")
-    norm_stats, scale_ = reference.norm_stats, reference.scale_
     if fault == "norm":
-        def wrong_norm_stats(tensors, norm_type, max_norm, inv_scale=None):
-            stats = norm_stats(tensors, norm_type, max_norm, inv_scale).clone()
-            stats[NORM] *= 1.01
-            return stats
-        monkeypatch.setattr(reference, "norm_stats", wrong_norm_stats)
+        total_norm = reference_module._total_norm  # every path of the reference measures here
+
+        def wrong_total_norm(*args, **kwargs):
+            return total_norm(*args, **kwargs) * 1.01
+        monkeypatch.setattr(reference_module, "_total_norm", wrong_total_norm)
     else:
+        clip_grads_, scale_ = reference.clip_grads_, reference.scale_
+
+        def nudging_clip_grads_(grads, *args):
+            torch._foreach_add_(grads, 1e-3)
+            return clip_grads_(grads, *args)
+
         def nudging_scale_(tensors, scale, found_inf=None):
             torch._foreach_add_(tensors, 1e-3)
             scale_(tensors, scale, found_inf)
+        monkeypatch.setattr(reference, "clip_grads_", nudging_clip_grads_)
         monkeypatch.setattr(reference, "scale_", nudging_scale_)
     out = tmp_path / "check"
     assert main(["bench", "--device", "cpu", "--check-only", "--shapes", str(tiny_shapes),

@@ -51,6 +51,12 @@ ENV_VAR = "GRADCLIP_BACKEND"
 _ENV_KEY = os.environ.encodekey(ENV_VAR)
 _layout_of = operator.attrgetter("layout")
 _STRIDED = {torch.strided}
+
+
+def _all_strided(tensors: list[Tensor]) -> bool:
+    if torch.compiler.is_compiling():  # Dynamo traces no attrgetter; the graph pays nothing
+        return all(t.layout == torch.strided for t in tensors)
+    return {*map(_layout_of, tensors)} == _STRIDED  # C-level loop: cheap for thousands
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _MODULES = {"cuda": ("gradclip.backends.cuda", "CudaBackend"),
             "triton": ("gradclip.backends.triton", "TritonBackend")}
@@ -221,7 +227,7 @@ def _split(tensors: list[Tensor], what: str,
     split: dict[tuple[torch.device, bool], list[list[int] | None]] = {}
     for (device, dtype), (_, indices) in groups.items():
         split.setdefault((device, dtype in COMPLEX_DTYPES), []).append(indices)
-    if {*map(_layout_of, tensors)} != _STRIDED:
+    if not _all_strided(tensors):
         layout = next(t.layout for t in tensors if t.layout is not torch.strided)
         raise RuntimeError(f"{what} with layout {layout} are not supported; gradclip clips "
                            "dense (strided) tensors only. Densify them with .to_dense() first.")
