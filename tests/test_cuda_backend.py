@@ -357,23 +357,6 @@ def test_build_command_prints_the_ops(ext):
 
 
 @needs_build
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck_on_meta_tensors(ext, op):
-    tensors = [torch.empty(5, device="meta"), torch.empty(0, device="meta"),
-               torch.empty(3, 2, dtype=torch.bfloat16, device="meta")]
-    args = {"norm_stats": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
-            "scale_": (tensors, torch.empty(1, device="meta"), torch.empty(1, device="meta")),
-            "clamp_": (tensors, 0.5),
-            "clip_grads_": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
-            "norm_stats_per_tensor": (tensors, 2.0, 1.0, torch.empty(1, device="meta")),
-            "scale_per_tensor_": (tensors, torch.empty(3, device="meta")),
-            "clip_per_tensor_": (tensors, 2.0, 1.0),
-            "agc_": ([torch.empty_like(t) for t in tensors], tensors, 0.01, 1e-3, 2.0)}[op]
-    result = torch.library.opcheck(getattr(torch.ops.gradclip, op).default, args)
-    assert set(result.values()) == {"SUCCESS"}, result
-
-
-@needs_build
 @pytest.mark.parametrize("dtypes, stats_dtype", [((torch.bfloat16, torch.float32), torch.float32),
                                                  ((torch.float16, torch.float64), torch.float64)])
 def test_fake_norm_stats_has_the_contract_dtype(ext, dtypes, stats_dtype):
@@ -844,17 +827,6 @@ def test_torch_compile_fullgraph_clip(gen, amp):
         assert math.isclose(norm.item(), expected_norm, rel_tol=2e-5)
         for p, g in zip(params, grads):
             torch.testing.assert_close(p.grad, g * coef, rtol=2e-5, atol=0)
-
-
-@on_gpu
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck_on_cuda(gen, op):
-    tensors = _random_list(gen, [1000, 0, 70_001, 3], [torch.float32, torch.bfloat16])
-    args = {"norm_stats": (tensors, 2.0, 1.0, torch.tensor([0.5], device="cuda")),
-            "scale_": (tensors, torch.tensor([0.5], device="cuda"), torch.tensor([0.0], device="cuda")),
-            "clamp_": (tensors, 0.5),
-            "clip_grads_": (tensors, 2.0, 1.0, torch.tensor([0.5], device="cuda"))}[op]
-    torch.library.opcheck(getattr(torch.ops.gradclip, op).default, args)
 
 
 @on_gpu
