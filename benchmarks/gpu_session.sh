@@ -34,8 +34,10 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 for name in "$@"; do
     case $name in
         build) stage build 200 python -m gradclip build -v ;;
-        cuda-tests) stage cuda-tests 240 "${pytest_gpu[@]}" tests/test_cuda_backend.py tests/test_backend_contract.py tests/test_functional.py -k "not triton" ;;
-        triton-tests) stage triton-tests 300 "${pytest_gpu[@]}" tests/test_triton_backend.py tests/test_backend_contract.py tests/test_functional.py -k triton ;;
+        cuda-tests) stage cuda-tests 240 "${pytest_gpu[@]}" tests/test_cuda_backend.py tests/test_backend_contract.py \
+                       tests/test_no_host_sync.py tests/test_opcheck.py tests/test_functional.py -k "not triton" ;;
+        triton-tests) stage triton-tests 300 "${pytest_gpu[@]}" tests/test_triton_backend.py tests/test_backend_contract.py \
+                         tests/test_no_host_sync.py tests/test_opcheck.py tests/test_functional.py -k triton ;;
         optimizer-tests) stage optimizer-tests 300 "${pytest_gpu[@]}" tests/test_optimizer.py tests/test_amp.py ;;
         all-tests) stage all-tests 540 "${pytest_gpu[@]}" tests ;;
         sanitizer)

@@ -9,11 +9,10 @@ import os
 
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, DTYPE_MIXES, HAS_CUDA, FailOnHostReads, on_device, random_tensors
+from conftest import DTYPE_MIXES, on_device, random_tensors
 from reference import norm_rtol, storage_rtol
 
 import gradclip
-from gradclip.backends import get_backend
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.5]
 # 0-d, 1-d, Linear, conv, empty; rows and tensors longer than the interpreter's 64-element chunk
@@ -320,48 +319,6 @@ def test_bad_exclude_and_non_numbers_are_type_errors():
         gradclip.AGC(exclude=["fc.weight"])
     with pytest.raises(TypeError, match="clip_factor"):
         gradclip.AGC(clip_factor="big")
-
-
-# -- no host synchronisation -------------------------------------------------------------------
-
-
-
-@pytest.mark.skipif(("triton", "cpu") not in BACKEND_DEVICES, reason="needs the triton interpreter")
-def test_triton_clips_read_nothing_on_the_host(gen):
-    params = _params(gen, "cpu", DTYPE_MIXES["mixed"], grad_scales=[0.01, 3.0])
-    gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend="triton")  # builds the tables
-    gradclip.adaptive_clip_grad_(params, backend="triton")
-    with FailOnHostReads():
-        gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend="triton")
-        gradclip.adaptive_clip_grad_(params, backend="triton")
-        gradclip.AGC().clip_(params, backend="triton")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["cuda", "triton"])
-def test_fused_clips_do_not_synchronise(gen, name):
-    params = _params(gen, "cuda", DTYPE_MIXES["mixed"], grad_scales=[0.01, 3.0])
-    gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend=name)
-    gradclip.adaptive_clip_grad_(params, backend=name)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        gradclip.clip_grad_norm_per_tensor_(params, 1.0, backend=name)
-        gradclip.adaptive_clip_grad_(params, backend=name)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-@pytest.mark.skipif(("triton", "cpu") not in BACKEND_DEVICES or HAS_CUDA,
-                    reason="checks the interpreter's registration; the GPU run has its own")
-def test_triton_custom_ops_pass_opcheck(gen):
-    get_backend("triton")
-    tensors = random_tensors(gen, [(5,), (3, 4)], [torch.float32, torch.bfloat16])
-    weights = random_tensors(gen, [(5,), (3, 4)], torch.float32)
-    ops = torch.ops.gradclip_triton
-    torch.library.opcheck(ops.norm_stats_per_tensor, (tensors, 2.0, 1.0, None))
-    torch.library.opcheck(ops.clip_per_tensor_, ([t.clone() for t in tensors], 2.0, 0.5))
-    torch.library.opcheck(ops.scale_per_tensor_, ([t.clone() for t in tensors], torch.tensor([0.5, 1.0])))
-    torch.library.opcheck(ops.agc_, (weights, [t.clone() for t in tensors], 0.01, 1e-3, 2.0))
 
 
 # -- torch.compile and CUDA graphs -------------------------------------------------------------

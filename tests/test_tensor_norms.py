@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPE_MIXES, HAS_CUDA, FailOnHostReads, on_device, random_tensors
+from conftest import DTYPE_MIXES, on_device, random_tensors
 from reference import assert_stats_match, norm_rtol
 
 import gradclip
@@ -107,27 +107,3 @@ def test_complex_tensors_take_the_norm_of_their_modulus(gen):
     norms = gradclip.tensor_norms([z, torch.ones(4)])
     assert math.isclose(norms[0].item(), float(z.abs().double().norm()), rel_tol=2e-5)
     assert norms[1].item() == 2.0
-
-
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="the fused backends are checked on the GPU below")
-def test_triton_per_tensor_norms_read_nothing_on_the_host(gen):
-    if ("triton", "cpu") not in __import__("conftest").BACKEND_DEVICES:
-        pytest.skip("the triton interpreter is not available")
-    tensors = _tensors(gen, "cpu", DTYPE_MIXES["mixed"])
-    gradclip.tensor_norms(tensors, backend="triton")  # builds and caches the tables
-    with FailOnHostReads():
-        gradclip.tensor_norms(tensors, backend="triton")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["cuda", "triton"])
-def test_fused_per_tensor_norms_do_not_synchronise(gen, name):
-    tensors = _tensors(gen, "cuda", DTYPE_MIXES["mixed"])
-    gradclip.tensor_norms(tensors, backend=name)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        gradclip.tensor_norms(tensors, backend=name)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
