@@ -334,18 +334,26 @@ def test_coefficient_is_torchs_to_the_bit(backend_device, gen, mix, amp):
     """``stats[COEF]`` of ``norm_stats`` and ``clip_grads_`` is torch's clip_grad_norm_
     factor of ``stats[NORM]`` to the bit: ``clamp(reciprocal(norm + 1e-6) * max_norm,
     max=1)`` in the stats' dtype, times ``inv_scale`` under AMP. (A max_norm that is not a
-    power of two tells this order of operations from ``max_norm / (norm + 1e-6)``.)"""
+    power of two tells this order of operations from ``max_norm / (norm + 1e-6)``; the two
+    give the same bits for about 3 norms in 4, so the check runs over 6 norms.)"""
     name, device = backend_device
-    tensors = _tensors(gen, device, DTYPE_MIXES[mix])
-    inv_scale = torch.tensor(1 / 1024, device=tensors[0].device) if amp else None
+    base = _tensors(gen, device, DTYPE_MIXES[mix])
+    inv_scale = torch.tensor(1 / 1024, device=base[0].device) if amp else None
     backend = _backend(name, device)
-    for max_norm in (0.3, 3.0, 1e9, math.inf):
-        for stats in (backend.norm_stats(tensors, 2.0, max_norm, inv_scale),
-                      backend.clip_grads_([t.clone() for t in tensors], 2.0, max_norm, inv_scale)):
-            want = torch.clamp(torch.reciprocal(stats[NORM] + 1e-6) * max_norm, max=1.0)
-            if amp:
-                want = want * inv_scale.to(stats.dtype)
-            assert torch.equal(stats[COEF], want), (max_norm, stats, want)
+    factors = [1.0] + (torch.rand(5, generator=gen, dtype=torch.float64) * 8 + 0.1).tolist()
+    for i, factor in enumerate(factors):
+        tensors = [(t.double() * factor).to(t.dtype) for t in base]
+        for max_norm in (0.3, 3.0, 1e9, math.inf) if i == 0 else (0.3, 3.0):
+            _check_coefficient_bits(backend, tensors, max_norm, inv_scale)
+
+
+def _check_coefficient_bits(backend, tensors, max_norm, inv_scale):
+    for stats in (backend.norm_stats(tensors, 2.0, max_norm, inv_scale),
+                  backend.clip_grads_([t.clone() for t in tensors], 2.0, max_norm, inv_scale)):
+        want = torch.clamp(torch.reciprocal(stats[NORM] + 1e-6) * max_norm, max=1.0)
+        if inv_scale is not None:
+            want = want * inv_scale.to(stats.dtype)
+        assert torch.equal(stats[COEF], want), (max_norm, stats, want)
 
 
 # -- scale_ ----------------------------------------------------------------------------------
