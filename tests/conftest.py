@@ -8,6 +8,7 @@ marked for you; marked tests skip without a CUDA device. Random data comes from
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import re
@@ -110,6 +111,21 @@ def gen(request) -> torch.Generator:
     print(f"random seed: {seed} (replay: {SEED_ENV}={seed})")
     request.node.user_properties.append(("seed", seed))
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def gpu_memory_to_itself(tmp_path_factory):
+    """For a test of several GiB on the GPU: under pytest-xdist (``-n``) the workers share
+    one GPU, so such tests take turns (a lock file in the run's shared temp folder), and
+    each hands its cached blocks back before the next one starts."""
+    lock = tmp_path_factory.getbasetemp().parent / "gradclip-gpu-memory.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def random_tensors(gen: torch.Generator, shapes, dtypes, device="cpu", scale=1.0):

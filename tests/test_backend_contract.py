@@ -550,7 +550,7 @@ def test_scale_per_tensor_leaves_factors_of_one_untouched(backend_device, gen):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("offset", [0, 1])
-def test_more_than_two_to_the_31_elements(backend_device, gen, offset):
+def test_more_than_two_to_the_31_elements(backend_device, gen, offset, gpu_memory_to_itself):
     """Element and byte offsets past int32, in one tensor (a misaligned view of it too)."""
     name, device = backend_device
     if device != "cuda":

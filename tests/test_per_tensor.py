@@ -375,7 +375,7 @@ def test_clips_replay_in_a_cuda_graph(gen, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton"])
-def test_per_tensor_and_agc_past_two_to_the_31_elements(name):
+def test_per_tensor_and_agc_past_two_to_the_31_elements(name, gpu_memory_to_itself):
     """A bfloat16 gradient of more than 2**31 elements (4 GiB), among small ones: per-tensor
     norms, the per-tensor clip and AGC index it with 64-bit offsets and agree with the
     reference backend on the same GPU (its last row and last element weigh in)."""
