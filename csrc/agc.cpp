@@ -1,5 +1,5 @@
 // AGC's host side: packs (weight, gradient) pairs into its tables (pack.cpp), launches its
-// kernel (agc.cu), and takes gradients whose rows are not contiguous memory with ATen ops.
+// kernel (agc_kernels.cu), and takes gradients whose rows are not contiguous memory with ATen ops.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>

@@ -1,4 +1,4 @@
-// The plain C++ interface of AGC's kernel (agc.cu), called by agc.cpp. No torch types here.
+// The plain C++ interface of AGC's kernel (agc_kernels.cu), called by agc.cpp. No torch types here.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// What the two kernel files (kernels.cu, agc.cu) share: how each dtype loads, stores, unpacks
+// What the two kernel files (kernels.cu, agc_kernels.cu) share: how each dtype loads, stores, unpacks
 // and packs, the norm accumulator and how a norm is finished, and the cached grid sizes.
 // CUDA and std only (no torch headers). Templates and inline functions: each file that
 // includes this compiles its own copy.

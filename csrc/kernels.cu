@@ -1,4 +1,4 @@
-// The multi-tensor norm and pointwise kernels and their launchers (AGC's are in agc.cu).
+// The multi-tensor norm and pointwise kernels and their launchers (AGC's are in agc_kernels.cu).
 // CUDA and std only (no torch headers): the kernel files are the slow ones to compile, so
 // they stay small.
 //

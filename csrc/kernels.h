@@ -1,6 +1,6 @@
 // The plain C++ interface between the torch binding (gradclip.cpp) and the norm and
 // pointwise kernels (kernels.cu). No torch types here: kernels.cu must compile without
-// torch headers. AGC's kernel has its own pair, agc.h and agc.cu.
+// torch headers. AGC's kernel has its own pair, agc.h and agc_kernels.cu.
 #pragma once
 
 #include <cstddef>

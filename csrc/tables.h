@@ -1,5 +1,5 @@
 // The tables the host packs and the kernels walk: plain C++, no CUDA and no torch types, so
-// that the packing (pack.cpp), the kernels (kernels.cu, agc.cu) and the tests' host replay
+// that the packing (pack.cpp), the kernels (kernels.cu, agc_kernels.cu) and the tests' host replay
 // of the kernels' split (tests/csrc/replay.cpp, built without CUDA) share one definition.
 #pragma once
 

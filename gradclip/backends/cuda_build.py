@@ -45,7 +45,7 @@ from .base import BackendUnavailableError
 # cache folder, per torch version.
 JIT_NAME = "gradclip_cuda_torch" + re.sub(r"\W", "_", torch.__version__)
 PREBUILT_NAME = "gradclip._C"
-SOURCES = ("gradclip.cpp", "agc.cpp", "pack.cpp", "python.cpp", "kernels.cu", "agc.cu")
+SOURCES = ("gradclip.cpp", "agc.cpp", "pack.cpp", "python.cpp", "kernels.cu", "agc_kernels.cu")
 HEADERS = ("tables.h", "kernels.h", "agc.h", "pack.h", "ops.h", "ops_common.h", "device_helpers.cuh",
            "kernel_common.cuh")
 DEFAULT_ARCHS = ("8.0", "9.0")
