@@ -172,7 +172,8 @@ class RulePort:
 
 def run_recipe(rule, scaler_kind, inner, guard):
     """The loop written with torch alone (torch's scaler stands for both scalers)."""
-    from timm.utils.agc import adaptive_clip_grad
+    if rule == "agc":  # the oracle is timm's (CI's oldest-torch run has no timm)
+        adaptive_clip_grad = pytest.importorskip("timm.utils.agc").adaptive_clip_grad
 
     params = make_params()
     opt = INNER[inner](params)
