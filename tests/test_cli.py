@@ -20,6 +20,9 @@ from gradclip.bench.workloads import (
     model_workload,
 )
 
+# The bench CLI runs the backends tested elsewhere and renders reports: no torch-version surface of its own.
+pytestmark = pytest.mark.newest_torch
+
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

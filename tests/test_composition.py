@@ -39,6 +39,9 @@ from test_rules import autoclip_port, zclip_port
 
 import gradclip
 
+# Every feature with every other: each part is tested alone in the other files, under every torch.
+pytestmark = pytest.mark.newest_torch
+
 STEPS = 6
 SPIKE_STEP, INF_STEP = 3, 4
 LOSS_WEIGHTS = [1.0, 1.3, 0.8, 40.0, 1.0, 1.1]
