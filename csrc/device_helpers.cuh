@@ -71,6 +71,24 @@ GRADCLIP_HOST_DEVICE inline bool element_range(const TensorTable& table, int i, 
   return *first < *last;
 }
 
+// Calls f(i, first, last) for each tensor i that block `block` of `grid` touches, with the
+// element range [first, last) its chunks cover: the kernels' walk (kernels.cu's
+// for_each_span), and the tests' host replay of it.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable  // f is a __device__ lambda in the kernels, a host one in the replay
+#endif
+template <typename F>
+GRADCLIP_HOST_DEVICE inline void for_each_block_span(const TensorTable& table, int64_t grid,
+                                                     int64_t block, F&& f) {
+  int64_t c0, c1;
+  block_chunk_range(table.num_chunks, grid, block, &c0, &c1);
+  for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
+       ++i) {
+    int64_t first, last;
+    if (element_range(table, i, c0, c1, &first, &last)) f(i, first, last);
+  }
+}
+
 // A run of n elements at `address`, split as: `head` scalar elements up to the first
 // 16-byte boundary, `vectors` aligned 16-byte vectors, then `tail` scalar elements.
 struct SpanPlan {

@@ -23,13 +23,9 @@ constexpr int kWarps = kBlockThreads / 32;
 // touch, with the element range [first, last) they cover.
 template <typename F>
 __device__ __forceinline__ void for_each_span(const TensorTable& table, F&& f) {
-  int64_t c0, c1;
-  block_chunk_range(table.num_chunks, gridDim.x, blockIdx.x, &c0, &c1);
-  for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
-       ++i) {
-    int64_t first, last;
-    if (element_range(table, i, c0, c1, &first, &last)) f(i, table.dtype[i], first, last);
-  }
+  for_each_block_span(table, gridDim.x, blockIdx.x, [&](int i, int64_t first, int64_t last) {
+    f(i, table.dtype[i], first, last);
+  });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -41,12 +41,7 @@ bool visit_table(const TensorTable& table, int grid, int threads, uint8_t* const
     }
   };
   for (int block = 0; block < grid; ++block) {
-    int64_t c0, c1;
-    block_chunk_range(table.num_chunks, grid, block, &c0, &c1);
-    for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
-         ++i) {
-      int64_t first, last;
-      if (!element_range(table, i, c0, c1, &first, &last)) continue;
+    for_each_block_span(table, grid, block, [&](int i, int64_t first, int64_t last) {
       const int size = dtype_size(table.dtype[i]);
       const int per_vector = 16 / size;
       const uintptr_t address = reinterpret_cast<uintptr_t>(table.ptr[i]) + first * size;
@@ -66,7 +61,7 @@ bool visit_table(const TensorTable& table, int grid, int threads, uint8_t* const
         }
         for (int64_t k = t; k < plan.tail; k += threads) visit(i, tail + k);
       }
-    }
+    });
   }
   return ok;
 }
@@ -79,23 +74,18 @@ bool table_slots_line_up(const TensorTable& table, int grid, int block_offset, i
   bool ok = true;
   // What the norm kernel writes: for_each_span's walk, block by block.
   for (int block = 0; block < grid; ++block) {
-    int64_t c0, c1;
-    block_chunk_range(table.num_chunks, grid, block, &c0, &c1);
-    for (int i = first_tensor_after(table, c0); i < table.num_tensors && chunk_begin(table, i) < c1;
-         ++i) {
-      int64_t first, last;
-      if (!element_range(table, i, c0, c1, &first, &last)) continue;
+    for_each_block_span(table, grid, block, [&](int i, int64_t, int64_t) {
       const int64_t slot = int64_t{block_offset} + block + tensor_offset + i;
       if (slot < 0 || slot >= num_slots || slot_writes[slot] != 0) {
         ok = false;
-        continue;
+        return;
       }
       slot_writes[slot] = 1;
       // What the finaliser reads for tensor i must include this block.
       int64_t b0, b1;
       tensor_blocks(table.num_chunks, grid, chunk_begin(table, i), table.chunk_end[i], &b0, &b1);
       if (block < b0 || block >= b1) ok = false;
-    }
+    });
   }
   // Every block the finaliser reads was written.
   for (int i = 0; i < table.num_tensors; ++i) {
