@@ -51,12 +51,6 @@ ENV_VAR = "GRADCLIP_BACKEND"
 _ENV_KEY = os.environ.encodekey(ENV_VAR)
 _layout_of = operator.attrgetter("layout")
 _STRIDED = {torch.strided}
-
-
-def _all_strided(tensors: list[Tensor]) -> bool:
-    if torch.compiler.is_compiling():  # Dynamo traces no attrgetter; the graph pays nothing
-        return all(t.layout == torch.strided for t in tensors)
-    return {*map(_layout_of, tensors)} == _STRIDED  # C-level loop: cheap for thousands
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference")}
 _MODULES = {"cuda": ("gradclip.backends.cuda", "CudaBackend"),
             "triton": ("gradclip.backends.triton", "TritonBackend")}
@@ -209,6 +203,12 @@ def _parts(tensors: list[Tensor], backend: str, what: str) -> list[_Part]:
         parts.append(_Part(_part_backend(backend, device, is_complex), [tensors[i] for i in positions],
                            positions, is_complex))
     return parts
+
+
+def _all_strided(tensors: list[Tensor]) -> bool:
+    if torch.compiler.is_compiling():  # Dynamo traces no attrgetter; the graph pays nothing
+        return all(t.layout == torch.strided for t in tensors)
+    return {*map(_layout_of, tensors)} == _STRIDED  # C-level loop: cheap for thousands
 
 
 def _split(tensors: list[Tensor], what: str,
